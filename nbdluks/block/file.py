@@ -1,0 +1,154 @@
+"""A local regular file or block device."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+
+from .base import BlockDevice, Capabilities, Extent, zero_fill
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+# errnos meaning "this file system or device cannot do that", not a failure
+_NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    # ctypes releases the GIL around foreign calls.
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class FileDevice(BlockDevice):
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        self.path = path
+        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            st = os.fstat(self.fd)
+            self.is_block = stat.S_ISBLK(st.st_mode)
+            if not (self.is_block or stat.S_ISREG(st.st_mode)):
+                raise OSError(errno.EINVAL, f"{path}: not a regular file or block device")
+            self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.read_only = read_only
+        # Learned on first use: a file system without punch-hole / zero-range.
+        self._can_punch = True
+        self._can_zero_range = True
+        writable = not read_only
+        self.caps = Capabilities(
+            writable=writable,
+            flush=True,
+            fua=writable,
+            trim=writable,
+            zero=writable,
+            fast_zero=writable,
+            extents=not self.is_block,
+            cache=True,
+            multi_conn=True,
+        )
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        total = len(buf)
+        while done < total:
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "unexpected end of file (was it truncated?)")
+            done += n
+
+    def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
+        view = memoryview(buf)
+        done = 0
+        while done < len(view):
+            done += os.pwritev(self.fd, [view[done:]], offset + done)
+        if fua:
+            os.fdatasync(self.fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        # Advisory: where the file system cannot punch holes, do nothing.
+        if self._can_punch:
+            try:
+                fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as e:
+                if e.errno not in _NOT_SUPPORTED:
+                    raise
+                self._can_punch = False
+        if fua:
+            os.fdatasync(self.fd)
+
+    def write_zeroes(
+        self, offset: int, length: int, *, fua: bool = False, may_trim: bool = False,
+        fast: bool = False,
+    ) -> None:
+        modes = []
+        if may_trim and self._can_punch:
+            modes.append(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
+        if self._can_zero_range:
+            modes.append(_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE)
+        for mode in modes:
+            try:
+                fallocate(self.fd, mode, offset, length)
+            except OSError as e:
+                if e.errno not in _NOT_SUPPORTED:
+                    raise
+                if mode & _FALLOC_FL_PUNCH_HOLE:
+                    self._can_punch = False
+                else:
+                    self._can_zero_range = False
+                continue
+            if fua:
+                os.fdatasync(self.fd)
+            return
+        if fast:
+            raise OSError(errno.EOPNOTSUPP, "zeroing would not be fast here")
+        zero_fill(self, offset, length, fua)
+
+    def cache(self, offset: int, length: int) -> None:
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        if self.is_block:
+            return [Extent(length)]
+        out: list[Extent] = []
+        end = offset + length
+        pos = offset
+        try:
+            while pos < end:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                if data > pos:
+                    n = min(data, end) - pos
+                    out.append(Extent(n, hole=True, zero=True))
+                    pos += n
+                    continue
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+                n = min(hole, end) - pos
+                out.append(Extent(n))
+                pos += n
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos: a hole up to EOF
+                out.append(Extent(end - pos, hole=True, zero=True))
+            elif e.errno in _NOT_SUPPORTED:
+                out.append(Extent(end - pos))
+            else:
+                raise
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

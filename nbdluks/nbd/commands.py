@@ -1,0 +1,151 @@
+"""Transmission-phase rules, sans-IO: which requests are valid, which errno
+a failure maps to, and how results become reply frames."""
+
+from __future__ import annotations
+
+import errno as _errno
+
+from ..block.base import Extent
+from .constants import MAX_PAYLOAD, STATE_HOLE, STATE_ZERO, Cmd, CmdFlag, Errno, TxFlag
+from .handshake import BASE_ALLOCATION_ID, Negotiated
+from .wire import (
+    Request,
+    encode_block_status,
+    encode_error_chunk,
+    encode_offset_data_header,
+    encode_offset_hole,
+    encode_simple_reply,
+)
+
+_ALLOWED_FLAGS: dict[int, CmdFlag] = {
+    Cmd.READ: CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.DISC: CmdFlag(0),
+    Cmd.FLUSH: CmdFlag(0),
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag(0),
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+}
+# The transmission flag a client must have seen before using a command.
+_NEEDS: dict[int, TxFlag] = {
+    Cmd.TRIM: TxFlag.SEND_TRIM,
+    Cmd.CACHE: TxFlag.SEND_CACHE,
+    Cmd.WRITE_ZEROES: TxFlag.SEND_WRITE_ZEROES,
+    Cmd.FLUSH: TxFlag.SEND_FLUSH,
+}
+_FLAG_NEEDS: dict[CmdFlag, TxFlag] = {
+    CmdFlag.FUA: TxFlag.SEND_FUA,
+    CmdFlag.DF: TxFlag.SEND_DF,
+    CmdFlag.FAST_ZERO: TxFlag.SEND_FAST_ZERO,
+}
+_WRITES = (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
+# Most extents one BLOCK_STATUS reply carries; the client asks again for more.
+MAX_EXTENTS = 1 << 16
+
+
+def validate(req: Request, neg: Negotiated) -> Errno:
+    """Return the error a request gets before any I/O, or Errno.OK."""
+    allowed = _ALLOWED_FLAGS.get(req.cmd)
+    if allowed is None:
+        return Errno.EINVAL
+    if req.flags & ~allowed:
+        return Errno.EINVAL
+    for flag, needs in _FLAG_NEEDS.items():
+        if req.flags & flag and not neg.flags & needs:
+            return Errno.EINVAL
+    needs_tx = _NEEDS.get(req.cmd)
+    if needs_tx is not None and not neg.flags & needs_tx:
+        return Errno.EINVAL
+    if req.cmd == Cmd.BLOCK_STATUS and not neg.meta_contexts:
+        return Errno.EINVAL
+    if req.cmd in _WRITES and neg.flags & TxFlag.READ_ONLY:
+        return Errno.EPERM
+    if req.cmd in (Cmd.FLUSH, Cmd.DISC):
+        return Errno.OK
+    if req.length == 0:
+        return Errno.EINVAL
+    if req.offset + req.length > neg.export.size:
+        return Errno.ENOSPC if req.cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
+    if req.cmd in (Cmd.READ, Cmd.WRITE) and req.length > MAX_PAYLOAD:
+        return Errno.EINVAL
+    return Errno.OK
+
+
+def errno_to_nbd(err: int | None) -> Errno:
+    """Map an OSError errno to the error values NBD allows on the wire."""
+    if err in (_errno.EDQUOT, _errno.EFBIG):
+        return Errno.ENOSPC
+    if err == _errno.EROFS:
+        return Errno.EPERM
+    if err is not None and err in Errno._value2member_map_ and err != 0:
+        return Errno(err)
+    return Errno.EIO
+
+
+def error_reply(req: Request, neg: Negotiated, error: Errno, message: str = "") -> bytes:
+    # Once structured replies are on, READ and BLOCK_STATUS errors are chunks.
+    if neg.structured and req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):
+        return encode_error_chunk(req.handle, error, message)
+    return encode_simple_reply(req.handle, error)
+
+
+def read_reply_headers(
+    req: Request, neg: Negotiated, extents: list[Extent] | None
+) -> list[tuple[bytes, int, int]]:
+    """Plan a successful READ reply: (header, data offset, data length) tuples
+    relative to the request; a hole has data length 0.
+
+    Holes are sent as OFFSET_HOLE only in structured mode without DF and when
+    the device reports them (`extents` not None).
+    """
+    if not neg.structured:
+        return [(encode_simple_reply(req.handle), 0, req.length)]
+    if extents is None or req.flags & CmdFlag.DF:
+        return [(encode_offset_data_header(req.handle, req.offset, req.length, True), 0, req.length)]
+    plan: list[tuple[bool, int, int]] = []  # (hole, start, length)
+    pos = 0
+    for ext in extents:
+        n = min(ext.length, req.length - pos)
+        if n <= 0:
+            break
+        hole = ext.zero
+        if plan and plan[-1][0] == hole:
+            plan[-1] = (hole, plan[-1][1], plan[-1][2] + n)
+        else:
+            plan.append((hole, pos, n))
+        pos += n
+    if pos < req.length:  # a device that reported too little: read the rest
+        plan.append((False, pos, req.length - pos))
+    out = []
+    for i, (hole, start, n) in enumerate(plan):
+        done = i == len(plan) - 1
+        if hole:
+            out.append((encode_offset_hole(req.handle, req.offset + start, n, done), start, 0))
+        else:
+            out.append(
+                (encode_offset_data_header(req.handle, req.offset + start, n, done), start, n)
+            )
+    return out
+
+
+def block_status_reply(req: Request, extents: list[Extent]) -> bytes:
+    pairs: list[tuple[int, int]] = []
+    remaining = req.length
+    for ext in extents:
+        n = min(ext.length, remaining)
+        if n <= 0:
+            break
+        flags = (STATE_HOLE if ext.hole else 0) | (STATE_ZERO if ext.zero else 0)
+        if pairs and pairs[-1][1] == flags:
+            pairs[-1] = (pairs[-1][0] + n, flags)
+        else:
+            pairs.append((n, flags))
+        remaining -= n
+        if len(pairs) >= MAX_EXTENTS:
+            break
+    if not pairs:
+        raise OSError(_errno.EIO, "device reported no extents")
+    if req.flags & CmdFlag.REQ_ONE:
+        pairs = pairs[:1]
+    return encode_block_status(req.handle, BASE_ALLOCATION_ID, pairs, True)

@@ -1,0 +1,295 @@
+"""Sans-IO state machine for the server side of fixed-newstyle negotiation.
+
+Feed the client's bytes with `receive_data`; take what to send with
+`data_to_send`; watch `state`. Option errors are answered on the wire and
+negotiation goes on; only a stream that cannot be parsed (or a client that
+asks for it) ends the connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .constants import (
+    BASE_ALLOCATION,
+    MAX_OPTION_LENGTH,
+    MAX_PAYLOAD,
+    MAX_STRING,
+    OPTION_HEADER_SIZE,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    TxFlag,
+)
+from .wire import (
+    Cursor,
+    ProtocolError,
+    decode_option_header,
+    encode_export_name_reply,
+    encode_greeting,
+    encode_info_block_size,
+    encode_info_description,
+    encode_info_export,
+    encode_info_name,
+    encode_option_reply,
+)
+
+BASE_ALLOCATION_ID = 1
+META_CONTEXTS = {BASE_ALLOCATION: BASE_ALLOCATION_ID}
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What negotiation tells a client about one export."""
+
+    name: str
+    size: int
+    flags: TxFlag
+    description: str = ""
+    min_block: int = 1
+    pref_block: int = 4096
+    max_block: int = MAX_PAYLOAD
+
+
+@dataclass(slots=True)
+class Negotiated:
+    export: ExportInfo
+    flags: TxFlag
+    structured: bool
+    no_zeroes: bool
+    meta_contexts: dict[int, str] = field(default_factory=dict)
+
+
+class State(enum.Enum):
+    CLIENT_FLAGS = "client-flags"
+    OPTIONS = "options"
+    DONE = "done"  # export chosen: transmission starts
+    CLOSED = "closed"  # client aborted or stream broken
+
+
+class Handshake:
+    def __init__(self, exports: Mapping[str, ExportInfo]) -> None:
+        self._exports = exports
+        self._buf = bytearray()
+        self._out: list[bytes] = [
+            encode_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
+        ]
+        self._skip = 0  # bytes of an oversized option still to discard
+        self.state = State.CLIENT_FLAGS
+        self.fixed_newstyle = False
+        self.no_zeroes = False
+        self.structured = False
+        self._meta_export: str | None = None
+        self._meta: dict[int, str] = {}
+        self.result: Negotiated | None = None
+        # Options the client sent, for logging; never option payloads.
+        self.options_seen: list[int] = []
+        # Bytes received after the final option: the first requests.
+        self.leftover = b""
+        self.close_reason = ""
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state in (State.DONE, State.CLOSED):
+            self.leftover += data
+            return
+        self._buf += data
+        try:
+            self._run()
+        except ProtocolError as e:
+            self.state = State.CLOSED
+            self.close_reason = str(e)
+
+    def _run(self) -> None:
+        while self.state not in (State.DONE, State.CLOSED):
+            if self.state is State.CLIENT_FLAGS:
+                if len(self._buf) < 4:
+                    return
+                (flags,) = struct.unpack_from(">I", self._buf)
+                del self._buf[:4]
+                if flags & ~(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES):
+                    raise ProtocolError(f"unknown client flags {flags:#x}")
+                self.fixed_newstyle = bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
+                self.no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
+                self.state = State.OPTIONS
+                continue
+            if self._skip:
+                n = min(self._skip, len(self._buf))
+                del self._buf[:n]
+                self._skip -= n
+                if self._skip:
+                    return
+                continue
+            if len(self._buf) < OPTION_HEADER_SIZE:
+                return
+            option, length = decode_option_header(self._buf)
+            if length > MAX_OPTION_LENGTH:
+                del self._buf[:OPTION_HEADER_SIZE]
+                self.options_seen.append(option)
+                if option == Opt.EXPORT_NAME:
+                    raise ProtocolError("export name too long")
+                self._skip = length
+                self._reply(option, Rep.ERR_TOO_BIG, b"option payload too large")
+                continue
+            if len(self._buf) < OPTION_HEADER_SIZE + length:
+                return
+            payload = bytes(self._buf[OPTION_HEADER_SIZE : OPTION_HEADER_SIZE + length])
+            del self._buf[: OPTION_HEADER_SIZE + length]
+            self.options_seen.append(option)
+            self._option(option, payload)
+        if self.state is State.DONE:
+            self.leftover = bytes(self._buf)
+            self._buf.clear()
+
+    # --- options ----------------------------------------------------------
+
+    def _reply(self, option: int, rep: int, data: bytes = b"") -> None:
+        self._out.append(encode_option_reply(option, rep, data))
+
+    def _error(self, option: int, rep: Rep, message: str) -> None:
+        self._reply(option, rep, message.encode())
+
+    def _option(self, option: int, data: bytes) -> None:
+        if not self.fixed_newstyle and option != Opt.EXPORT_NAME:
+            # Without fixed newstyle the client cannot parse an error reply.
+            raise ProtocolError("option other than EXPORT_NAME without fixed newstyle")
+        try:
+            if option == Opt.EXPORT_NAME:
+                self._export_name(data)
+            elif option == Opt.ABORT:
+                self._reply(option, Rep.ACK)
+                self.state = State.CLOSED
+                self.close_reason = "client aborted"
+            elif option == Opt.LIST:
+                self._list(data)
+            elif option == Opt.STARTTLS:
+                self._error(option, Rep.ERR_POLICY, "TLS is not supported by this server")
+            elif option in (Opt.INFO, Opt.GO):
+                self._info_go(option, data)
+            elif option == Opt.STRUCTURED_REPLY:
+                if data:
+                    self._error(option, Rep.ERR_INVALID, "STRUCTURED_REPLY takes no data")
+                else:
+                    self.structured = True
+                    self._reply(option, Rep.ACK)
+            elif option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+                self._meta_context(option, data)
+            else:
+                self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
+        except ValueError as e:
+            self._error(option, Rep.ERR_INVALID, f"malformed option: {e}")
+
+    def _export_name(self, data: bytes) -> None:
+        try:
+            name = data.decode()
+        except UnicodeDecodeError as e:
+            raise ProtocolError("export name is not UTF-8") from e
+        export = self._exports.get(name)
+        if export is None:
+            # The legacy option has no error reply: the spec says close.
+            raise ProtocolError(f"unknown export {name!r}")
+        flags = export.flags | TxFlag.HAS_FLAGS
+        self._out.append(encode_export_name_reply(export.size, flags, self.no_zeroes))
+        self._finish(export, flags)
+
+    def _list(self, data: bytes) -> None:
+        if data:
+            self._error(Opt.LIST, Rep.ERR_INVALID, "LIST takes no data")
+            return
+        for export in self._exports.values():
+            name = export.name.encode()
+            self._reply(
+                Opt.LIST,
+                Rep.SERVER,
+                struct.pack(">I", len(name)) + name + export.description.encode(),
+            )
+        self._reply(Opt.LIST, Rep.ACK)
+
+    def _read_name(self, cur: Cursor) -> str:
+        n = cur.u32()
+        if n > MAX_STRING:
+            raise ValueError("export name too long")
+        return cur.string(n)
+
+    def _info_go(self, option: int, data: bytes) -> None:
+        cur = Cursor(data)
+        name = self._read_name(cur)
+        requests = [cur.u16() for _ in range(cur.u16())]
+        if not cur.at_end():
+            raise ValueError("trailing bytes")
+        export = self._exports.get(name)
+        if export is None:
+            self._error(option, Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        flags = self._flags(export)
+        self._reply(option, Rep.INFO, encode_info_export(export.size, flags))
+        if Info.NAME in requests:
+            self._reply(option, Rep.INFO, encode_info_name(export.name))
+        if Info.DESCRIPTION in requests and export.description:
+            self._reply(option, Rep.INFO, encode_info_description(export.description))
+        # Always sent: clients that did not ask may still use it, and a
+        # client that ignores it is served byte-granular anyway.
+        self._reply(
+            option,
+            Rep.INFO,
+            encode_info_block_size(export.min_block, export.pref_block, export.max_block),
+        )
+        self._reply(option, Rep.ACK)
+        if option == Opt.GO:
+            self._finish(export, flags)
+
+    def _flags(self, export: ExportInfo) -> TxFlag:
+        flags = export.flags | TxFlag.HAS_FLAGS
+        if self.structured:
+            # A single OFFSET_DATA chunk always satisfies DF.
+            flags |= TxFlag.SEND_DF
+        return flags
+
+    def _finish(self, export: ExportInfo, flags: TxFlag) -> None:
+        meta = self._meta if self._meta_export == export.name and self.structured else {}
+        self.result = Negotiated(export, flags, self.structured, self.no_zeroes, dict(meta))
+        self.state = State.DONE
+
+    def _meta_context(self, option: int, data: bytes) -> None:
+        if not self.structured:
+            self._error(option, Rep.ERR_INVALID, "structured replies must be negotiated first")
+            return
+        cur = Cursor(data)
+        name = self._read_name(cur)
+        queries = []
+        for _ in range(cur.u32()):
+            n = cur.u32()
+            if n > MAX_STRING:
+                raise ValueError("query too long")
+            queries.append(cur.string(n))
+        if not cur.at_end():
+            raise ValueError("trailing bytes")
+        if name not in self._exports:
+            self._error(option, Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        if option == Opt.SET_META_CONTEXT:
+            self._meta_export = name
+            self._meta = {}
+        if not queries and option == Opt.LIST_META_CONTEXT:
+            queries = ["base:"]
+        for query in queries:
+            for ctx, ctx_id in META_CONTEXTS.items():
+                if query == ctx or (query == "base:" and ctx.startswith("base:")):
+                    if option == Opt.SET_META_CONTEXT:
+                        if ctx_id in self._meta:
+                            continue
+                        self._meta[ctx_id] = ctx
+                    # LIST replies carry no id: the spec says 0.
+                    reply_id = ctx_id if option == Opt.SET_META_CONTEXT else 0
+                    self._reply(
+                        option, Rep.META_CONTEXT, struct.pack(">I", reply_id) + ctx.encode()
+                    )
+        self._reply(option, Rep.ACK)

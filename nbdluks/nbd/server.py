@@ -1,0 +1,410 @@
+"""The asyncio adapter: sockets in, sans-IO handshake and codec, device calls
+on worker threads, replies out. Protocol decisions live in handshake.py,
+wire.py and commands.py; this module only moves bytes and schedules work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import structlog
+
+from ..block.base import BlockDevice
+from .commands import (
+    block_status_reply,
+    error_reply,
+    errno_to_nbd,
+    read_reply_headers,
+    validate,
+)
+from .constants import Cmd, CmdFlag, Errno, TxFlag
+from .handshake import ExportInfo, Handshake, Negotiated, State
+from .wire import ProtocolError, Request, RequestDecoder, encode_simple_reply
+
+log = structlog.get_logger("nbdluks.server")
+
+DEFAULT_MAX_INFLIGHT = 64 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 30.0
+# What a request costs against the in-flight cap beyond its payload, so that
+# a flood of tiny requests is bounded too.
+_REQUEST_OVERHEAD = 4096
+
+
+@dataclass
+class Export:
+    name: str
+    device: BlockDevice
+    description: str = ""
+    read_only: bool = False
+
+    def info(self) -> ExportInfo:
+        dev = self.device
+        caps = dev.caps
+        flags = TxFlag.HAS_FLAGS
+        writable = caps.writable and not self.read_only
+        if not writable:
+            flags |= TxFlag.READ_ONLY
+        if caps.flush:
+            flags |= TxFlag.SEND_FLUSH
+        if writable:
+            if caps.fua:
+                flags |= TxFlag.SEND_FUA
+            if caps.trim:
+                flags |= TxFlag.SEND_TRIM
+            if caps.zero:
+                flags |= TxFlag.SEND_WRITE_ZEROES
+                if caps.fast_zero:
+                    flags |= TxFlag.SEND_FAST_ZERO
+        if caps.multi_conn:
+            flags |= TxFlag.CAN_MULTI_CONN
+        if caps.cache:
+            flags |= TxFlag.SEND_CACHE
+        return ExportInfo(
+            name=self.name,
+            size=dev.size,
+            flags=flags,
+            description=self.description,
+            min_block=dev.min_block,
+            pref_block=dev.pref_block,
+            max_block=dev.max_block,
+        )
+
+
+def execute(dev: BlockDevice, req: Request, neg: Negotiated) -> list[bytes | memoryview]:
+    """Run one valid request against the device (on a worker thread) and
+    return its reply frames."""
+    cmd = req.cmd
+    fua = bool(req.flags & CmdFlag.FUA)
+    if cmd == Cmd.READ:
+        extents = None
+        if neg.structured and dev.caps.extents and not req.flags & CmdFlag.DF:
+            extents = dev.extents(req.offset, req.length)
+        plan = read_reply_headers(req, neg, extents)
+        buf = memoryview(bytearray(req.length))
+        frames: list[bytes | memoryview] = []
+        for header, start, n in plan:
+            frames.append(header)
+            if n:
+                dev.pread_into(buf[start : start + n], req.offset + start)
+                frames.append(buf[start : start + n])
+        return frames
+    if cmd == Cmd.WRITE:
+        assert req.payload is not None
+        dev.pwrite(req.payload, req.offset, fua=fua)
+    elif cmd == Cmd.FLUSH:
+        dev.flush()
+    elif cmd == Cmd.TRIM:
+        dev.trim(req.offset, req.length, fua=fua)
+    elif cmd == Cmd.WRITE_ZEROES:
+        dev.write_zeroes(
+            req.offset,
+            req.length,
+            fua=fua,
+            may_trim=not req.flags & CmdFlag.NO_HOLE,
+            fast=bool(req.flags & CmdFlag.FAST_ZERO),
+        )
+    elif cmd == Cmd.CACHE:
+        dev.cache(req.offset, req.length)
+    elif cmd == Cmd.BLOCK_STATUS:
+        return [block_status_reply(req, dev.extents(req.offset, req.length))]
+    return [encode_simple_reply(req.handle)]
+
+
+class Connection(asyncio.Protocol):
+    _ids = itertools.count(1)
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.log = log.bind(conn=next(self._ids))
+        self.transport: asyncio.Transport | None = None
+        self.handshake = Handshake({n: e.info() for n, e in server.exports.items()})
+        self.neg: Negotiated | None = None
+        self.export: Export | None = None
+        self.decoder = RequestDecoder()
+        self.inflight_bytes = 0
+        self.inflight = 0
+        self.requests = 0
+        self.closing = False  # DISC seen or server draining: no new requests
+        self._write_paused = False
+        self._read_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = asyncio.Event()
+
+    # --- asyncio callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport.
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or transport.get_extra_info("sockname")
+        self.log = self.log.bind(peer=_peer_str(peer))
+        self.log.info("connection opened")
+        self.server.connections.add(self)
+        transport.write(self.handshake.data_to_send())
+        self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer:
+            self._timer.cancel()
+        self.server.connections.discard(self)
+        self.log.info(
+            "connection closed", requests=self.requests, error=str(exc) if exc else None
+        )
+        self.closed.set()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.neg is None:
+            self._negotiate(data)
+        else:
+            self._receive_requests(data)
+
+    # --- negotiation -----------------------------------------------------------
+
+    def _negotiate(self, data: bytes) -> None:
+        assert self.transport is not None
+        hs = self.handshake
+        hs.receive_data(data)
+        out = hs.data_to_send()
+        if out:
+            self.transport.write(out)
+        if hs.state is State.CLOSED:
+            self.log.info("negotiation ended", reason=hs.close_reason)
+            self.transport.close()
+        elif hs.state is State.DONE:
+            assert hs.result is not None
+            if self._timer:
+                self._timer.cancel()
+            self.neg = hs.result
+            self.export = self.server.exports[self.neg.export.name]
+            self.log = self.log.bind(export=self.neg.export.name)
+            self.log.info(
+                "export negotiated",
+                size=self.neg.export.size,
+                structured=self.neg.structured,
+                flags=_flag_names(self.neg.flags),
+                meta_contexts=sorted(self.neg.meta_contexts.values()),
+            )
+            if self.closing:
+                self._maybe_close()
+            elif hs.leftover:
+                self._receive_requests(hs.leftover)
+
+    def _handshake_timeout(self) -> None:
+        if self.neg is None and self.transport is not None:
+            self.log.warning("negotiation timed out")
+            self.transport.close()
+
+    # --- transmission -----------------------------------------------------------
+
+    def _receive_requests(self, data: bytes) -> None:
+        try:
+            reqs = self.decoder.feed(data)
+        except ProtocolError as e:
+            self.log.warning("protocol error, closing", error=str(e))
+            self._abort()
+            return
+        for req in reqs:
+            self._dispatch(req)
+
+    def _dispatch(self, req: Request) -> None:
+        assert self.neg is not None and self.transport is not None
+        if self.closing:
+            return
+        self.requests += 1
+        if req.cmd == Cmd.DISC:
+            self.closing = True
+            self._update_reading()
+            self._maybe_close()
+            return
+        err = Errno.EINVAL if req.oversized else validate(req, self.neg)
+        if err:
+            self.log.debug(
+                "request refused", cmd=req.cmd, offset=req.offset, length=req.length,
+                error=err.name,
+            )
+            self.transport.write(error_reply(req, self.neg, err))
+            return
+        cost = _REQUEST_OVERHEAD + (req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
+        self.inflight += 1
+        self.inflight_bytes += cost
+        self._update_reading()
+        self.loop.create_task(self._run(req, cost))
+
+    async def _run(self, req: Request, cost: int) -> None:
+        assert self.neg is not None and self.export is not None
+        try:
+            frames = await self.loop.run_in_executor(
+                self.server.executor, execute, self.export.device, req, self.neg
+            )
+        except OSError as e:
+            err = errno_to_nbd(e.errno)
+            self.log.warning(
+                "request failed", cmd=Cmd(req.cmd).name, offset=req.offset,
+                length=req.length, error=err.name, reason=e.strerror,
+            )
+            frames = [error_reply(req, self.neg, err, e.strerror or "")]
+        except Exception:
+            self.log.exception("request crashed", cmd=req.cmd, offset=req.offset)
+            frames = [error_reply(req, self.neg, Errno.EIO, "internal error")]
+        finally:
+            self.inflight -= 1
+            self.inflight_bytes -= cost
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(frames)
+        self._update_reading()
+        self._maybe_close()
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        pause = (
+            self.closing
+            or self._write_paused
+            or self.inflight_bytes >= self.server.max_inflight
+        )
+        if pause != self._read_paused:
+            self._read_paused = pause
+            if pause:
+                t.pause_reading()
+            else:
+                t.resume_reading()
+
+    def _maybe_close(self) -> None:
+        if self.closing and self.inflight == 0 and self.transport is not None:
+            self.transport.close()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drain(self) -> None:
+        """Server shutdown: take no new requests, close once in flight ones end."""
+        self.closing = True
+        if self.neg is None:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._update_reading()
+        self._maybe_close()
+
+
+def _flag_names(flags: TxFlag) -> str:
+    return "|".join(f.name or "" for f in TxFlag if f in flags)
+
+
+def _peer_str(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) if peer else "unix"
+
+
+@dataclass
+class Listen:
+    """A TCP address or a unix socket path."""
+
+    host: str | None = None
+    port: int | None = None
+    socket_path: str | None = None
+
+    def __str__(self) -> str:
+        if self.socket_path:
+            return f"unix:{self.socket_path}"
+        return f"{self.host}:{self.port}"
+
+
+class NbdServer:
+    def __init__(
+        self,
+        exports: Iterable[Export],
+        *,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+        workers: int = 16,
+    ) -> None:
+        self.exports = {e.name: e for e in exports}
+        self.max_inflight = max_inflight
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
+        self.connections: set[Connection] = set()
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+
+    async def listen(self, where: Listen) -> list[str]:
+        """Start a listener; return the addresses it is bound to."""
+        if where.socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.exists(where.socket_path) and _is_socket(where.socket_path):
+                    os.unlink(where.socket_path)
+            srv = await self.loop.create_unix_server(
+                lambda: Connection(self), path=where.socket_path
+            )
+            addrs = [f"unix:{where.socket_path}"]
+        else:
+            srv = await self.loop.create_server(
+                lambda: Connection(self), host=where.host, port=where.port, reuse_address=True
+            )
+            addrs = []
+            for sock in srv.sockets:
+                name = sock.getsockname()
+                host = f"[{name[0]}]" if sock.family == socket.AF_INET6 else name[0]
+                addrs.append(f"{host}:{name[1]}")
+        self.listeners.append(srv)
+        return addrs
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve_until_stopped(self, drain_timeout: float = 30.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                self.loop.add_signal_handler(sig, self._on_signal, sig)
+        await self._stop.wait()
+        await self.shutdown(drain_timeout)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("signal received, draining", signal=signal.Signals(sig).name)
+        self._stop.set()
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        for srv in self.listeners:
+            srv.close()
+        conns = list(self.connections)
+        for conn in conns:
+            conn.drain()
+        if conns:
+            waits = [asyncio.ensure_future(c.closed.wait()) for c in conns]
+            _, pending = await asyncio.wait(waits, timeout=drain_timeout)
+            for w in pending:
+                w.cancel()
+            for conn in conns:
+                if conn.transport is not None and not conn.closed.is_set():
+                    conn.transport.abort()
+        for export in self.exports.values():
+            if export.device.caps.flush:
+                try:
+                    await self.loop.run_in_executor(self.executor, export.device.flush)
+                except OSError as e:
+                    log.error("final flush failed", export=export.name, error=e.strerror)
+        self.executor.shutdown(wait=True)
+        log.info("server stopped")
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.stat(path).st_mode)

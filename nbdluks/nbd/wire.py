@@ -1,0 +1,350 @@
+"""Sans-IO codec for the NBD wire format: bytes in, typed messages out.
+
+Nothing here touches a socket; the server, the client and the tests feed
+bytes and take encoded frames back.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from .constants import (
+    CHUNK_FLAG_DONE,
+    CHUNK_HEADER_SIZE,
+    IHAVEOPT,
+    MAX_PAYLOAD,
+    MAX_STRING,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REQUEST_MAGIC,
+    REQUEST_SIZE,
+    SIMPLE_REPLY_MAGIC,
+    SIMPLE_REPLY_SIZE,
+    STRUCTURED_REPLY_MAGIC,
+    Chunk,
+    Cmd,
+    Info,
+)
+
+
+class ProtocolError(Exception):
+    """The byte stream can no longer be parsed: the connection must end."""
+
+
+_GREETING: Final = struct.Struct(">QQH")
+_OPTION: Final = struct.Struct(">QII")
+_OPTION_REPLY: Final = struct.Struct(">QIII")
+_REQUEST: Final = struct.Struct(">IHHQQI")
+_SIMPLE_REPLY: Final = struct.Struct(">IIQ")
+_CHUNK: Final = struct.Struct(">IHHQI")
+_U16: Final = struct.Struct(">H")
+_U32: Final = struct.Struct(">I")
+_U64: Final = struct.Struct(">Q")
+
+
+# --- handshake ------------------------------------------------------------
+
+
+def encode_greeting(handshake_flags: int) -> bytes:
+    return _GREETING.pack(NBDMAGIC, IHAVEOPT, handshake_flags)
+
+
+def decode_greeting(data: bytes) -> int:
+    """Return the server's handshake flags (client side)."""
+    magic, opt_magic, flags = _GREETING.unpack(data)
+    if magic != NBDMAGIC:
+        raise ProtocolError("bad NBD magic from server")
+    if opt_magic != IHAVEOPT:
+        raise ProtocolError("server does not speak newstyle negotiation")
+    return int(flags)
+
+
+def encode_option(option: int, data: bytes = b"") -> bytes:
+    return _OPTION.pack(IHAVEOPT, option, len(data)) + data
+
+
+def decode_option_header(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """Return (option, length) of a client option header."""
+    magic, option, length = _OPTION.unpack_from(data)
+    if magic != IHAVEOPT:
+        raise ProtocolError(f"bad option magic {magic:#x}")
+    return option, length
+
+
+def encode_option_reply(option: int, reply: int, data: bytes = b"") -> bytes:
+    return _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(data)) + data
+
+
+def decode_option_reply_header(data: bytes | bytearray) -> tuple[int, int, int]:
+    """Return (option, reply type, length) of a server option reply header."""
+    magic, option, reply, length = _OPTION_REPLY.unpack_from(data)
+    if magic != OPTION_REPLY_MAGIC:
+        raise ProtocolError(f"bad option reply magic {magic:#x}")
+    return option, reply, length
+
+
+def encode_export_name_reply(size: int, flags: int, no_zeroes: bool) -> bytes:
+    return struct.pack(">QH", size, flags) + (b"" if no_zeroes else bytes(124))
+
+
+def encode_info_export(size: int, flags: int) -> bytes:
+    return struct.pack(">HQH", Info.EXPORT, size, flags)
+
+
+def encode_info_name(name: str) -> bytes:
+    return _U16.pack(Info.NAME) + name.encode()
+
+
+def encode_info_description(description: str) -> bytes:
+    return _U16.pack(Info.DESCRIPTION) + description.encode()
+
+
+def encode_info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
+    return struct.pack(">HIII", Info.BLOCK_SIZE, minimum, preferred, maximum)
+
+
+def encode_export_request(name: str, infos: tuple[int, ...] = ()) -> bytes:
+    """Payload of INFO / GO (client side)."""
+    raw = name.encode()
+    return (
+        _U32.pack(len(raw))
+        + raw
+        + _U16.pack(len(infos))
+        + b"".join(_U16.pack(i) for i in infos)
+    )
+
+
+def encode_meta_context_request(name: str, queries: tuple[str, ...]) -> bytes:
+    """Payload of LIST_META_CONTEXT / SET_META_CONTEXT (client side)."""
+    raw = name.encode()
+    out = [_U32.pack(len(raw)), raw, _U32.pack(len(queries))]
+    for q in queries:
+        qb = q.encode()
+        out += [_U32.pack(len(qb)), qb]
+    return b"".join(out)
+
+
+class Cursor:
+    """Reads big-endian fields from an option payload; short data is a ValueError."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def _take(self, n: int) -> bytes:
+        if n < 0 or self._pos + n > len(self._data):
+            raise ValueError("option payload too short")
+        chunk = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return chunk
+
+    def u16(self) -> int:
+        return int(_U16.unpack(self._take(2))[0])
+
+    def u32(self) -> int:
+        return int(_U32.unpack(self._take(4))[0])
+
+    def u64(self) -> int:
+        return int(_U64.unpack(self._take(8))[0])
+
+    def string(self, n: int) -> str:
+        try:
+            return self._take(n).decode()
+        except UnicodeDecodeError as e:
+            raise ValueError("string is not UTF-8") from e
+
+    def rest(self) -> bytes:
+        return self._take(len(self._data) - self._pos)
+
+    def at_end(self) -> bool:
+        return self._pos == len(self._data)
+
+
+# --- transmission: requests -----------------------------------------------
+
+
+@dataclass(slots=True)
+class Request:
+    flags: int
+    cmd: int
+    handle: int
+    offset: int
+    length: int
+    # WRITE only: the payload; None when it was too large and was skipped.
+    payload: bytearray | None = None
+
+    @property
+    def oversized(self) -> bool:
+        return self.cmd == Cmd.WRITE and self.payload is None
+
+
+def encode_request(flags: int, cmd: int, handle: int, offset: int, length: int) -> bytes:
+    return _REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
+
+
+class RequestDecoder:
+    """Incremental decoder of the client's request stream.
+
+    WRITE payloads up to MAX_PAYLOAD are collected into one preallocated
+    buffer (one copy); larger ones are skipped so the stream stays in sync
+    and the request can be failed without dropping the connection.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buf = bytearray()
+        self._max_payload = max_payload
+        self._pending: Request | None = None  # WRITE waiting for its payload
+        self._filled = 0
+        self._skip = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Request]:
+        out: list[Request] = []
+        view = memoryview(data)
+        while True:
+            if self._skip:
+                n = min(self._skip, len(view))
+                self._skip -= n
+                view = view[n:]
+                if self._skip == 0 and self._pending is not None:
+                    out.append(self._pending)
+                    self._pending = None
+                if not view:
+                    break
+                continue
+            if self._pending is not None and self._pending.payload is not None:
+                payload = self._pending.payload
+                n = min(len(payload) - self._filled, len(view))
+                payload[self._filled : self._filled + n] = view[:n]
+                self._filled += n
+                view = view[n:]
+                if self._filled == len(payload):
+                    out.append(self._pending)
+                    self._pending = None
+                if not view:
+                    break
+                continue
+            # Header: gather exactly REQUEST_SIZE bytes.
+            if self._buf or len(view) < REQUEST_SIZE:
+                need = REQUEST_SIZE - len(self._buf)
+                self._buf += view[:need]
+                view = view[need:]
+                if len(self._buf) < REQUEST_SIZE:
+                    break
+                header: bytes | memoryview = bytes(self._buf)
+                self._buf.clear()
+            else:
+                header = view[:REQUEST_SIZE]
+                view = view[REQUEST_SIZE:]
+            req = self._parse(header)
+            if req.cmd == Cmd.WRITE and req.length:
+                self._pending = req
+                if req.length > self._max_payload:
+                    self._skip = req.length
+                else:
+                    req.payload = bytearray(req.length)
+                    self._filled = 0
+            else:
+                if req.cmd == Cmd.WRITE:
+                    req.payload = bytearray()
+                out.append(req)
+            if not view:
+                break
+        return out
+
+    @staticmethod
+    def _parse(header: bytes | memoryview) -> Request:
+        magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(header)
+        if magic != REQUEST_MAGIC:
+            raise ProtocolError(f"bad request magic {magic:#x}")
+        return Request(flags, cmd, handle, offset, length)
+
+
+# --- transmission: replies ------------------------------------------------
+
+
+def encode_simple_reply(handle: int, error: int = 0) -> bytes:
+    return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+
+
+def encode_chunk_header(handle: int, chunk_type: int, length: int, done: bool) -> bytes:
+    flags = CHUNK_FLAG_DONE if done else 0
+    return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, chunk_type, handle, length)
+
+
+def encode_offset_data_header(handle: int, offset: int, length: int, done: bool) -> bytes:
+    """Chunk header plus offset; the caller sends `length` data bytes after it."""
+    return encode_chunk_header(handle, Chunk.OFFSET_DATA, 8 + length, done) + _U64.pack(offset)
+
+
+def encode_offset_hole(handle: int, offset: int, length: int, done: bool) -> bytes:
+    return encode_chunk_header(handle, Chunk.OFFSET_HOLE, 12, done) + struct.pack(
+        ">QI", offset, length
+    )
+
+
+def encode_none_done(handle: int) -> bytes:
+    return encode_chunk_header(handle, Chunk.NONE, 0, True)
+
+
+def encode_error_chunk(handle: int, error: int, message: str = "") -> bytes:
+    msg = message.encode()[:MAX_STRING]
+    return encode_chunk_header(handle, Chunk.ERROR, 6 + len(msg), True) + struct.pack(
+        ">IH", error, len(msg)
+    ) + msg
+
+
+
+def encode_block_status(
+    handle: int, context_id: int, extents: list[tuple[int, int]], done: bool
+) -> bytes:
+    """BLOCK_STATUS chunk: extents are (length, flags) pairs."""
+    body = _U32.pack(context_id) + b"".join(struct.pack(">II", ln, fl) for ln, fl in extents)
+    return encode_chunk_header(handle, Chunk.BLOCK_STATUS, len(body), done) + body
+
+
+@dataclass(slots=True, frozen=True)
+class SimpleReply:
+    handle: int
+    error: int
+
+
+@dataclass(slots=True, frozen=True)
+class ChunkHeader:
+    flags: int
+    type: int
+    handle: int
+    length: int
+
+    @property
+    def done(self) -> bool:
+        return bool(self.flags & CHUNK_FLAG_DONE)
+
+
+def decode_reply_header(data: bytes | bytearray | memoryview) -> SimpleReply | ChunkHeader:
+    """Decode a reply header: 16 bytes (simple) or 20 (structured chunk).
+
+    The caller peeks the magic with `reply_header_size` first.
+    """
+    magic = int(_U32.unpack_from(data)[0])
+    if magic == SIMPLE_REPLY_MAGIC:
+        _, error, handle = _SIMPLE_REPLY.unpack_from(data)
+        return SimpleReply(handle, error)
+    if magic == STRUCTURED_REPLY_MAGIC:
+        _, flags, ctype, handle, length = _CHUNK.unpack_from(data)
+        return ChunkHeader(flags, ctype, handle, length)
+    raise ProtocolError(f"bad reply magic {magic:#x}")
+
+
+def reply_header_size(magic_bytes: bytes | bytearray | memoryview) -> int:
+    magic = int(_U32.unpack_from(magic_bytes)[0])
+    if magic == SIMPLE_REPLY_MAGIC:
+        return SIMPLE_REPLY_SIZE
+    if magic == STRUCTURED_REPLY_MAGIC:
+        return CHUNK_HEADER_SIZE
+    raise ProtocolError(f"bad reply magic {magic:#x}")
