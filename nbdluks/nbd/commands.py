@@ -49,18 +49,20 @@ def validate(req: Request, neg: Negotiated) -> Errno:
     allowed = _ALLOWED_FLAGS.get(req.cmd)
     if allowed is None:
         return Errno.EINVAL
-    if req.flags & ~allowed:
+    if req.flags & ~int(allowed):
         return Errno.EINVAL
     for flag, needs in _FLAG_NEEDS.items():
         if req.flags & flag and not neg.flags & needs:
             return Errno.EINVAL
+    # A read-only export does not advertise TRIM or WRITE_ZEROES, but the
+    # spec asks for EPERM on any write there, so this check comes first.
+    if req.cmd in _WRITES and neg.flags & TxFlag.READ_ONLY:
+        return Errno.EPERM
     needs_tx = _NEEDS.get(req.cmd)
     if needs_tx is not None and not neg.flags & needs_tx:
         return Errno.EINVAL
     if req.cmd == Cmd.BLOCK_STATUS and not neg.meta_contexts:
         return Errno.EINVAL
-    if req.cmd in _WRITES and neg.flags & TxFlag.READ_ONLY:
-        return Errno.EPERM
     if req.cmd in (Cmd.FLUSH, Cmd.DISC):
         return Errno.OK
     if req.length == 0:

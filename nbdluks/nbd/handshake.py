@@ -115,7 +115,7 @@ class Handshake:
                     return
                 (flags,) = struct.unpack_from(">I", self._buf)
                 del self._buf[:4]
-                if flags & ~(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES):
+                if flags & ~int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES):
                     raise ProtocolError(f"unknown client flags {flags:#x}")
                 self.fixed_newstyle = bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
                 self.no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
