@@ -28,7 +28,8 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-k", "--socket", metavar="PATH", help="listen on a unix socket")
     g.add_argument("-b", "--bind", metavar="ADDR", help="TCP address (default 127.0.0.1)")
     g.add_argument("-p", "--port", type=int, help=f"TCP port (default {DEFAULT_PORT})")
-    g.add_argument("-x", "--export-name", default="", metavar="NAME", help='export name (default "")')
+    g.add_argument("-x", "--export-name", default="", metavar="NAME",
+                   help='export name (default "")')
     g.add_argument("-D", "--description", default="", help="export description")
     g.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
     g.add_argument("--max-inflight", type=int, default=64, metavar="MiB",

@@ -114,7 +114,10 @@ def nbdluks(tmp_path: Path) -> Iterator[Callable[..., Served]]:
             proc.stdin.write(stdin)
             proc.stdin.close()
         wait_listening(proc, sock, port, log)
-        uri = f"nbd+unix:///{export}?socket={sock}" if sock else f"nbd://127.0.0.1:{port}/{export}"
+        if sock:
+            uri = f"nbd+unix:///{export}?socket={sock}"
+        else:
+            uri = f"nbd://127.0.0.1:{port}/{export}"
         served = Served(proc, uri, sock, port, log)
         started.append(served)
         return served

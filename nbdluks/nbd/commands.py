@@ -104,7 +104,8 @@ def read_reply_headers(
     if not neg.structured:
         return [(encode_simple_reply(req.handle), 0, req.length)]
     if extents is None or req.flags & CmdFlag.DF:
-        return [(encode_offset_data_header(req.handle, req.offset, req.length, True), 0, req.length)]
+        header = encode_offset_data_header(req.handle, req.offset, req.length, True)
+        return [(header, 0, req.length)]
     plan: list[tuple[bool, int, int]] = []  # (hole, start, length)
     pos = 0
     for ext in extents:

@@ -19,8 +19,8 @@ import structlog
 from ..block.base import BlockDevice
 from .commands import (
     block_status_reply,
-    error_reply,
     errno_to_nbd,
+    error_reply,
     read_reply_headers,
     validate,
 )
@@ -142,12 +142,12 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport.
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = t = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or transport.get_extra_info("sockname")
         self.log = self.log.bind(peer=_peer_str(peer))
         self.log.info("connection opened")
         self.server.connections.add(self)
-        transport.write(self.handshake.data_to_send())
+        t.write(self.handshake.data_to_send())  # type: ignore[attr-defined]
         self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -356,7 +356,8 @@ class NbdServer:
             addrs = [f"unix:{where.socket_path}"]
         else:
             srv = await self.loop.create_server(
-                lambda: Connection(self), host=where.host, port=where.port, reuse_address=True
+                lambda: Connection(self), host=where.host, port=where.port or 0,
+                reuse_address=True,
             )
             addrs = []
             for sock in srv.sockets:

@@ -129,7 +129,7 @@ def raw_connect(path: str, structured: bool = False) -> socket.socket:
     payload = struct.pack(">I", 0) + struct.pack(">H", 0)
     s.sendall(b"IHAVEOPT" + struct.pack(">II", 7, len(payload)) + payload)
     while True:
-        _, opt, rep, length = struct.unpack(">QIII", recv_exact(s, 20))
+        _, _opt, rep, length = struct.unpack(">QIII", recv_exact(s, 20))
         recv_exact(s, length)
         if rep == 1:
             return s
