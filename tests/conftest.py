@@ -114,10 +114,8 @@ def nbdluks(tmp_path: Path) -> Iterator[Callable[..., Served]]:
             proc.stdin.write(stdin)
             proc.stdin.close()
         wait_listening(proc, sock, port, log)
-        if sock:
-            uri = f"nbd+unix:///{export}?socket={sock}"
-        else:
-            uri = f"nbd://127.0.0.1:{port}/{export}"
+        tcp_uri = f"nbd://127.0.0.1:{port}/{export}"
+        uri = f"nbd+unix:///{export}?socket={sock}" if sock else tcp_uri
         served = Served(proc, uri, sock, port, log)
         started.append(served)
         return served
@@ -129,11 +127,12 @@ def nbdluks(tmp_path: Path) -> Iterator[Callable[..., Served]]:
             s.proc.wait()
 
 
-def run(cmd: list[str], *, check: bool = True, input: bytes | None = None,
-        timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str], *, check: bool = True, input: str | None = None, timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(
-        cmd, input=input.decode() if input is not None else None, capture_output=True,
-        text=True, timeout=timeout, env=env,
+        cmd, input=input, capture_output=True, text=True, timeout=timeout, env=env
     )
     if check and p.returncode != 0:
         raise AssertionError(
