@@ -1,0 +1,26 @@
+"""Key derivation: PBKDF2 (any hashlib hash), Argon2i and Argon2id."""
+
+from __future__ import annotations
+
+import hashlib
+
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2i, Argon2id
+
+from .volume import Argon2, Kdf, Pbkdf2
+
+ARGON2_VERSION = 0x13  # what cryptography implements and cryptsetup writes
+
+
+def derive(kdf: Kdf, secret: bytes | bytearray, length: int) -> bytearray:
+    if isinstance(kdf, Pbkdf2):
+        return bytearray(
+            hashlib.pbkdf2_hmac(kdf.hash, bytes(secret), kdf.salt, kdf.iterations, length)
+        )
+    assert isinstance(kdf, Argon2)
+    cls = Argon2id if kdf.type == "argon2id" else Argon2i
+    # cryptography needs memory >= 8 * lanes KiB; cryptsetup's minimum is 32.
+    fn = cls(
+        salt=kdf.salt, length=length, iterations=kdf.time, lanes=kdf.cpus,
+        memory_cost=kdf.memory,
+    )
+    return bytearray(fn.derive(bytes(secret)))

@@ -1,0 +1,108 @@
+"""Unlocking: from a passphrase (or key file contents) through the key slots
+to the volume key, or checking a volume key given directly.
+
+Pure code: the caller reads each key slot's area and passes the bytes in.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import af
+from .cipher import CipherSpec, SectorCipher
+from .errors import UnsupportedError, WrongKeyError
+from .kdf import derive
+from .volume import SECTOR, Digest, Keyslot, Volume
+
+
+@dataclass
+class Unlocked:
+    key: bytearray
+    keyslot: int | None  # None: the volume key was given directly
+
+    def wipe(self) -> None:
+        self.key[:] = bytes(len(self.key))
+
+
+def wipe(buf: bytearray) -> None:
+    buf[:] = bytes(len(buf))
+
+
+def check_digest(digest: Digest, key: bytes | bytearray) -> bool:
+    import hashlib
+
+    got = hashlib.pbkdf2_hmac(
+        digest.hash, bytes(key), digest.salt, digest.iterations, len(digest.digest)
+    )
+    return hmac.compare_digest(got, digest.digest)
+
+
+def slot_order(vol: Volume, only: int | None = None) -> list[Keyslot]:
+    """Slots to try: high priority first, priority 0 ("ignore") only when named."""
+    if only is not None:
+        slot = vol.keyslot(only)
+        if slot is None:
+            raise WrongKeyError(f"key slot {only} is not active")
+        return [slot]
+    usable = [s for s in vol.keyslots if s.priority > 0 and vol.digests_for(s.id)]
+    return sorted(usable, key=lambda s: (-s.priority, s.id))
+
+
+def open_slot(vol: Volume, slot: Keyslot, passphrase: bytes | bytearray,
+              area: bytes | bytearray) -> bytearray | None:
+    """The volume key if `passphrase` opens `slot`, else None."""
+    spec = CipherSpec.parse(slot.area_cipher)
+    spec.check_key_size(slot.area_key_size)
+    material_len = -(-slot.material_size // SECTOR) * SECTOR
+    if len(area) < material_len:
+        raise WrongKeyError(f"key slot {slot.id} area is truncated")
+    dk = derive(slot.kdf, passphrase, slot.area_key_size)
+    try:
+        material = bytearray(area[:material_len])
+        SectorCipher(spec, dk, SECTOR).decrypt(material, 0)
+    finally:
+        wipe(dk)
+    try:
+        key = af.merge(material, slot.key_size, slot.stripes, slot.af_hash)
+    finally:
+        wipe(material)
+    if any(check_digest(d, key) for d in vol.digests_for(slot.id)):
+        return key
+    wipe(key)
+    return None
+
+
+def unlock_with_passphrase(
+    vol: Volume, passphrase: bytes | bytearray, read_area: Callable[[Keyslot], bytes],
+    only_slot: int | None = None,
+) -> Unlocked:
+    slots = slot_order(vol, only_slot)
+    if not slots:
+        raise WrongKeyError("the volume has no usable key slot")
+    unsupported: list[str] = []
+    for slot in slots:
+        try:
+            key = open_slot(vol, slot, passphrase, read_area(slot))
+        except UnsupportedError as e:
+            unsupported.append(f"key slot {slot.id}: {e}")
+            continue
+        if key is not None:
+            return Unlocked(key, slot.id)
+    if unsupported and len(unsupported) == len(slots):
+        raise UnsupportedError("; ".join(unsupported))
+    which = f"key slot {only_slot}" if only_slot is not None else "no key slot"
+    if only_slot is not None:
+        raise WrongKeyError(f"{which} does not open with this passphrase")
+    raise WrongKeyError("no key slot matches this passphrase")
+
+
+def unlock_with_volume_key(vol: Volume, key: bytes | bytearray) -> Unlocked:
+    if vol.key_size and len(key) != vol.key_size:
+        raise WrongKeyError(
+            f"the volume key must be {vol.key_size} bytes, the file holds {len(key)}"
+        )
+    if not any(check_digest(d, key) for d in vol.digests):
+        raise WrongKeyError("the volume key does not match the volume's digest")
+    return Unlocked(bytearray(key), None)
