@@ -41,7 +41,7 @@ def parse(data: bytes) -> Volume:
     (magic, version, cipher_name, cipher_mode, hash_spec, payload_offset, key_bytes,
      mk_digest, mk_salt, mk_iter, uuid) = _PHDR.unpack_from(data)
     if magic != MAGIC:
-        raise NotLuksError("no LUKS magic")
+        raise NotLuksError("not a LUKS header (no LUKS magic)")
     if version != 1:
         raise HeaderError(f"not a LUKS1 header (version {version})")
     cipher = f"{_cstr(cipher_name, 'cipher name')}-{_cstr(cipher_mode, 'cipher mode')}"

@@ -88,7 +88,7 @@ def parse(data: bytes, *, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB) -> Volum
     if data[:6] not in (MAGIC_PRIMARY, MAGIC_SECONDARY) and not any(
         data[o : o + 6] == MAGIC_SECONDARY for o in HDR_SIZES
     ):
-        raise NotLuksError("no LUKS magic")
+        raise NotLuksError("not a LUKS header (no LUKS magic)")
     errors: list[str] = []
     copies: list[_Copy] = []
     try:

@@ -1,0 +1,30 @@
+"""Open a source given on the command line: a path or an NBD URI."""
+
+from __future__ import annotations
+
+from .base import BlockDevice
+from .file import FileDevice
+
+
+class SourceError(Exception):
+    pass
+
+
+def is_nbd_uri(spec: str) -> bool:
+    return spec.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://"))
+
+
+def open_source(spec: str, *, read_only: bool) -> BlockDevice:
+    if is_nbd_uri(spec):
+        raise SourceError(f"{spec}: NBD URIs as sources are not supported yet")
+    try:
+        return FileDevice(spec, read_only=read_only)
+    except OSError as e:
+        raise SourceError(f"{spec}: {e.strerror}") from None
+
+
+def read_prefix(dev: BlockDevice, limit: int) -> bytes:
+    n = min(limit, dev.size)
+    buf = bytearray(n)
+    dev.pread_into(memoryview(buf), 0)
+    return bytes(buf)

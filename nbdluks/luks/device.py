@@ -1,0 +1,160 @@
+"""LuksDevice: the plaintext view of a LUKS payload, as a BlockDevice filter.
+
+Reads decrypt and writes encrypt whole sectors in bulk; requests that do not
+cover whole sectors are read-modify-written under a lock, so that clients
+which ignore the advertised block size (the kernel's nbd-client) still work.
+Only the operations this layer understands pass through it: an unknown one
+can never reach the payload as plaintext.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+from ..block.base import BlockDevice, Capabilities, check_range, unsupported
+from .cipher import SectorCipher
+from .errors import HeaderError
+from .volume import SECTOR, Volume
+
+# Largest run of sectors encrypted at once when writing zeroes.
+_ZERO_CHUNK = 4 * 1024 * 1024
+
+
+class LuksDevice(BlockDevice):
+    def __init__(
+        self, payload: BlockDevice, vol: Volume, key: bytes | bytearray, *,
+        read_only: bool = False, allow_discards: bool = False, attached: bool = False,
+    ) -> None:
+        seg = vol.segment
+        self.payload = payload
+        self.sector_size = ss = seg.sector_size
+        self.data_offset = seg.offset
+        if attached and seg.offset < vol.metadata_size:
+            raise HeaderError(
+                f"the data segment (offset {seg.offset}) overlaps the header "
+                f"({vol.metadata_size} bytes)"
+            )
+        avail = payload.size - seg.offset
+        if seg.size is None:
+            size = avail - avail % ss
+        else:
+            size = seg.size
+            if size > avail:
+                raise HeaderError(
+                    f"the data segment needs {seg.offset + size} bytes, the payload has "
+                    f"{payload.size}"
+                )
+        if size <= 0:
+            raise HeaderError(f"the payload ({payload.size} bytes) holds no data sectors")
+        self.size = size
+        self.iv_tweak = seg.iv_tweak
+        self.cipher = SectorCipher(seg.cipher_spec(), key, ss, iv_step=ss // SECTOR)
+        self.min_block = ss
+        self.pref_block = max(4096, ss)
+        self._rmw = threading.Lock()
+        pc = payload.caps
+        writable = pc.writable and not read_only
+        self.caps = Capabilities(
+            writable=writable,
+            flush=pc.flush,
+            fua=writable and (pc.fua or pc.flush),
+            trim=writable and allow_discards and pc.trim,
+            zero=writable,  # as encrypted zeroes: never a plaintext hole
+            fast_zero=False,
+            extents=False,
+            cache=pc.cache,
+            multi_conn=pc.multi_conn,
+        )
+
+    def _iv(self, sector_index: int) -> int:
+        return self.iv_tweak + sector_index * (self.sector_size // SECTOR)
+
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        ss = self.sector_size
+        start = offset - offset % ss
+        end = -(-(offset + length) // ss) * ss
+        return start, end
+
+    def _read_sectors(self, buf: memoryview, start: int) -> None:
+        self.payload.pread_into(buf, self.data_offset + start)
+        self.cipher.decrypt(buf, self._iv(start // self.sector_size))
+
+    def _write_sectors(self, buf: bytearray, start: int, fua: bool) -> None:
+        """Encrypt `buf` in place and write it at plaintext offset `start`."""
+        self.cipher.encrypt(buf, self._iv(start // self.sector_size))
+        self.payload.pwrite(buf, self.data_offset + start, fua=fua)
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        check_range(self, offset, len(buf))
+        start, end = self._span(offset, len(buf))
+        if start == offset and end == offset + len(buf):
+            self._read_sectors(buf, start)
+            return
+        tmp = memoryview(bytearray(end - start))
+        self._read_sectors(tmp, start)
+        buf[:] = tmp[offset - start : offset - start + len(buf)]
+
+    def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
+        self._require_writable()
+        check_range(self, offset, len(buf))
+        start, end = self._span(offset, len(buf))
+        if start == offset and end == offset + len(buf):
+            self._write_sectors(bytearray(buf), start, fua)
+            return
+        # Read-modify-write of the partial sectors at the edges; serialized so
+        # two writes into different bytes of one sector both survive.
+        with self._rmw:
+            tmp = bytearray(end - start)
+            ss = self.sector_size
+            view = memoryview(tmp)
+            if start != offset:
+                self._read_sectors(view[:ss], start)
+            if end != offset + len(buf) and (end - ss > start or start == offset):
+                self._read_sectors(view[-ss:], end - ss)
+            tmp[offset - start : offset - start + len(buf)] = buf
+            self._write_sectors(tmp, start, fua)
+
+    def flush(self) -> None:
+        self.payload.flush()
+
+    def write_zeroes(
+        self, offset: int, length: int, *, fua: bool = False, may_trim: bool = False,
+        fast: bool = False,
+    ) -> None:
+        self._require_writable()
+        if fast:
+            raise OSError(errno.EOPNOTSUPP, "encrypted zeroes are never fast")
+        check_range(self, offset, length)
+        end = offset + length
+        pos = offset
+        while pos < end:
+            n = min(_ZERO_CHUNK, end - pos)
+            self.pwrite(bytes(n), pos)
+            pos += n
+        if fua:
+            self.flush()
+
+    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        if not self.caps.trim:
+            raise unsupported("trim (serve with --allow-discards)")
+        check_range(self, offset, length)
+        # Only whole sectors are discarded; a discard is advisory.
+        ss = self.sector_size
+        start = -(-offset // ss) * ss
+        end = (offset + length) // ss * ss
+        if end > start:
+            self.payload.trim(self.data_offset + start, end - start, fua=fua)
+        elif fua:
+            self.flush()
+
+    def cache(self, offset: int, length: int) -> None:
+        start, end = self._span(offset, length)
+        self.payload.cache(self.data_offset + start, end - start)
+
+    def _require_writable(self) -> None:
+        if not self.caps.writable:
+            raise OSError(errno.EPERM, "the volume is read-only")
+
+    def close(self) -> None:
+        self.payload.close()

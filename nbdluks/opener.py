@@ -1,0 +1,95 @@
+"""Glue between sources and the pure LUKS code: read the header, unlock,
+stack a LuksDevice over the payload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from .block.base import BlockDevice
+from .block.source import open_source, read_prefix
+from .luks import header
+from .luks.device import LuksDevice
+from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
+from .luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
+from .luks.volume import HEADER_PROBE, Keyslot, Volume
+from .secrets import read_secret
+
+log = structlog.get_logger("nbdluks.open")
+
+
+@dataclass
+class KeySource:
+    """Where the secret comes from; never the secret itself."""
+
+    passphrase_file: str | None = None
+    key_file: str | None = None
+    keyfile_offset: int = 0
+    keyfile_size: int | None = None
+    volume_key_file: str | None = None
+    key_slot: int | None = None
+
+    def given(self) -> bool:
+        return bool(self.passphrase_file or self.key_file or self.volume_key_file)
+
+
+def read_header(dev: BlockDevice, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
+                ) -> tuple[Volume, bytes]:
+    data = read_prefix(dev, HEADER_PROBE)
+    return header.parse(data, argon2_max_kib=argon2_max_kib), data
+
+
+def unlock(vol: Volume, hdr_dev: BlockDevice, prefix: bytes, keys: KeySource) -> Unlocked:
+    def read_area(slot: Keyslot) -> bytes:
+        end = slot.area_offset + slot.area_size
+        if end <= len(prefix):
+            return prefix[slot.area_offset : end]
+        buf = bytearray(slot.area_size)
+        hdr_dev.pread_into(memoryview(buf), slot.area_offset)
+        return bytes(buf)
+
+    if keys.volume_key_file:
+        secret = read_secret(keys.volume_key_file)
+        try:
+            return unlock_with_volume_key(vol, secret)
+        finally:
+            wipe(secret)
+    if keys.key_file:
+        secret = read_secret(keys.key_file, offset=keys.keyfile_offset, size=keys.keyfile_size)
+    elif keys.passphrase_file:
+        secret = read_secret(keys.passphrase_file, first_line=True)
+    else:
+        raise ValueError("no key source given")
+    try:
+        return unlock_with_passphrase(vol, secret, read_area, keys.key_slot)
+    finally:
+        wipe(secret)
+
+
+def open_luks(
+    payload: str, header_src: str | None, keys: KeySource, *, read_only: bool = False,
+    allow_discards: bool = False, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB,
+) -> tuple[LuksDevice, Volume, int | None]:
+    payload_dev = open_source(payload, read_only=read_only)
+    try:
+        hdr_dev = open_source(header_src, read_only=True) if header_src else payload_dev
+        try:
+            vol, prefix = read_header(hdr_dev, argon2_max_kib)
+            for w in vol.warnings:
+                log.warning(w)
+            unlocked = unlock(vol, hdr_dev, prefix, keys)
+        finally:
+            if hdr_dev is not payload_dev:
+                hdr_dev.close()
+        try:
+            dev = LuksDevice(
+                payload_dev, vol, unlocked.key, read_only=read_only,
+                allow_discards=allow_discards, attached=header_src is None,
+            )
+        finally:
+            unlocked.wipe()
+    except BaseException:
+        payload_dev.close()
+        raise
+    return dev, vol, unlocked.keyslot

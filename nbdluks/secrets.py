@@ -1,0 +1,65 @@
+"""Reading secrets from files, file descriptors or standard input.
+
+Secrets are returned as bytearrays the caller wipes; they are never taken
+from the command line and never appear in messages.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# cryptsetup's default limit for key files.
+MAX_KEYFILE = 8 * 1024 * 1024
+
+
+class SecretError(Exception):
+    pass
+
+
+def read_secret(path: str, *, offset: int = 0, size: int | None = None,
+                first_line: bool = False) -> bytearray:
+    """Read a secret. `first_line`: a passphrase file, up to its first newline."""
+    limit = MAX_KEYFILE if size is None else size
+    try:
+        if path == "-":
+            fd = sys.stdin.buffer.fileno()
+            close = False
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            close = True
+    except OSError as e:
+        raise SecretError(f"cannot open secret file {path}: {e.strerror}") from None
+    buf = bytearray()
+    try:
+        skip = offset
+        while skip > 0:  # pipes cannot seek
+            chunk = os.read(fd, min(skip, 65536))
+            if not chunk:
+                raise SecretError(f"secret file {path} is shorter than the key file offset")
+            skip -= len(chunk)
+        while len(buf) < limit + 1:
+            chunk = os.read(fd, min(65536, limit + 1 - len(buf)))
+            if not chunk:
+                break
+            buf += chunk
+    except OSError as e:
+        raise SecretError(f"cannot read secret file {path}: {e.strerror}") from None
+    finally:
+        if close:
+            os.close(fd)
+    if first_line:
+        nl = buf.find(b"\n")
+        if nl >= 0:
+            buf[nl:] = b""
+    elif size is not None:
+        if len(buf) < size:
+            n = len(buf)
+            buf[:] = bytes(len(buf))
+            raise SecretError(f"key file {path} holds {n} bytes, fewer than --keyfile-size {size}")
+        buf[size:] = b""
+    elif len(buf) > MAX_KEYFILE:
+        raise SecretError(f"key file {path} is larger than {MAX_KEYFILE} bytes")
+    if not buf:
+        raise SecretError(f"secret file {path} is empty")
+    return buf
