@@ -3,6 +3,7 @@ stack a LuksDevice over the payload."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import structlog
@@ -11,6 +12,7 @@ from .block.base import BlockDevice
 from .block.source import open_source, read_prefix
 from .luks import header
 from .luks.device import LuksDevice
+from .luks.errors import HeaderError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
 from .luks.volume import HEADER_PROBE, Keyslot, Volume
@@ -37,7 +39,12 @@ class KeySource:
 def read_header(dev: BlockDevice, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
                 ) -> tuple[Volume, bytes]:
     data = read_prefix(dev, HEADER_PROBE)
-    return header.parse(data, argon2_max_kib=argon2_max_kib), data
+    vol = header.parse(data, argon2_max_kib=argon2_max_kib)
+    if dev.size < vol.metadata_size:
+        raise HeaderError(
+            f"the header is truncated: {dev.size} bytes of {vol.metadata_size}"
+        )
+    return vol, data
 
 
 def unlock(vol: Volume, hdr_dev: BlockDevice, prefix: bytes, keys: KeySource) -> Unlocked:
@@ -71,6 +78,8 @@ def open_luks(
     payload: str, header_src: str | None, keys: KeySource, *, read_only: bool = False,
     allow_discards: bool = False, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB,
 ) -> tuple[LuksDevice, Volume, int | None]:
+    if header_src is not None and _same_source(header_src, payload):
+        header_src = None
     payload_dev = open_source(payload, read_only=read_only)
     try:
         hdr_dev = open_source(header_src, read_only=True) if header_src else payload_dev
@@ -93,3 +102,12 @@ def open_luks(
         payload_dev.close()
         raise
     return dev, vol, unlocked.keyslot
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
