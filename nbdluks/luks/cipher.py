@@ -72,7 +72,9 @@ class CipherSpec:
         ivspec = parts[2] if len(parts) > 2 else ""
         ivgen, _, ivhash = ivspec.partition(":")
         if chain not in MODES:
-            raise UnsupportedError(f"cipher mode {chain!r} is not supported; supported: {SUPPORTED}")
+            raise UnsupportedError(
+                f"cipher mode {chain!r} is not supported; supported: {SUPPORTED}"
+            )
         if chain == "ecb":
             if ivgen not in ("", "null"):
                 raise UnsupportedError(f"ecb takes no IV generator, got {ivspec!r}")
@@ -186,7 +188,7 @@ class SectorCipher:
         # update_into wants room for one more block than the input.
         arr = np.ascontiguousarray(arr)
         out = np.empty(arr.size + 2, dtype=U64)
-        ctx.update_into(memoryview(arr).cast("B"), memoryview(out).cast("B"))
+        ctx.update_into(arr.data.cast("B"), out.data.cast("B"))
         return out[: arr.size].reshape(arr.shape)
 
     @classmethod
@@ -226,7 +228,9 @@ class SectorCipher:
 
     def _view(self, buf: bytearray | memoryview) -> tuple[np.ndarray[Any, Any], int]:
         if len(buf) % self.sector_size:
-            raise ValueError(f"buffer of {len(buf)} bytes is not whole {self.sector_size}-byte units")
+            raise ValueError(
+                f"buffer of {len(buf)} bytes is not whole {self.sector_size}-byte units"
+            )
         arr = np.frombuffer(buf, dtype=U64)
         return arr.reshape(-1, self.blocks, 2), len(buf) // self.sector_size
 

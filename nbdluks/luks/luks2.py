@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import HeaderError, NotLuksError, UnsupportedError
-from .volume import Argon2, Digest, Keyslot, Kdf, Pbkdf2, Segment, Volume
+from .volume import Argon2, Digest, Kdf, Keyslot, Pbkdf2, Segment, Volume
 
 MAGIC_PRIMARY = b"LUKS\xba\xbe"
 MAGIC_SECONDARY = b"SKUL\xba\xbe"

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from nbdluks.block.file import FileDevice
 from nbdluks.luks import header
 from nbdluks.luks.errors import HeaderError, NotLuksError, UnsupportedError
 from nbdluks.luks.volume import HEADER_PROBE
-from nbdluks.block.file import FileDevice
 from nbdluks.opener import KeySource, open_luks, read_header
 from tests.conftest import need, pattern
 from tests.luks.reference import Made, fill, luks_format
@@ -79,7 +79,7 @@ def test_damaged_primary_opens_through_secondary(luks2: Made) -> None:
     vol = parse_file(luks2.header)
     assert vol.copy == "secondary"
     assert any("secondary" in w and "primary" in w and "checksum" in w for w in vol.warnings)
-    dev, vol, slot = open_it(luks2)
+    dev, vol, _slot = open_it(luks2)
     with dev:
         buf = bytearray(4096)
         dev.pread_into(memoryview(buf), 0)

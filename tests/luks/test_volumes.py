@@ -22,7 +22,7 @@ def _tools() -> None:
 
 
 def read_all(made: Made, keys: KeySource, detached: bool | None = None) -> tuple[bytes, int | None]:
-    dev, vol, slot = open_luks(
+    dev, _vol, slot = open_luks(
         str(made.payload), str(made.header) if made.header else None, keys, read_only=True
     )
     with dev:
