@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,26 @@ if sys.byteorder != "little":  # pragma: no cover
     raise ImportError("nbdluks' vectorized ciphers assume a little-endian machine")
 
 U64 = np.dtype("<u8")
+_REDUCE_SHIFTS = (np.uint64(1), np.uint64(2), np.uint64(7))
+# Work in pieces of about this size so temporaries stay in the CPU cache.
+CHUNK = 1024 * 1024
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable buffers: fresh large arrays cost page faults."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray[Any, Any]] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+        size = int(np.prod(shape))
+        arr = self.arrays.get(name)
+        if arr is None or arr.size < size:
+            arr = self.arrays[name] = np.empty(size, dtype=U64)
+        return arr[:size].reshape(shape)
+
+
+_scratch = _Scratch()
 _BLOCK_CIPHERS: dict[str, tuple[Any, tuple[int, ...]]] = {
     "aes": (algorithms.AES, (16, 24, 32)),
     "camellia": (Camellia, (16, 24, 32)),
@@ -199,27 +220,42 @@ class SectorCipher:
     def _ecb_dec(cls, c: Cipher[modes.ECB], arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         return cls._ecb(c.decryptor(), arr)
 
-    def _xts_tweaks(self, first_iv: int, count: int) -> np.ndarray[Any, Any]:
+    def _xts_tweaks(self, first_iv: int, count: int, scratch: _Scratch) -> np.ndarray[Any, Any]:
         """(count, blocks, 2): T_j * alpha^i for every block i of every unit j.
 
-        Computed block-major (one contiguous row per block index, doubling the
-        rows filled at each step) and interleaved once at the end: contiguous
-        rows make each numpy pass several times faster than strided ones.
+        Computed block-major (contiguous rows, doubling the rows filled at each
+        step) into preallocated scratch, then interleaved once: contiguous rows
+        and no fresh allocations make each numpy pass several times faster.
         """
         assert self._tweak is not None
         t0 = self._ecb_enc(self._tweak, self._ivs(first_iv, count))
-        lo = np.empty((self.blocks, count), dtype=U64)
-        hi = np.empty((self.blocks, count), dtype=U64)
+        nb = self.blocks
+        lo = scratch.get("lo", (nb, count))
+        hi = scratch.get("hi", (nb, count))
+        tmp = scratch.get("tmp", (min(32, nb), count))
+        ov = scratch.get("ov", (min(32, nb), count))
         lo[0] = t0[:, 0]
         hi[0] = t0[:, 1]
         filled = 1
-        while filled < self.blocks:
-            m = min(filled, 32, self.blocks - filled)
-            lo[filled : filled + m], hi[filled : filled + m] = mul_alpha_pow(
-                lo[filled - m : filled], hi[filled - m : filled], m
-            )
+        while filled < nb:
+            m = min(filled, 32, nb - filled)
+            s_, r_ = np.uint64(m), np.uint64(64 - m)
+            sl, sh = lo[filled - m : filled], hi[filled - m : filled]
+            dl, dh = lo[filled : filled + m], hi[filled : filled + m]
+            t, o = tmp[:m], ov[:m]
+            # hi' = hi << m | lo >> (64 - m)
+            np.left_shift(sh, s_, out=dh)
+            np.right_shift(sl, r_, out=t)
+            np.bitwise_or(dh, t, out=dh)
+            # lo' = lo << m ^ reduce(hi >> (64 - m)), x^128 = x^7 + x^2 + x + 1
+            np.right_shift(sh, r_, out=o)
+            np.left_shift(sl, s_, out=dl)
+            np.bitwise_xor(dl, o, out=dl)
+            for k in _REDUCE_SHIFTS:
+                np.left_shift(o, k, out=t)
+                np.bitwise_xor(dl, t, out=dl)
             filled += m
-        tw = np.empty((count, self.blocks, 2), dtype=U64)
+        tw = scratch.get("tw", (count, nb, 2))
         tw[:, :, 0] = lo.T
         tw[:, :, 1] = hi.T
         return tw
@@ -240,10 +276,7 @@ class SectorCipher:
             return
         mode = self.spec.mode
         if mode == "xts":
-            tw = self._xts_tweaks(first_iv, count)
-            x = np.bitwise_xor(data, tw)
-            plain = self._ecb_dec(self._data, x)
-            np.bitwise_xor(plain, tw, out=data)
+            self._xts(data, first_iv, count, self._data.decryptor())
         elif mode == "cbc":
             plain = self._ecb_dec(self._data, data)
             prev = np.empty_like(data)
@@ -261,9 +294,7 @@ class SectorCipher:
             return
         mode = self.spec.mode
         if mode == "xts":
-            tw = self._xts_tweaks(first_iv, count)
-            ct = self._ecb_enc(self._data, data ^ tw)
-            np.bitwise_xor(ct, tw, out=data)
+            self._xts(data, first_iv, count, self._data.encryptor())
         elif mode == "cbc":
             enc = self._data.encryptor()
             prev = self._ivs(first_iv, count)
@@ -274,6 +305,19 @@ class SectorCipher:
             data[...] = self._ecb_enc(self._data, data)
         else:
             self._ctr(data, first_iv, count)
+
+    def _xts(self, data: np.ndarray[Any, Any], first_iv: int, count: int, ctx: Any) -> None:
+        sc = _scratch
+        per = max(1, CHUNK // self.sector_size)
+        for j in range(0, count, per):
+            n = min(per, count - j)
+            part = data[j : j + n]
+            tw = self._xts_tweaks(first_iv + j * self.iv_step, n, sc)
+            x = sc.get("x", part.shape)
+            np.bitwise_xor(part, tw, out=x)
+            y = sc.get("y", (x.size + 2,))
+            ctx.update_into(x.data.cast("B"), y.data.cast("B"))
+            np.bitwise_xor(y[: x.size].reshape(part.shape), tw, out=part)
 
     def _ctr(self, data: np.ndarray[Any, Any], first_iv: int, count: int) -> None:
         # The kernel's ctr() counts the IV as a big-endian 128-bit integer;
