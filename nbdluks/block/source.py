@@ -16,7 +16,14 @@ def is_nbd_uri(spec: str) -> bool:
 
 def open_source(spec: str, *, read_only: bool) -> BlockDevice:
     if is_nbd_uri(spec):
-        raise SourceError(f"{spec}: NBD URIs as sources are not supported yet")
+        from ..nbd.client import NbdClientError
+        from ..nbd.uri import UriError, parse_uri
+        from .nbd import NbdDevice
+
+        try:
+            return NbdDevice(parse_uri(spec), read_only=read_only)
+        except (NbdClientError, UriError) as e:
+            raise SourceError(str(e)) from None
     try:
         return FileDevice(spec, read_only=read_only)
     except OSError as e:

@@ -1,0 +1,268 @@
+"""A blocking NBD client for upstream exports, safe to share between threads.
+
+Negotiation uses the same codec as the server (fixed newstyle, structured
+replies, GO with block-size info). Requests from many threads are pipelined
+on one connection; a reader thread routes each reply to its waiter by handle
+and writes read data straight into the waiter's buffer. When the connection
+dies or a request times out, every waiter and every later request gets EIO:
+never wrong data.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from .constants import (
+    CHUNK_HEADER_SIZE,
+    GREETING_SIZE,
+    MAX_PAYLOAD,
+    OPTION_REPLY_HEADER_SIZE,
+    SIMPLE_REPLY_SIZE,
+    Chunk,
+    Cmd,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    TxFlag,
+)
+from .uri import NbdUri
+from .wire import (
+    ChunkHeader,
+    ProtocolError,
+    decode_greeting,
+    decode_option_reply_header,
+    decode_reply_header,
+    encode_export_request,
+    encode_option,
+    encode_request,
+)
+
+
+class NbdClientError(Exception):
+    """Connecting or negotiating failed (a one-line reason)."""
+
+
+@dataclass
+class _Pending:
+    cmd: int
+    offset: int
+    buf: memoryview | None  # READ: where the data goes
+    done: threading.Event = field(default_factory=threading.Event)
+    error: int = 0
+    message: str = ""
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    while view:
+        n = sock.recv_into(view)
+        if n == 0:
+            raise ConnectionError("upstream closed the connection")
+        view = view[n:]
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf))
+    return bytes(buf)
+
+
+class NbdClient:
+    def __init__(self, uri: NbdUri, *, connect_timeout: float = 10.0,
+                 request_timeout: float = 60.0) -> None:
+        self.uri = uri
+        self.request_timeout = request_timeout
+        try:
+            if uri.socket:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(connect_timeout)
+                sock.connect(uri.socket)
+            else:
+                sock = socket.create_connection((uri.host, uri.port), timeout=connect_timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as e:
+            raise NbdClientError(f"cannot connect to {uri}: {e.strerror or e}") from None
+        self.sock = sock
+        try:
+            self._negotiate()
+        except (OSError, ProtocolError, struct.error) as e:
+            sock.close()
+            raise NbdClientError(f"{uri}: negotiation failed: {e}") from None
+        sock.settimeout(None)
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._handles = itertools.count(1)
+        self._dead: str | None = None
+        self._reader = threading.Thread(target=self._read_loop, name="nbd-upstream", daemon=True)
+        self._reader.start()
+
+    # --- negotiation ------------------------------------------------------
+
+    def _negotiate(self) -> None:
+        flags = decode_greeting(_recv(self.sock, GREETING_SIZE))
+        if not flags & HandshakeFlag.FIXED_NEWSTYLE:
+            raise ProtocolError("server does not support fixed newstyle negotiation")
+        client = HandshakeFlag.FIXED_NEWSTYLE | (flags & HandshakeFlag.NO_ZEROES)
+        self.sock.sendall(struct.pack(">I", client))
+        self.sock.sendall(encode_option(Opt.STRUCTURED_REPLY))
+        rep, _ = self._option_reply(Opt.STRUCTURED_REPLY)
+        self.structured = rep == Rep.ACK
+        self.sock.sendall(
+            encode_option(Opt.GO, encode_export_request(self.uri.export, (Info.BLOCK_SIZE,)))
+        )
+        self.size = -1
+        self.flags = TxFlag(0)
+        self.min_block, self.pref_block, self.max_block = 1, 4096, MAX_PAYLOAD
+        while True:
+            rep, data = self._option_reply(Opt.GO)
+            if rep == Rep.ACK:
+                break
+            if rep == Rep.INFO and len(data) >= 2:
+                (kind,) = struct.unpack_from(">H", data)
+                if kind == Info.EXPORT and len(data) == 12:
+                    self.size, flags_ = struct.unpack_from(">QH", data, 2)
+                    self.flags = TxFlag(flags_)
+                elif kind == Info.BLOCK_SIZE and len(data) == 14:
+                    self.min_block, self.pref_block, self.max_block = struct.unpack_from(
+                        ">III", data, 2
+                    )
+            elif rep & 0x80000000:
+                msg = data.decode("utf-8", "replace")
+                name = Rep(rep).name if rep in Rep._value2member_map_ else hex(rep)
+                raise ProtocolError(f"export {self.uri.export!r} refused: {name} {msg}".strip())
+        if self.size < 0:
+            raise ProtocolError("server sent no export information")
+        self.max_block = min(self.max_block or MAX_PAYLOAD, MAX_PAYLOAD)
+
+    def _option_reply(self, option: int) -> tuple[int, bytes]:
+        opt, rep, length = decode_option_reply_header(_recv(self.sock, OPTION_REPLY_HEADER_SIZE))
+        if opt != option:
+            raise ProtocolError(f"reply for option {opt}, expected {option}")
+        if length > 1 << 20:
+            raise ProtocolError("option reply too large")
+        return rep, _recv(self.sock, length)
+
+    # --- transmission -----------------------------------------------------
+
+    def request(self, cmd: int, offset: int, length: int, *, flags: int = 0,
+                payload: bytes | bytearray | memoryview | None = None,
+                buf: memoryview | None = None) -> None:
+        """Send one request and wait for its reply; OSError(errno) on failure."""
+        p = _Pending(cmd, offset, buf)
+        with self._lock:
+            if self._dead:
+                raise OSError(errno.EIO, f"upstream {self.uri}: {self._dead}")
+            handle = next(self._handles)
+            self._pending[handle] = p
+        try:
+            with self._send_lock:
+                header = encode_request(flags, cmd, handle, offset, length)
+                if payload is None:
+                    self.sock.sendall(header)
+                else:
+                    sent = self.sock.sendmsg([header, payload])
+                    if sent < len(header):
+                        self.sock.sendall(header[sent:])
+                        sent = len(header)
+                    self.sock.sendall(memoryview(payload)[sent - len(header) :])
+        except OSError as e:
+            self._fail(f"send failed: {e.strerror or e}")
+        if not p.done.wait(self.request_timeout):
+            self._fail(f"no reply within {self.request_timeout:.0f} s")
+        if p.error:
+            raise OSError(p.error, p.message or f"upstream error {p.error}")
+
+    def _fail(self, reason: str) -> None:
+        """Mark the connection dead and fail every waiter with EIO."""
+        with self._lock:
+            if self._dead is None:
+                self._dead = reason
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for p in pending:
+            p.error = errno.EIO
+            p.message = f"upstream {self.uri}: {self._dead}"
+            p.done.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                self._read_reply()
+        except (OSError, ProtocolError, struct.error) as e:
+            self._fail(str(e) or type(e).__name__)
+
+    def _read_reply(self) -> None:
+        head = bytearray(CHUNK_HEADER_SIZE)
+        view = memoryview(head)
+        _recv_into(self.sock, view[:SIMPLE_REPLY_SIZE])
+        magic = head[:4]
+        if magic == b"\x66\x8e\x33\xef":  # structured chunk: 4 more bytes
+            _recv_into(self.sock, view[SIMPLE_REPLY_SIZE:])
+            hdr = decode_reply_header(head)
+        else:
+            hdr = decode_reply_header(head[:SIMPLE_REPLY_SIZE])
+        with self._lock:
+            p = self._pending.get(hdr.handle)
+        if p is None:
+            raise ProtocolError(f"reply for unknown handle {hdr.handle}")
+        if not isinstance(hdr, ChunkHeader):
+            if hdr.error:
+                p.error = hdr.error
+            elif p.cmd == Cmd.READ:
+                assert p.buf is not None
+                _recv_into(self.sock, p.buf)
+            self._complete(hdr.handle, p)
+            return
+        self._chunk(hdr, p)
+        if hdr.done:
+            self._complete(hdr.handle, p)
+
+    def _chunk(self, hdr: ChunkHeader, p: _Pending) -> None:
+        if hdr.type == Chunk.OFFSET_DATA:
+            (offset,) = struct.unpack(">Q", _recv(self.sock, 8))
+            n = hdr.length - 8
+            start = offset - p.offset
+            if p.buf is None or start < 0 or n < 0 or start + n > len(p.buf):
+                raise ProtocolError("data chunk outside the request")
+            _recv_into(self.sock, p.buf[start : start + n])
+        elif hdr.type == Chunk.OFFSET_HOLE:
+            offset, n = struct.unpack(">QI", _recv(self.sock, 12))
+            start = offset - p.offset
+            if p.buf is None or start < 0 or start + n > len(p.buf):
+                raise ProtocolError("hole chunk outside the request")
+            p.buf[start : start + n] = bytes(n)
+        elif hdr.type in (Chunk.ERROR, Chunk.ERROR_OFFSET):
+            body = _recv(self.sock, hdr.length)
+            err, mlen = struct.unpack_from(">IH", body)
+            p.error = err or errno.EIO
+            p.message = body[6 : 6 + mlen].decode("utf-8", "replace")
+        else:  # NONE, BLOCK_STATUS or unknown: skip the payload
+            _recv(self.sock, hdr.length)
+
+    def _complete(self, handle: int, p: _Pending) -> None:
+        with self._lock:
+            self._pending.pop(handle, None)
+        p.done.set()
+
+    def close(self) -> None:
+        with self._lock:
+            alive = self._dead is None
+        if alive:
+            try:
+                with self._send_lock:
+                    self.sock.sendall(encode_request(0, Cmd.DISC, 0, 0, 0))
+            except OSError:
+                pass
+        self._fail("closed")
+        self.sock.close()
+        self._reader.join(timeout=5)
