@@ -191,7 +191,7 @@ def test_writes_decrypt_independently(nbdluks, tmp_path: Path, version: int) -> 
 
 def test_fixed_size_segment_leaves_the_tail_alone(nbdluks, tmp_path: Path) -> None:
     # a fixed-size segment: the rest of the payload is not ours
-    made, plain = volume(tmp_path, size=20 * MiB)
+    made, _plain = volume(tmp_path, size=20 * MiB)
     rewrite_json(made.payload, lambda md: md["segments"]["0"].update(size=str(2 * MiB)))
     tail_before = made.payload.read_bytes()[made.offset + 2 * MiB :]
     srv = nbdluks(*luks_args(made, tmp_path))
@@ -211,7 +211,7 @@ except nbd.Error as e:
 
 
 def test_block_size_info_and_kernel_style_unaligned_io(nbdluks, tmp_path: Path) -> None:
-    made, plain = volume(tmp_path, sector_size=4096, detached=True, size=4 * MiB)
+    made, _plain = volume(tmp_path, sector_size=4096, detached=True, size=4 * MiB)
     srv = nbdluks(*luks_args(made, tmp_path))
     info = json.loads(run(["nbdinfo", "--json", srv.uri]).stdout)["exports"][0]
     assert info["block_size_minimum"] == 4096

@@ -10,6 +10,7 @@ never wrong data.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import socket
@@ -189,10 +190,8 @@ class NbdClient:
             p.error = errno.EIO
             p.message = f"upstream {self.uri}: {self._dead}"
             p.done.set()
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def _read_loop(self) -> None:
         try:
