@@ -341,6 +341,7 @@ class NbdServer:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self.connections: set[Connection] = set()
         self.listeners: list[asyncio.AbstractServer] = []
+        self.socket_paths: list[str] = []
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
 
@@ -353,6 +354,7 @@ class NbdServer:
             srv = await self.loop.create_unix_server(
                 lambda: Connection(self), path=where.socket_path
             )
+            self.socket_paths.append(where.socket_path)
             addrs = [f"unix:{where.socket_path}"]
         else:
             srv = await self.loop.create_server(
@@ -384,6 +386,9 @@ class NbdServer:
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         for srv in self.listeners:
             srv.close()
+        for path in self.socket_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         conns = list(self.connections)
         for conn in conns:
             conn.drain()

@@ -171,5 +171,7 @@ def test_many_clients_at_once(nbdluks, disk: Path) -> None:
 
 def test_sigterm_drains_and_exits_zero(nbdluks, disk: Path) -> None:
     srv = nbdluks("--raw", str(disk))
+    assert srv.socket and os.path.exists(srv.socket)
     assert srv.stop() == 0
     assert "server stopped" in srv.log_text()
+    assert not os.path.exists(srv.socket)  # the socket is cleaned up

@@ -1,0 +1,199 @@
+"""Throughput of nbdluks next to nbdkit and qemu-nbd, in one run, on the same
+data, alternating the servers each round; prints ratios (nbdluks / peer,
+higher is better for nbdluks).
+
+    python -m bench.server_bench raw   [--size-mib 1024] [--rounds 3]
+    python -m bench.server_bench luks  [--size-mib 1024] [--rounds 3]
+
+raw:  a plain file through `nbdluks serve --raw`, nbdkit's file plugin and
+      qemu-nbd -f raw.
+luks: a LUKS1 aes-xts-plain64 volume through nbdluks, nbdkit's luks filter
+      and qemu-nbd's luks driver; plus a LUKS2 4096-byte-sector volume
+      through nbdluks (nobody else opens LUKS2).
+
+Workloads: sequential read (nbdcopy --no-extents to null:), sequential write
+(nbdcopy from a file; luks only) and 4 KiB random read (fio's nbd engine,
+iodepth 16, 10 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+def wait_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.args}")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"server did not start: {proc.args}")
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], sock: str) -> None:
+        self.name, self.cmd, self.sock = name, cmd, sock
+
+    def __enter__(self) -> Server:
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_socket(self.sock, self.proc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+
+def timed(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t
+
+
+def seq_read(uri: str, size: int) -> float:
+    return size / MiB / timed(["nbdcopy", "--no-extents", uri, "null:"])
+
+
+def seq_write(uri: str, src: str, size: int) -> float:
+    return size / MiB / timed(["nbdcopy", "--no-extents", "--allocated", src, uri])
+
+
+def rand_read(uri: str, size: int) -> float:
+    out = subprocess.run(
+        ["fio", "--name=r", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
+         "--iodepth=16", f"--size={size}", "--runtime=10", "--time_based",
+         "--output-format=json"],
+        check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"])
+
+
+def run_rounds(servers: list[Callable[[], Server]], workloads: dict[str, Callable[[str], float]],
+               rounds: int) -> dict[str, dict[str, list[float]]]:
+    results: dict[str, dict[str, list[float]]] = {}
+    for r in range(rounds):
+        order = servers if r % 2 == 0 else list(reversed(servers))
+        for make in order:
+            with make() as srv:
+                for wname, fn in workloads.items():
+                    v = fn(srv.uri)
+                    results.setdefault(wname, {}).setdefault(srv.name, []).append(v)
+                    print(f"  round {r + 1} {srv.name:9s} {wname:12s} {v:10.1f}", flush=True)
+    return results
+
+
+def report(results: dict[str, dict[str, list[float]]], units: dict[str, str]) -> None:
+    print()
+    print(f"{'workload':14s} {'server':10s} {'median':>10s}  ratio nbdluks/server")
+    for wname, per in results.items():
+        ours = statistics.median(per["nbdluks"])
+        for name, vals in per.items():
+            med = statistics.median(vals)
+            ratio = "" if name == "nbdluks" else f"{ours / med:.2f}"
+            print(f"{wname:14s} {name:10s} {med:10.1f} {units[wname]:6s} {ratio}")
+
+
+def nbdluks_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nbdluks", "serve", *args, "--log-level", "warning"]
+
+
+def bench_raw(tmp: Path, size: int, rounds: int) -> None:
+    img = tmp / "disk.img"
+    with open(img, "wb") as f:
+        for _ in range(size // (64 * MiB)):
+            f.write(os.urandom(64 * MiB))
+    s = str(tmp / "s.sock")
+    servers = [
+        lambda: Server("nbdluks", nbdluks_cmd("--raw", str(img), "-k", s), s),
+        lambda: Server("nbdkit", ["nbdkit", "-f", "-U", s, "file", f"file={img}"], s),
+        lambda: Server("qemu-nbd", ["qemu-nbd", "-t", "-f", "raw", "--shared=8", "-k", s, str(img)], s),
+    ]
+    res = run_rounds(servers, {"seq-read": lambda u: seq_read(u, size),
+                               "randread-4k": lambda u: rand_read(u, size)}, rounds)
+    report(res, {"seq-read": "MiB/s", "randread-4k": "IOPS"})
+
+
+def bench_luks(tmp: Path, size: int, rounds: int) -> None:
+    pw = tmp / "pw"
+    pw.write_bytes(b"benchmark passphrase")
+    img = tmp / "v1.luks"
+    subprocess.run(["qemu-img", "create", "-f", "luks", "--object", f"secret,id=s0,file={pw}",
+                    "-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,"
+                    "hash-alg=sha256,iter-time=10", str(img), str(size)],
+                   check=True, capture_output=True)
+    src = tmp / "src.raw"
+    with open(src, "wb") as f:
+        for _ in range(size // (64 * MiB)):
+            f.write(os.urandom(64 * MiB))
+    s = str(tmp / "s.sock")
+    servers = [
+        lambda: Server("nbdluks", nbdluks_cmd("--payload", str(img), "--key-file", str(pw),
+                                              "-k", s), s),
+        lambda: Server("nbdkit", ["nbdkit", "-f", "-U", s, "--filter=luks", "file",
+                                  f"file={img}", f"passphrase=+{pw}"], s),
+        lambda: Server("qemu-nbd", ["qemu-nbd", "-t", "--shared=8", "-k", s, "--object",
+                                    f"secret,id=s0,file={pw}", "--image-opts",
+                                    f"driver=luks,key-secret=s0,file.filename={img}"], s),
+    ]
+    res = run_rounds(servers, {"seq-write": lambda u: seq_write(u, str(src), size),
+                               "seq-read": lambda u: seq_read(u, size),
+                               "randread-4k": lambda u: rand_read(u, size)}, rounds)
+    report(res, {"seq-read": "MiB/s", "seq-write": "MiB/s", "randread-4k": "IOPS"})
+    # LUKS2, 4096-byte sectors: nbdluks alone
+    hdr, pay = tmp / "v2.hdr", tmp / "v2.payload"
+    for p, n in ((hdr, 16 * MiB), (pay, size)):
+        with open(p, "wb") as f:
+            f.truncate(n)
+    subprocess.run(["cryptsetup", "luksFormat", "-q", "--type", "luks2", "--sector-size",
+                    "4096", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+                    "--header", str(hdr), "--key-file", str(pw), str(pay)], check=True)
+    with Server("nbdluks", nbdluks_cmd("--payload", str(pay), "--header", str(hdr),
+                                       "--key-file", str(pw), "-k", s), s) as srv:
+        vals = [seq_read(srv.uri, size) for _ in range(rounds)]
+    print(f"{'luks2-4k-read':14s} {'nbdluks':10s} {statistics.median(vals):10.1f} MiB/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=("raw", "luks"))
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
+        size = args.size_mib * MiB
+        if args.what == "raw":
+            bench_raw(Path(d), size, args.rounds)
+        else:
+            bench_luks(Path(d), size, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
