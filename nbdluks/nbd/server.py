@@ -5,11 +5,13 @@ wire.py and commands.py; this module only moves bytes and schedules work."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import os
 import signal
 import socket
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -243,27 +245,31 @@ class Connection(asyncio.Protocol):
         self.inflight += 1
         self.inflight_bytes += cost
         self._update_reading()
-        self.loop.create_task(self._run(req, cost))
+        self.server.submit(self, req, cost)
 
-    async def _run(self, req: Request, cost: int) -> None:
-        assert self.neg is not None and self.export is not None
-        try:
-            frames = await self.loop.run_in_executor(
-                self.server.executor, execute, self.export.device, req, self.neg
-            )
-        except OSError as e:
-            err = errno_to_nbd(e.errno)
+    def finish(self, req: Request, cost: int, result: list[bytes | memoryview] | BaseException
+               ) -> None:
+        """On the loop: a request's device work is over; send its reply."""
+        assert self.neg is not None
+        self.inflight -= 1
+        self.inflight_bytes -= cost
+        if isinstance(result, OSError):
+            err = errno_to_nbd(result.errno)
             self.log.warning(
-                "request failed", cmd=Cmd(req.cmd).name, offset=req.offset,
-                length=req.length, error=err.name, reason=e.strerror,
+                "request failed", cmd=_cmd_name(req.cmd), offset=req.offset,
+                length=req.length, error=err.name, reason=result.strerror,
             )
-            frames = [error_reply(req, self.neg, err, e.strerror or "")]
-        except Exception:
-            self.log.exception("request crashed", cmd=req.cmd, offset=req.offset)
+            frames: list[bytes | memoryview] = [
+                error_reply(req, self.neg, err, result.strerror or "")
+            ]
+        elif isinstance(result, BaseException):
+            self.log.error(
+                "request crashed", cmd=_cmd_name(req.cmd), offset=req.offset,
+                error=type(result).__name__,
+            )
             frames = [error_reply(req, self.neg, Errno.EIO, "internal error")]
-        finally:
-            self.inflight -= 1
-            self.inflight_bytes -= cost
+        else:
+            frames = result
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(frames)
         self._update_reading()
@@ -302,6 +308,10 @@ class Connection(asyncio.Protocol):
             return
         self._update_reading()
         self._maybe_close()
+
+
+def _cmd_name(cmd: int) -> str:
+    return Cmd(cmd).name if cmd in Cmd._value2member_map_ else str(cmd)
 
 
 def _flag_names(flags: TxFlag) -> str:
@@ -344,6 +354,38 @@ class NbdServer:
         self.socket_paths: list[str] = []
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        # Finished requests, handed from worker threads to the loop in
+        # batches: one wake-up per batch, not one per request.
+        self._done: collections.deque[
+            tuple[Connection, Request, int, list[bytes | memoryview] | BaseException]
+        ] = collections.deque()
+        self._wakeup_lock = threading.Lock()
+        self._wakeup_pending = False
+
+    def submit(self, conn: Connection, req: Request, cost: int) -> None:
+        assert conn.export is not None and conn.neg is not None
+        self.executor.submit(self._work, conn, req, cost, conn.export.device, conn.neg)
+
+    def _work(self, conn: Connection, req: Request, cost: int, dev: BlockDevice,
+              neg: Negotiated) -> None:
+        result: list[bytes | memoryview] | BaseException
+        try:
+            result = execute(dev, req, neg)
+        except BaseException as e:  # reported on the loop, never lost
+            result = e
+        self._done.append((conn, req, cost, result))
+        with self._wakeup_lock:
+            if self._wakeup_pending:
+                return
+            self._wakeup_pending = True
+        self.loop.call_soon_threadsafe(self._drain_done)
+
+    def _drain_done(self) -> None:
+        with self._wakeup_lock:
+            self._wakeup_pending = False
+        while self._done:
+            conn, req, cost, result = self._done.popleft()
+            conn.finish(req, cost, result)
 
     async def listen(self, where: Listen) -> list[str]:
         """Start a listener; return the addresses it is bound to."""

@@ -4,6 +4,7 @@ nbdcopy, fio."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
