@@ -50,6 +50,9 @@ class BlockDevice:
     pref_block: int = 4096
     max_block: int = MAX_PAYLOAD
     caps: Capabilities = Capabilities()
+    # Requests up to this many bytes are quick enough (page cache, CPU only)
+    # to run on the event loop instead of a worker thread; 0: never.
+    inline_max: int = 0
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         raise unsupported("read")

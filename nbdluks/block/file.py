@@ -43,6 +43,7 @@ class FileDevice(BlockDevice):
             os.close(self.fd)
             raise
         self.read_only = read_only
+        self.inline_max = 64 * 1024
         # Learned on first use: a file system without punch-hole / zero-range.
         self._can_punch = True
         self._can_zero_range = True

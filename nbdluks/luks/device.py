@@ -51,6 +51,7 @@ class LuksDevice(BlockDevice):
         self.iv_tweak = seg.iv_tweak
         self.cipher = SectorCipher(seg.cipher_spec(), key, ss, iv_step=ss // SECTOR)
         self.min_block = ss
+        self.inline_max = min(payload.inline_max, 64 * 1024)
         self.pref_block = max(4096, ss)
         self._rmw = threading.Lock()
         pc = payload.caps

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ HANDSHAKE_TIMEOUT = 30.0
 # What a request costs against the in-flight cap beyond its payload, so that
 # a flood of tiny requests is bounded too.
 _REQUEST_OVERHEAD = 4096
+# An inline request slower than this turns inlining off for _INLINE_BACKOFF s.
+_INLINE_SLOW = 0.002
+_INLINE_BACKOFF = 5.0
 
 
 @dataclass
@@ -245,6 +249,11 @@ class Connection(asyncio.Protocol):
         self.inflight += 1
         self.inflight_bytes += cost
         self._update_reading()
+        assert self.export is not None
+        dev = self.export.device
+        if self.server.may_inline(dev, req):
+            self.finish(req, cost, self.server.run_inline(dev, req, self.neg))
+            return
         self.server.submit(self, req, cost)
 
     def finish(self, req: Request, cost: int, result: list[bytes | memoryview] | BaseException
@@ -361,6 +370,30 @@ class NbdServer:
         ] = collections.deque()
         self._wakeup_lock = threading.Lock()
         self._wakeup_pending = False
+        self._inline_off_until = 0.0
+
+    def may_inline(self, dev: BlockDevice, req: Request) -> bool:
+        """Small reads and plain writes that the device says are quick run on
+        the loop: a hop to a worker thread costs more than they do."""
+        return (
+            req.length <= dev.inline_max
+            and req.cmd in (Cmd.READ, Cmd.WRITE)
+            and not req.flags & CmdFlag.FUA
+            and self.loop.time() >= self._inline_off_until
+        )
+
+    def run_inline(self, dev: BlockDevice, req: Request, neg: Negotiated
+                   ) -> list[bytes | memoryview] | BaseException:
+        t = time.perf_counter()
+        try:
+            return execute(dev, req, neg)
+        except Exception as e:
+            return e
+        finally:
+            if time.perf_counter() - t > _INLINE_SLOW:
+                # The storage is slow right now (cold cache, busy disk): stop
+                # blocking the loop for a while.
+                self._inline_off_until = self.loop.time() + _INLINE_BACKOFF
 
     def submit(self, conn: Connection, req: Request, cost: int) -> None:
         assert conn.export is not None and conn.neg is not None
