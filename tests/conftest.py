@@ -158,3 +158,50 @@ def pattern(size: int, seed: int = 1) -> bytes:
     import numpy as np
 
     return np.random.default_rng(seed).bytes(size)
+
+
+class Upstream:
+    """nbdkit or qemu-nbd exporting a file, on a unix socket or TCP."""
+
+    def __init__(self, kind: str, path: Path, tmp: Path, tcp: bool, read_only: bool = False):
+        self.sock = None if tcp else str(tmp / f"{path.name}.{kind}.sock")
+        self.port = free_port() if tcp else None
+        if kind == "nbdkit":
+            cmd = ["nbdkit", "-f", "--exit-with-parent"]
+            cmd += ["-U", self.sock] if self.sock else ["-i", "127.0.0.1", "-p", str(self.port)]
+            if read_only:
+                cmd.append("--readonly")
+            cmd += ["file", f"file={path}"]
+        else:
+            cmd = ["qemu-nbd", "-f", "raw", "--shared=4", "--cache=none"]
+            cmd += ["-k", self.sock] if self.sock else ["-b", "127.0.0.1", "-p", str(self.port)]
+            if read_only:
+                cmd.append("-r")
+            cmd.append(str(path))
+        self.log = tmp / f"{path.name}.{kind}.log"
+        with open(self.log, "wb") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        wait_listening(self.proc, self.sock, self.port, self.log)  # type: ignore[arg-type]
+
+    @property
+    def uri(self) -> str:
+        if self.sock:
+            return f"nbd+unix:///?socket={self.sock}"
+        return f"nbd://127.0.0.1:{self.port}/"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+
+
+@pytest.fixture
+def upstreams() -> Iterator[list[Upstream]]:
+    """Upstream servers a test starts; killed at the end."""
+    started: list[Upstream] = []
+    yield started
+    for u in started:
+        if u.proc.poll() is None:
+            u.proc.kill()
+            u.proc.wait()
+

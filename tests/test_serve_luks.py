@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, libnbd, need, pattern, run, wait_listening
+from tests.conftest import Upstream, libnbd, need, pattern, run
 from tests.luks.reference import Made, fill, luks_format, read_plain
 from tests.luks.test_headers import rewrite_json
 
@@ -52,51 +50,6 @@ def compare(uri: str, plain: bytes, tmp_path: Path) -> None:
     out = tmp_path / "copy.out"
     run(["nbdcopy", "-C", "4", uri, str(out)])
     assert out.read_bytes() == plain
-
-
-class Upstream:
-    """nbdkit or qemu-nbd exporting a file, on a unix socket or TCP."""
-
-    def __init__(self, kind: str, path: Path, tmp: Path, tcp: bool, read_only: bool = False):
-        self.sock = None if tcp else str(tmp / f"{path.name}.{kind}.sock")
-        self.port = free_port() if tcp else None
-        if kind == "nbdkit":
-            cmd = ["nbdkit", "-f", "--exit-with-parent"]
-            cmd += ["-U", self.sock] if self.sock else ["-i", "127.0.0.1", "-p", str(self.port)]
-            if read_only:
-                cmd.append("--readonly")
-            cmd += ["file", f"file={path}"]
-        else:
-            cmd = ["qemu-nbd", "-f", "raw", "--shared=4", "--cache=none"]
-            cmd += ["-k", self.sock] if self.sock else ["-b", "127.0.0.1", "-p", str(self.port)]
-            if read_only:
-                cmd.append("-r")
-            cmd.append(str(path))
-        self.log = tmp / f"{path.name}.{kind}.log"
-        with open(self.log, "wb") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
-        wait_listening(self.proc, self.sock, self.port, self.log)  # type: ignore[arg-type]
-
-    @property
-    def uri(self) -> str:
-        if self.sock:
-            return f"nbd+unix:///?socket={self.sock}"
-        return f"nbd://127.0.0.1:{self.port}/"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-
-
-@pytest.fixture
-def upstreams() -> Iterator[list[Upstream]]:
-    started: list[Upstream] = []
-    yield started
-    for u in started:
-        if u.proc.poll() is None:
-            u.proc.kill()
-            u.proc.wait()
 
 
 @pytest.mark.parametrize("version", [1, 2])
