@@ -134,7 +134,8 @@ def bench_raw(tmp: Path, size: int, rounds: int) -> None:
     servers = [
         lambda: Server("nbdluks", nbdluks_cmd("--raw", str(img), "-k", s), s),
         lambda: Server("nbdkit", ["nbdkit", "-f", "-U", s, "file", f"file={img}"], s),
-        lambda: Server("qemu-nbd", ["qemu-nbd", "-t", "-f", "raw", "--shared=8", "-k", s, str(img)], s),
+        lambda: Server("qemu-nbd", ["qemu-nbd", "-t", "-f", "raw", "--shared=8", "-k", s,
+                                    str(img)], s),
     ]
     res = run_rounds(servers, {"seq-read": lambda u: seq_read(u, size),
                                "randread-4k": lambda u: rand_read(u, size)}, rounds)
