@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import multiprocessing
+import os
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
-from . import __version__
+from . import __version__, serving
 from . import log as logsetup
 from .block.base import BlockDevice
-from .block.source import SourceError, open_source
+from .block.source import SourceError, is_nbd_uri, open_source
 from .inspect import describe, render_text
 from .luks.errors import LuksError, WrongKeyError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .nbd.constants import DEFAULT_PORT
-from .nbd.server import Export, Listen, NbdServer
-from .opener import KeySource, open_luks, read_header, unlock
+from .nbd.listen import Listen, address, bind, cleanup
+from .opener import KeySource, read_header, unlock, unlock_volume
 from .secrets import SecretError
+from .serving import ServeConfig
 
 log = structlog.get_logger("nbdluks")
 
@@ -40,7 +43,11 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
     g.add_argument("--max-inflight", type=int, default=64, metavar="MiB",
                    help="bytes in flight per connection before reading pauses (default 64)")
-    g.add_argument("--workers", type=int, default=16, help="I/O worker threads (default 16)")
+    g.add_argument("--threads", type=int, default=8,
+                   help="I/O threads per process (default 8)")
+    g.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="worker processes sharing the listeners (default: one per CPU, "
+                   "at most 8; 1 = no extra processes)")
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
@@ -101,28 +108,96 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def open_device(args: argparse.Namespace) -> BlockDevice:
+def prepare(args: argparse.Namespace) -> tuple[Callable[[], BlockDevice], int]:
+    """Open and check the sources (unlocking a LUKS volume) before anything
+    listens; return a factory of devices for the worker processes and how
+    many processes to run."""
+    processes = args.processes or min(os.cpu_count() or 1, 8)
     if args.raw:
         if args.payload or args.header:
             raise UsageError("--raw cannot be combined with --payload/--header")
-        return open_source(args.raw, read_only=args.read_only)
+        first = open_source(args.raw, read_only=args.read_only)
+        multi = first.caps.multi_conn and not is_nbd_uri(args.raw)
+        return _factory(first, lambda: open_source(args.raw, read_only=args.read_only),
+                        processes if multi else 1)
     if not args.payload:
         raise UsageError("nothing to serve: give --payload SRC (LUKS) or --raw SRC")
     keys = _keys(args)
     if not keys.given():
-        raise UsageError(
-            "give one of --passphrase-file, --key-file or --volume-key-file"
-        )
-    dev, vol, slot = open_luks(
+        raise UsageError("give one of --passphrase-file, --key-file or --volume-key-file")
+    uv = unlock_volume(
         args.payload, args.header, keys, read_only=args.read_only,
         allow_discards=args.allow_discards, argon2_max_kib=args.argon2_max_memory,
     )
+    try:
+        first = uv.device()
+    except BaseException:
+        uv.wipe()
+        raise
+    vol = uv.vol
     log.info(
         "volume unlocked", luks_version=vol.version, uuid=vol.uuid,
         cipher=vol.segment.cipher, sector_size=vol.segment.sector_size,
-        keyslot=slot, size=dev.size, header_copy=vol.copy,
+        keyslot=uv.keyslot, size=first.size, header_copy=vol.copy,
     )
-    return dev
+    if is_nbd_uri(args.payload) and not _upstream_multi_conn(first):
+        # One upstream connection per process: a FLUSH on one would not
+        # cover another's writes unless the upstream promises multi-conn.
+        processes = 1
+    if processes <= 1:
+        uv.wipe()
+        return (lambda: first), 1
+    first.close()
+    lock = multiprocessing.get_context("fork").Lock()
+    return (lambda: uv.device(rmw_lock=lock)), processes
+
+
+def _factory(first: BlockDevice, reopen: Callable[[], BlockDevice], processes: int
+             ) -> tuple[Callable[[], BlockDevice], int]:
+    if processes <= 1:
+        return (lambda: first), 1
+    first.close()
+    return reopen, processes
+
+
+def _upstream_multi_conn(dev: BlockDevice) -> bool:
+    from .block.nbd import NbdDevice
+    from .nbd.constants import TxFlag
+
+    payload = getattr(dev, "payload", dev)
+    return isinstance(payload, NbdDevice) and bool(payload.client.flags & TxFlag.CAN_MULTI_CONN)
+
+
+def bind_listeners(args: argparse.Namespace) -> list[socket.socket]:
+    listens = []
+    if args.socket:
+        listens.append(Listen(socket_path=args.socket))
+    if args.bind or args.port is not None or not args.socket:
+        listens.append(Listen(host=args.bind or "127.0.0.1", port=args.port or DEFAULT_PORT))
+    socks: list[socket.socket] = []
+    for where in listens:
+        try:
+            socks += bind(where)
+        except OSError as e:
+            cleanup(socks)
+            raise UsageError(f"cannot listen on {where}: {e.strerror}") from None
+    return socks
+
+
+def serve(args: argparse.Namespace) -> int:
+    make_device, processes = prepare(args)
+    socks = bind_listeners(args)
+    try:
+        log.info("listening", addresses=[address(s) for s in socks], export=args.export_name,
+                 processes=processes)
+        cfg = ServeConfig(
+            export_name=args.export_name, description=args.description,
+            read_only=args.read_only, max_inflight=args.max_inflight * 1024 * 1024,
+            threads=args.threads, processes=processes,
+        )
+        return serving.serve(make_device, socks, cfg)
+    finally:
+        cleanup(socks)
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -158,26 +233,6 @@ def inspect(args: argparse.Namespace) -> int:
     return status
 
 
-async def serve(args: argparse.Namespace, device: BlockDevice) -> int:
-    export = Export(args.export_name, device, args.description, args.read_only)
-    server = NbdServer(
-        [export], max_inflight=args.max_inflight * 1024 * 1024, workers=args.workers
-    )
-    listens = []
-    if args.socket:
-        listens.append(Listen(socket_path=args.socket))
-    if args.bind or args.port is not None or not args.socket:
-        listens.append(Listen(host=args.bind or "127.0.0.1", port=args.port or DEFAULT_PORT))
-    for where in listens:
-        try:
-            addrs = await server.listen(where)
-        except OSError as e:
-            raise UsageError(f"cannot listen on {where}: {e.strerror}") from None
-        log.info("listening", addresses=addrs, export=args.export_name, size=device.size)
-    await server.serve_until_stopped()
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -185,9 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return inspect(args)
-        device = open_device(args)
-        with device:
-            return _run(serve(args, device))
+        return serve(args)
     except UsageError as e:
         print(f"nbdluks: {e}", file=sys.stderr)
         return 2
@@ -197,12 +250,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"nbdluks: {e.filename or 'I/O'}: {e.strerror}", file=sys.stderr)
         return 1
-
-
-def _run(coro: object) -> int:
-    try:
-        import uvloop
-
-        return int(uvloop.run(coro))  # type: ignore[arg-type]
-    except ImportError:
-        return int(asyncio.run(coro))  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -74,34 +75,62 @@ def unlock(vol: Volume, hdr_dev: BlockDevice, prefix: bytes, keys: KeySource) ->
         wipe(secret)
 
 
+@dataclass
+class UnlockedVolume:
+    """A volume whose key is known: builds LuksDevices over its payload."""
+
+    vol: Volume
+    key: bytearray
+    keyslot: int | None
+    payload: str
+    attached: bool
+    read_only: bool = False
+    allow_discards: bool = False
+
+    def device(self, rmw_lock: Any = None) -> LuksDevice:
+        payload_dev = open_source(self.payload, read_only=self.read_only)
+        try:
+            return LuksDevice(
+                payload_dev, self.vol, self.key, read_only=self.read_only,
+                allow_discards=self.allow_discards, attached=self.attached, rmw_lock=rmw_lock,
+            )
+        except BaseException:
+            payload_dev.close()
+            raise
+
+    def wipe(self) -> None:
+        wipe(self.key)
+
+
+def unlock_volume(
+    payload: str, header_src: str | None, keys: KeySource, *, read_only: bool = False,
+    allow_discards: bool = False, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB,
+) -> UnlockedVolume:
+    if header_src is not None and _same_source(header_src, payload):
+        header_src = None
+    hdr_dev = open_source(header_src or payload, read_only=True)
+    try:
+        vol, prefix = read_header(hdr_dev, argon2_max_kib)
+        for w in vol.warnings:
+            log.warning(w)
+        unlocked = unlock(vol, hdr_dev, prefix, keys)
+    finally:
+        hdr_dev.close()
+    return UnlockedVolume(vol, unlocked.key, unlocked.keyslot, payload,
+                          attached=header_src is None, read_only=read_only,
+                          allow_discards=allow_discards)
+
+
 def open_luks(
     payload: str, header_src: str | None, keys: KeySource, *, read_only: bool = False,
     allow_discards: bool = False, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB,
 ) -> tuple[LuksDevice, Volume, int | None]:
-    if header_src is not None and _same_source(header_src, payload):
-        header_src = None
-    payload_dev = open_source(payload, read_only=read_only)
+    uv = unlock_volume(payload, header_src, keys, read_only=read_only,
+                       allow_discards=allow_discards, argon2_max_kib=argon2_max_kib)
     try:
-        hdr_dev = open_source(header_src, read_only=True) if header_src else payload_dev
-        try:
-            vol, prefix = read_header(hdr_dev, argon2_max_kib)
-            for w in vol.warnings:
-                log.warning(w)
-            unlocked = unlock(vol, hdr_dev, prefix, keys)
-        finally:
-            if hdr_dev is not payload_dev:
-                hdr_dev.close()
-        try:
-            dev = LuksDevice(
-                payload_dev, vol, unlocked.key, read_only=read_only,
-                allow_discards=allow_discards, attached=header_src is None,
-            )
-        finally:
-            unlocked.wipe()
-    except BaseException:
-        payload_dev.close()
-        raise
-    return dev, vol, unlocked.keyslot
+        return uv.device(), uv.vol, uv.keyslot
+    finally:
+        uv.wipe()
 
 
 def _same_source(a: str, b: str) -> bool:

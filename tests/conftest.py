@@ -173,7 +173,7 @@ class Upstream:
                 cmd.append("--readonly")
             cmd += ["file", f"file={path}"]
         else:
-            cmd = ["qemu-nbd", "-f", "raw", "--shared=4", "--cache=none"]
+            cmd = ["qemu-nbd", "-t", "-f", "raw", "--shared=8", "--cache=none"]
             cmd += ["-k", self.sock] if self.sock else ["-b", "127.0.0.1", "-p", str(self.port)]
             if read_only:
                 cmd.append("-r")

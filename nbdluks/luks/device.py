@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from typing import Any
 
 from ..block.base import BlockDevice, Capabilities, check_range, unsupported
 from .cipher import SectorCipher
@@ -25,6 +26,7 @@ class LuksDevice(BlockDevice):
     def __init__(
         self, payload: BlockDevice, vol: Volume, key: bytes | bytearray, *,
         read_only: bool = False, allow_discards: bool = False, attached: bool = False,
+        rmw_lock: Any = None,
     ) -> None:
         seg = vol.segment
         self.payload = payload
@@ -51,9 +53,11 @@ class LuksDevice(BlockDevice):
         self.iv_tweak = seg.iv_tweak
         self.cipher = SectorCipher(seg.cipher_spec(), key, ss, iv_step=ss // SECTOR)
         self.min_block = ss
-        self.inline_max = min(payload.inline_max, 64 * 1024)
+        # Crypto is CPU work on the loop thread: inline only small requests.
+        self.inline_max = min(payload.inline_max, 16 * 1024)
         self.pref_block = max(4096, ss)
-        self._rmw = threading.Lock()
+        # Shared by every worker process when there are several.
+        self._rmw = rmw_lock if rmw_lock is not None else threading.Lock()
         pc = payload.caps
         writable = pc.writable and not read_only
         self.caps = Capabilities(

@@ -8,12 +8,11 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -333,20 +332,6 @@ def _peer_str(peer: object) -> str:
     return str(peer) if peer else "unix"
 
 
-@dataclass
-class Listen:
-    """A TCP address or a unix socket path."""
-
-    host: str | None = None
-    port: int | None = None
-    socket_path: str | None = None
-
-    def __str__(self) -> str:
-        if self.socket_path:
-            return f"unix:{self.socket_path}"
-        return f"{self.host}:{self.port}"
-
-
 class NbdServer:
     def __init__(
         self,
@@ -360,7 +345,6 @@ class NbdServer:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self.connections: set[Connection] = set()
         self.listeners: list[asyncio.AbstractServer] = []
-        self.socket_paths: list[str] = []
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         # Finished requests, handed from worker threads to the loop in
@@ -420,37 +404,26 @@ class NbdServer:
             conn, req, cost, result = self._done.popleft()
             conn.finish(req, cost, result)
 
-    async def listen(self, where: Listen) -> list[str]:
-        """Start a listener; return the addresses it is bound to."""
-        if where.socket_path:
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.exists(where.socket_path) and _is_socket(where.socket_path):
-                    os.unlink(where.socket_path)
-            srv = await self.loop.create_unix_server(
-                lambda: Connection(self), path=where.socket_path
-            )
-            self.socket_paths.append(where.socket_path)
-            addrs = [f"unix:{where.socket_path}"]
-        else:
-            srv = await self.loop.create_server(
-                lambda: Connection(self), host=where.host, port=where.port or 0,
-                reuse_address=True,
-            )
-            addrs = []
-            for sock in srv.sockets:
-                name = sock.getsockname()
-                host = f"[{name[0]}]" if sock.family == socket.AF_INET6 else name[0]
-                addrs.append(f"{host}:{name[1]}")
-        self.listeners.append(srv)
-        return addrs
+    async def serve_sockets(self, socks: list[socket.socket]) -> None:
+        """Serve on listening sockets made by `bind` (possibly in a parent process)."""
+        for sock in socks:
+            if sock.family == socket.AF_UNIX:
+                srv = await self.loop.create_unix_server(lambda: Connection(self), sock=sock)
+            else:
+                srv = await self.loop.create_server(lambda: Connection(self), sock=sock)
+            self.listeners.append(srv)
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def serve_until_stopped(self, drain_timeout: float = 30.0) -> None:
+    async def serve_until_stopped(
+        self, drain_timeout: float = 30.0, stop_requested: Callable[[], bool] | None = None
+    ) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self.loop.add_signal_handler(sig, self._on_signal, sig)
+        if stop_requested is not None and stop_requested():
+            self._stop.set()  # a signal came before the handlers above
         await self._stop.wait()
         await self.shutdown(drain_timeout)
 
@@ -461,9 +434,6 @@ class NbdServer:
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         for srv in self.listeners:
             srv.close()
-        for path in self.socket_paths:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
         conns = list(self.connections)
         for conn in conns:
             conn.drain()
@@ -483,9 +453,3 @@ class NbdServer:
                     log.error("final flush failed", export=export.name, error=e.strerror)
         self.executor.shutdown(wait=True)
         log.info("server stopped")
-
-
-def _is_socket(path: str) -> bool:
-    import stat
-
-    return stat.S_ISSOCK(os.stat(path).st_mode)

@@ -1,0 +1,83 @@
+"""Listening sockets, made before the event loop (and before worker
+processes fork, so that they all accept on the same sockets)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+
+@dataclass
+class Listen:
+    """A TCP address or a unix socket path."""
+
+    host: str | None = None
+    port: int | None = None
+    socket_path: str | None = None
+
+    def __str__(self) -> str:
+        if self.socket_path:
+            return f"unix:{self.socket_path}"
+        return f"{self.host}:{self.port}"
+
+
+def bind(where: Listen, backlog: int = 128) -> list[socket.socket]:
+    if where.socket_path:
+        path = where.socket_path
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)  # a stale socket of an earlier run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        _paths[sock] = path
+        return [sock]
+    socks = []
+    try:
+        for family, kind, proto, _, addr in socket.getaddrinfo(
+            where.host, where.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
+
+def cleanup(socks: list[socket.socket]) -> None:
+    """Close listeners and remove the unix socket files we created."""
+    for sock in socks:
+        path = _paths.pop(sock, None)
+        sock.close()  # a no-op when the event loop closed it already
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+# Unix socket paths by listener: a closed socket no longer knows its name.
+_paths: dict[socket.socket, str] = {}
