@@ -12,6 +12,7 @@ by column across all sectors at once.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import threading
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ if sys.byteorder != "little":  # pragma: no cover
 
 U64 = np.dtype("<u8")
 _REDUCE_SHIFTS = (np.uint64(1), np.uint64(2), np.uint64(7))
+# Per-row shift amounts for the broadcast step: row i is row 0 times alpha^i.
+_SHIFTS = np.arange(1, 32, dtype=np.uint64)[:, None]
+_RSHIFTS = np.uint64(64) - _SHIFTS
+_S32 = np.uint64(32)
 # Work in pieces of about this size so temporaries stay in the CPU cache.
 CHUNK = 1024 * 1024
 
@@ -43,7 +48,7 @@ class _Scratch(threading.local):
         self.arrays: dict[str, np.ndarray[Any, Any]] = {}
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         arr = self.arrays.get(name)
         if arr is None or arr.size < size:
             arr = self.arrays[name] = np.empty(size, dtype=U64)
@@ -173,6 +178,9 @@ class SectorCipher:
         else:
             self._data = _ecb(spec.cipher, key)
             self._tweak = None
+        # ECB contexts are stateless between update() calls: keep one per
+        # thread and direction instead of paying to build one per request.
+        self._contexts = threading.local()
         self._essiv: Cipher[modes.ECB] | None = None
         if spec.ivgen == "essiv":
             salt = hashlib.new(spec.ivhash, bytes(key)).digest()
@@ -212,20 +220,26 @@ class SectorCipher:
         ctx.update_into(arr.data.cast("B"), out.data.cast("B"))
         return out[: arr.size].reshape(arr.shape)
 
-    @classmethod
-    def _ecb_enc(cls, c: Cipher[modes.ECB], arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        return cls._ecb(c.encryptor(), arr)
+    def _ctx(self, c: Cipher[modes.ECB], encrypt: bool) -> Any:
+        cache = self._contexts.__dict__
+        key = (id(c), encrypt)  # c lives as long as self: ids cannot be reused
+        ctx = cache.get(key)
+        if ctx is None:
+            ctx = cache[key] = c.encryptor() if encrypt else c.decryptor()
+        return ctx
 
-    @classmethod
-    def _ecb_dec(cls, c: Cipher[modes.ECB], arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        return cls._ecb(c.decryptor(), arr)
+    def _ecb_enc(self, c: Cipher[modes.ECB], arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return self._ecb(self._ctx(c, True), arr)
+
+    def _ecb_dec(self, c: Cipher[modes.ECB], arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return self._ecb(self._ctx(c, False), arr)
 
     def _xts_tweaks(self, first_iv: int, count: int, scratch: _Scratch) -> np.ndarray[Any, Any]:
         """(count, blocks, 2): T_j * alpha^i for every block i of every unit j.
 
-        Computed block-major (contiguous rows, doubling the rows filled at each
-        step) into preallocated scratch, then interleaved once: contiguous rows
-        and no fresh allocations make each numpy pass several times faster.
+        Computed block-major (one contiguous row per block index) into
+        preallocated scratch, then interleaved once: contiguous rows and no
+        fresh allocations make each numpy pass several times faster.
         """
         assert self._tweak is not None
         t0 = self._ecb_enc(self._tweak, self._ivs(first_iv, count))
@@ -236,29 +250,41 @@ class SectorCipher:
         ov = scratch.get("ov", (min(32, nb), count))
         lo[0] = t0[:, 0]
         hi[0] = t0[:, 1]
-        filled = 1
+        # Rows 1..31 straight from row 0 with per-row shifts (one broadcast
+        # pass: few numpy calls for small requests), then doubling by 32.
+        first = min(32, nb)
+        if first > 1:
+            m = first - 1
+            self._mul_rows(lo[0:1], hi[0:1], lo[1:first], hi[1:first], _SHIFTS[:m],
+                           _RSHIFTS[:m], tmp[:m], ov[:m])
+        filled = first
         while filled < nb:
-            m = min(filled, 32, nb - filled)
-            s_, r_ = np.uint64(m), np.uint64(64 - m)
-            sl, sh = lo[filled - m : filled], hi[filled - m : filled]
-            dl, dh = lo[filled : filled + m], hi[filled : filled + m]
-            t, o = tmp[:m], ov[:m]
-            # hi' = hi << m | lo >> (64 - m)
-            np.left_shift(sh, s_, out=dh)
-            np.right_shift(sl, r_, out=t)
-            np.bitwise_or(dh, t, out=dh)
-            # lo' = lo << m ^ reduce(hi >> (64 - m)), x^128 = x^7 + x^2 + x + 1
-            np.right_shift(sh, r_, out=o)
-            np.left_shift(sl, s_, out=dl)
-            np.bitwise_xor(dl, o, out=dl)
-            for k in _REDUCE_SHIFTS:
-                np.left_shift(o, k, out=t)
-                np.bitwise_xor(dl, t, out=dl)
+            m = min(32, nb - filled)
+            self._mul_rows(lo[filled - 32 : filled - 32 + m], hi[filled - 32 : filled - 32 + m],
+                           lo[filled : filled + m], hi[filled : filled + m],
+                           _S32, _S32, tmp[:m], ov[:m])
             filled += m
         tw = scratch.get("tw", (count, nb, 2))
         tw[:, :, 0] = lo.T
         tw[:, :, 1] = hi.T
         return tw
+
+    @staticmethod
+    def _mul_rows(sl: np.ndarray[Any, Any], sh: np.ndarray[Any, Any], dl: np.ndarray[Any, Any],
+                  dh: np.ndarray[Any, Any], s_: Any, r_: Any, t: np.ndarray[Any, Any],
+                  o: np.ndarray[Any, Any]) -> None:
+        """(dl, dh) = (sl, sh) * alpha^s, with s < 64 per row (broadcast)."""
+        # hi' = hi << s | lo >> (64 - s)
+        np.left_shift(sh, s_, out=dh)
+        np.right_shift(sl, r_, out=t)
+        np.bitwise_or(dh, t, out=dh)
+        # lo' = lo << s ^ reduce(hi >> (64 - s)), x^128 = x^7 + x^2 + x + 1
+        np.right_shift(sh, r_, out=o)
+        np.left_shift(sl, s_, out=dl)
+        np.bitwise_xor(dl, o, out=dl)
+        for k in _REDUCE_SHIFTS:
+            np.left_shift(o, k, out=t)
+            np.bitwise_xor(dl, t, out=dl)
 
     # --- bulk operations ------------------------------------------------
 
@@ -276,7 +302,7 @@ class SectorCipher:
             return
         mode = self.spec.mode
         if mode == "xts":
-            self._xts(data, first_iv, count, self._data.decryptor())
+            self._xts(data, first_iv, count, self._ctx(self._data, False))
         elif mode == "cbc":
             plain = self._ecb_dec(self._data, data)
             prev = np.empty_like(data)
@@ -294,9 +320,9 @@ class SectorCipher:
             return
         mode = self.spec.mode
         if mode == "xts":
-            self._xts(data, first_iv, count, self._data.encryptor())
+            self._xts(data, first_iv, count, self._ctx(self._data, True))
         elif mode == "cbc":
-            enc = self._data.encryptor()
+            enc = self._ctx(self._data, True)
             prev = self._ivs(first_iv, count)
             for i in range(self.blocks):
                 prev = self._ecb(enc, np.bitwise_xor(data[:, i, :], prev))
