@@ -221,11 +221,12 @@ class SectorCipher:
         return out[: arr.size].reshape(arr.shape)
 
     def _ctx(self, c: Cipher[modes.ECB], encrypt: bool) -> Any:
-        cache = self._contexts.__dict__
-        key = (id(c), encrypt)  # c lives as long as self: ids cannot be reused
-        ctx = cache.get(key)
+        # c lives as long as self, so its id cannot be reused meanwhile
+        name = f"{id(c)}-{'e' if encrypt else 'd'}"
+        ctx = getattr(self._contexts, name, None)
         if ctx is None:
-            ctx = cache[key] = c.encryptor() if encrypt else c.decryptor()
+            ctx = c.encryptor() if encrypt else c.decryptor()
+            setattr(self._contexts, name, ctx)
         return ctx
 
     def _ecb_enc(self, c: Cipher[modes.ECB], arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
