@@ -136,6 +136,8 @@ class Connection(asyncio.Protocol):
         self.decoder = RequestDecoder()
         self.inflight_bytes = 0
         self.inflight = 0
+        self._backlog: collections.deque[Request] = collections.deque()
+        self._pumping = False
         self.requests = 0
         self.closing = False  # DISC seen or server draining: no new requests
         self._write_paused = False
@@ -170,7 +172,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._update_reading()
+        self._pump()
 
     def data_received(self, data: bytes) -> None:
         if self.neg is None:
@@ -223,8 +225,25 @@ class Connection(asyncio.Protocol):
             self.log.warning("protocol error, closing", error=str(e))
             self._abort()
             return
-        for req in reqs:
-            self._dispatch(req)
+        self._backlog.extend(reqs)
+        self._pump()
+
+    def _gated(self) -> bool:
+        """No new work while replies wait for the client or the cap is reached."""
+        return self._write_paused or self.inflight_bytes >= self.server.max_inflight
+
+    def _pump(self) -> None:
+        """Start backlog requests while the gate is open; then decide on reading."""
+        if self._pumping:  # finish() of an inline request, from inside the loop below
+            return
+        self._pumping = True
+        try:
+            while self._backlog and not self._gated():
+                self._dispatch(self._backlog.popleft())
+        finally:
+            self._pumping = False
+        self._update_reading()
+        self._maybe_close()
 
     def _dispatch(self, req: Request) -> None:
         assert self.neg is not None and self.transport is not None
@@ -233,6 +252,7 @@ class Connection(asyncio.Protocol):
         self.requests += 1
         if req.cmd == Cmd.DISC:
             self.closing = True
+            self._backlog.clear()  # nothing may follow DISC
             self._update_reading()
             self._maybe_close()
             return
@@ -247,7 +267,6 @@ class Connection(asyncio.Protocol):
         cost = _REQUEST_OVERHEAD + (req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
         self.inflight += 1
         self.inflight_bytes += cost
-        self._update_reading()
         assert self.export is not None
         dev = self.export.device
         if self.server.may_inline(dev, req):
@@ -280,18 +299,16 @@ class Connection(asyncio.Protocol):
             frames = result
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(frames)
-        self._update_reading()
+        self._pump()
         self._maybe_close()
 
     def _update_reading(self) -> None:
         t = self.transport
         if t is None or t.is_closing():
             return
-        pause = (
-            self.closing
-            or self._write_paused
-            or self.inflight_bytes >= self.server.max_inflight
-        )
+        # Decoded requests that wait in the backlog are bounded by one
+        # read's worth of bytes: stop reading until they have started.
+        pause = self.closing or self._gated() or bool(self._backlog)
         if pause != self._read_paused:
             self._read_paused = pause
             if pause:
@@ -300,6 +317,8 @@ class Connection(asyncio.Protocol):
                 t.resume_reading()
 
     def _maybe_close(self) -> None:
+        if self._pumping:
+            return  # the pump decides once its loop is over
         if self.closing and self.inflight == 0 and self.transport is not None:
             self.transport.close()
 

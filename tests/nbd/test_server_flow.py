@@ -1,0 +1,46 @@
+"""Bounded memory: a client that sends requests but reads no replies makes
+the server stop reading, instead of buffering replies without end."""
+
+from __future__ import annotations
+
+import struct
+import time
+from pathlib import Path
+
+from tests.nbd.test_server_errors import raw_connect, recv_exact, request, simple_reply
+
+MiB = 1 << 20
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_unread_replies_pause_the_connection(nbdluks, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\x33" * (8 * MiB))
+    srv = nbdluks("--raw", str(disk), "--processes", "1", "--max-inflight", "16")
+    assert srv.socket
+    base = rss_mib(srv.proc.pid)
+    s = raw_connect(srv.socket)
+    n = 1000  # 1000 MiB of replies if the server kept going
+    s.sendall(b"".join(
+        struct.pack(">IHHQQI", 0x25609513, 0, 0, i, (i % 8) * MiB, MiB)
+        for i in range(n)
+    ))
+    time.sleep(3)
+    grown = rss_mib(srv.proc.pid) - base
+    assert grown < 200, f"server buffered {grown:.0f} MiB for a client that reads nothing"
+    # reading the replies lets everything finish, in order of completion
+    seen = set()
+    for _ in range(n):
+        err, handle = simple_reply(s)
+        assert err == 0
+        assert recv_exact(s, MiB)[:4] == b"\x33" * 4
+        seen.add(handle)
+    assert seen == set(range(n))
+    request(s, 2, 0, 0, 0)  # DISC
+    assert srv.stop() == 0
