@@ -125,11 +125,15 @@ def nbdluks_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "nbdluks", "serve", *args, "--log-level", "warning"]
 
 
-def bench_raw(tmp: Path, size: int, rounds: int) -> None:
-    img = tmp / "disk.img"
-    with open(img, "wb") as f:
+def random_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
         for _ in range(size // (64 * MiB)):
             f.write(os.urandom(64 * MiB))
+
+
+def bench_raw(tmp: Path, size: int, rounds: int) -> None:
+    img = tmp / "disk.img"
+    random_file(img, size)
     s = str(tmp / "s.sock")
     servers = [
         lambda: Server("nbdluks", nbdluks_cmd("--raw", str(img), "-k", s), s),
@@ -151,9 +155,7 @@ def bench_luks(tmp: Path, size: int, rounds: int) -> None:
                     "hash-alg=sha256,iter-time=10", str(img), str(size)],
                    check=True, capture_output=True)
     src = tmp / "src.raw"
-    with open(src, "wb") as f:
-        for _ in range(size // (64 * MiB)):
-            f.write(os.urandom(64 * MiB))
+    random_file(src, size)
     s = str(tmp / "s.sock")
     servers = [
         lambda: Server("nbdluks", nbdluks_cmd("--payload", str(img), "--key-file", str(pw),

@@ -10,7 +10,6 @@ an unknown write reach the payload as plaintext).
 from __future__ import annotations
 
 import errno
-import os
 from dataclasses import dataclass
 
 from ..nbd.constants import MAX_PAYLOAD
@@ -104,11 +103,3 @@ def zero_fill(dev: BlockDevice, offset: int, length: int, fua: bool, chunk: int 
         offset += n
     if fua:
         dev.flush()
-
-
-def errno_name(err: int) -> str:
-    return errno.errorcode.get(err, str(err))
-
-
-def strerror(e: OSError) -> str:
-    return e.strerror or os.strerror(e.errno or errno.EIO)

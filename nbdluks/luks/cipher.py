@@ -137,24 +137,6 @@ def _ecb(cipher: str, key: bytes | bytearray) -> Cipher[modes.ECB]:
     return Cipher(_BLOCK_CIPHERS[cipher][0](bytes(key)), modes.ECB())
 
 
-def _as_blocks(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    return arr.reshape(-1, 2)
-
-
-def mul_alpha_pow(lo: np.ndarray[Any, Any], hi: np.ndarray[Any, Any], m: int
-                  ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """Multiply 128-bit little-endian values by alpha^m in GF(2^128), 1 <= m <= 56.
-
-    The m bits shifted out of the top are reduced with x^128 = x^7+x^2+x+1;
-    for m <= 56 the reduction term still fits in the low word.
-    """
-    s, r = np.uint64(m), np.uint64(64 - m)
-    ov = hi >> r
-    new_hi = (hi << s) | (lo >> r)
-    new_lo = (lo << s) ^ ov ^ (ov << np.uint64(1)) ^ (ov << np.uint64(2)) ^ (ov << np.uint64(7))
-    return new_lo, new_hi
-
-
 class SectorCipher:
     """Encrypts and decrypts runs of whole data units in place.
 

@@ -1,4 +1,5 @@
-"""Key derivation: PBKDF2 (any hashlib hash), Argon2i and Argon2id."""
+"""Key derivation: PBKDF2 (any hashlib hash), Argon2i and Argon2id (version
+0x13, the one cryptography implements and cryptsetup writes)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import hashlib
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2i, Argon2id
 
 from .volume import Argon2, Kdf, Pbkdf2
-
-ARGON2_VERSION = 0x13  # what cryptography implements and cryptsetup writes
 
 
 def derive(kdf: Kdf, secret: bytes | bytearray, length: int) -> bytearray:

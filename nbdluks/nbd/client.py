@@ -24,6 +24,7 @@ from .constants import (
     MAX_PAYLOAD,
     OPTION_REPLY_HEADER_SIZE,
     SIMPLE_REPLY_SIZE,
+    STRUCTURED_REPLY_MAGIC,
     Chunk,
     Cmd,
     HandshakeFlag,
@@ -43,6 +44,8 @@ from .wire import (
     encode_option,
     encode_request,
 )
+
+_STRUCTURED_MAGIC = struct.pack(">I", STRUCTURED_REPLY_MAGIC)
 
 
 class NbdClientError(Exception):
@@ -204,8 +207,7 @@ class NbdClient:
         head = bytearray(CHUNK_HEADER_SIZE)
         view = memoryview(head)
         _recv_into(self.sock, view[:SIMPLE_REPLY_SIZE])
-        magic = head[:4]
-        if magic == b"\x66\x8e\x33\xef":  # structured chunk: 4 more bytes
+        if head[:4] == _STRUCTURED_MAGIC:  # a structured chunk: 4 more header bytes
             _recv_into(self.sock, view[SIMPLE_REPLY_SIZE:])
             hdr = decode_reply_header(head)
         else:

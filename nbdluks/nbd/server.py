@@ -432,9 +432,6 @@ class NbdServer:
                 srv = await self.loop.create_server(lambda: Connection(self), sock=sock)
             self.listeners.append(srv)
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     async def serve_until_stopped(
         self, drain_timeout: float = 30.0, stop_requested: Callable[[], bool] | None = None
     ) -> None:

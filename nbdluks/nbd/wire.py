@@ -12,7 +12,6 @@ from typing import Final
 
 from .constants import (
     CHUNK_FLAG_DONE,
-    CHUNK_HEADER_SIZE,
     IHAVEOPT,
     MAX_PAYLOAD,
     MAX_STRING,
@@ -21,7 +20,6 @@ from .constants import (
     REQUEST_MAGIC,
     REQUEST_SIZE,
     SIMPLE_REPLY_MAGIC,
-    SIMPLE_REPLY_SIZE,
     STRUCTURED_REPLY_MAGIC,
     Chunk,
     Cmd,
@@ -146,17 +144,11 @@ class Cursor:
     def u32(self) -> int:
         return int(_U32.unpack(self._take(4))[0])
 
-    def u64(self) -> int:
-        return int(_U64.unpack(self._take(8))[0])
-
     def string(self, n: int) -> str:
         try:
             return self._take(n).decode()
         except UnicodeDecodeError as e:
             raise ValueError("string is not UTF-8") from e
-
-    def rest(self) -> bytes:
-        return self._take(len(self._data) - self._pos)
 
     def at_end(self) -> bool:
         return self._pos == len(self._data)
@@ -198,10 +190,6 @@ class RequestDecoder:
         self._pending: Request | None = None  # WRITE waiting for its payload
         self._filled = 0
         self._skip = 0
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Request]:
         out: list[Request] = []
@@ -288,10 +276,6 @@ def encode_offset_hole(handle: int, offset: int, length: int, done: bool) -> byt
     )
 
 
-def encode_none_done(handle: int) -> bytes:
-    return encode_chunk_header(handle, Chunk.NONE, 0, True)
-
-
 def encode_error_chunk(handle: int, error: int, message: str = "") -> bytes:
     msg = message.encode()[:MAX_STRING]
     return encode_chunk_header(handle, Chunk.ERROR, 6 + len(msg), True) + struct.pack(
@@ -338,13 +322,4 @@ def decode_reply_header(data: bytes | bytearray | memoryview) -> SimpleReply | C
     if magic == STRUCTURED_REPLY_MAGIC:
         _, flags, ctype, handle, length = _CHUNK.unpack_from(data)
         return ChunkHeader(flags, ctype, handle, length)
-    raise ProtocolError(f"bad reply magic {magic:#x}")
-
-
-def reply_header_size(magic_bytes: bytes | bytearray | memoryview) -> int:
-    magic = int(_U32.unpack_from(magic_bytes)[0])
-    if magic == SIMPLE_REPLY_MAGIC:
-        return SIMPLE_REPLY_SIZE
-    if magic == STRUCTURED_REPLY_MAGIC:
-        return CHUNK_HEADER_SIZE
     raise ProtocolError(f"bad reply magic {magic:#x}")
