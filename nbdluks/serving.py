@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import selectors
 import signal
 import socket
 import time
@@ -83,14 +84,25 @@ def serve(make_device: Callable[[], BlockDevice], socks: list[socket.socket],
     return _supervise(make_device, socks, cfg)
 
 
-def _supervise(make_device: Callable[[], BlockDevice], socks: list[socket.socket],
-               cfg: ServeConfig) -> int:
-    children: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
-    stopping = False
-    failed = False
-    quick_deaths = 0
+class _Supervisor:
+    """The parent of the worker processes: accepts connections and hands
+    them round-robin to the workers (over a socketpair each, with
+    SCM_RIGHTS), so that a client's connections spread evenly; replaces a
+    worker that dies; forwards SIGTERM/SIGINT and waits for the drain."""
 
-    def spawn(index: int) -> None:
+    def __init__(self, make_device: Callable[[], BlockDevice], socks: list[socket.socket],
+                 cfg: ServeConfig) -> None:
+        self.make_device = make_device
+        self.socks = socks
+        self.cfg = cfg
+        self.workers: dict[int, tuple[int, socket.socket, float]] = {}  # index -> pid, chan
+        self.stopping = False
+        self.failed = False
+        self.quick_deaths = 0
+        self.next = 0
+
+    def spawn(self, index: int) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Signals wait until the child has its own handlers.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
@@ -101,45 +113,114 @@ def _supervise(make_device: Callable[[], BlockDevice], socks: list[socket.socket
                 signal.signal(signal.SIGINT, _note_early_stop)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
                 structlog.contextvars.bind_contextvars(worker=index)
-                code = run_worker(make_device, socks, cfg)
+                for sock in self.socks:
+                    sock.close()
+                for _, chan, _ in self.workers.values():
+                    chan.close()
+                parent_end.close()
+                code = _run_channel_worker(self.make_device, child_end, self.cfg)
             except BaseException as e:
                 log.error("worker failed", error=str(e), kind=type(e).__name__)
             finally:
                 os._exit(code)
-        children[pid] = (index, time.monotonic())
+        child_end.close()
+        self.workers[index] = (pid, parent_end, time.monotonic())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
-    def on_signal(sig: int, _frame: object) -> None:
-        nonlocal stopping
-        if not stopping:
+    def on_signal(self, sig: int, _frame: object) -> None:
+        if not self.stopping:
             log.info("signal received, stopping workers", signal=signal.Signals(sig).name)
-        stopping = True
-        for pid in list(children):
+        self.stopping = True
+        for pid, _, _ in list(self.workers.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    for i in range(cfg.processes):
-        spawn(i)
-    log.info("workers started", processes=cfg.processes)
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
+    def hand_over(self, conn: socket.socket) -> None:
+        order = sorted(self.workers)
+        for k in range(len(order)):
+            index = order[(self.next + k) % len(order)]
+            chan = self.workers[index][1]
+            try:
+                socket.send_fds(chan, [b"c"], [conn.fileno()])
+            except OSError:
+                continue  # that worker is going away; try the next
+            self.next = (self.next + k + 1) % len(order)
             break
-        index, started = children.pop(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if stopping:
-            failed |= code != 0
-            continue
-        log.error("worker exited unexpectedly", worker=index, code=code)
-        if time.monotonic() - started < _QUICK_DEATH:
-            quick_deaths += 1
-        if quick_deaths >= _MAX_QUICK_DEATHS:
-            log.error("workers keep dying; stopping the server")
-            failed = True
-            on_signal(signal.SIGTERM, None)
-            continue
-        spawn(index)
-    return 1 if failed else 0
+        conn.close()  # the worker has its own copy now
+
+    def reap(self) -> None:
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                return
+            if pid == 0:
+                return
+            index = next((i for i, w in self.workers.items() if w[0] == pid), None)
+            if index is None:
+                continue
+            _, chan, started = self.workers.pop(index)
+            chan.close()
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                self.failed |= code != 0
+                continue
+            log.error("worker exited unexpectedly", worker=index, code=code)
+            if time.monotonic() - started < _QUICK_DEATH:
+                self.quick_deaths += 1
+            if self.quick_deaths >= _MAX_QUICK_DEATHS:
+                log.error("workers keep dying; stopping the server")
+                self.failed = True
+                self.on_signal(signal.SIGTERM, None)
+                continue
+            self.spawn(index)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        for i in range(self.cfg.processes):
+            self.spawn(i)
+        log.info("workers started", processes=self.cfg.processes)
+        sel = selectors.DefaultSelector()
+        for sock in self.socks:
+            sel.register(sock, selectors.EVENT_READ)
+        while self.workers:
+            if self.stopping and sel.get_map():
+                for sock in self.socks:
+                    sel.unregister(sock)
+            for key, _ in sel.select(timeout=0.2):
+                listener = key.fileobj
+                assert isinstance(listener, socket.socket)
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as e:
+                        log.warning("accept failed", error=e.strerror)
+                        break
+                    self.hand_over(conn)
+            self.reap()
+        sel.close()
+        return 1 if self.failed else 0
+
+
+def _supervise(make_device: Callable[[], BlockDevice], socks: list[socket.socket],
+               cfg: ServeConfig) -> int:
+    return _Supervisor(make_device, socks, cfg).run()
+
+
+async def _serve_channel(device: BlockDevice, chan: socket.socket, cfg: ServeConfig) -> int:
+    export = Export(cfg.export_name, device, cfg.description, cfg.read_only)
+    server = NbdServer([export], max_inflight=cfg.max_inflight, workers=cfg.threads)
+    server.serve_channel(chan)
+    await server.serve_until_stopped(stop_requested=lambda: _early_stop)
+    return 0
+
+
+def _run_channel_worker(make_device: Callable[[], BlockDevice], chan: socket.socket,
+                        cfg: ServeConfig) -> int:
+    device = make_device()
+    with device:
+        return run_loop(_serve_channel(device, chan, cfg))

@@ -432,6 +432,30 @@ class NbdServer:
                 srv = await self.loop.create_server(lambda: Connection(self), sock=sock)
             self.listeners.append(srv)
 
+    def serve_channel(self, chan: socket.socket) -> None:
+        """Serve connections a parent process accepted and passes over `chan`."""
+        chan.setblocking(False)
+
+        def receive() -> None:
+            try:
+                msg, fds, _, _ = socket.recv_fds(chan, 16, 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                msg, fds = b"", []
+            if not msg and not fds:  # the parent is gone: stop
+                self.loop.remove_reader(chan.fileno())
+                self._stop.set()
+                return
+            for fd in fds:
+                sock = socket.socket(fileno=fd)
+                sock.setblocking(False)
+                self.loop.create_task(
+                    self.loop.connect_accepted_socket(lambda: Connection(self), sock)
+                )
+
+        self.loop.add_reader(chan.fileno(), receive)
+
     async def serve_until_stopped(
         self, drain_timeout: float = 30.0, stop_requested: Callable[[], bool] | None = None
     ) -> None:
