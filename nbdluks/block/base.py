@@ -56,7 +56,12 @@ class BlockDevice:
     def pread_into(self, buf: memoryview, offset: int) -> None:
         raise unsupported("read")
 
-    def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
+    def pwrite(
+        self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False, *,
+        owned: bool = False,
+    ) -> None:
+        """Write `buf` at `offset`. With `owned` the caller gives `buf` up and
+        a layer may use it as scratch space (encrypt it in place)."""
         raise unsupported("write")
 
     def flush(self) -> None:

@@ -69,7 +69,10 @@ class FileDevice(BlockDevice):
                 raise OSError(errno.EIO, "unexpected end of file (was it truncated?)")
             done += n
 
-    def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
+    def pwrite(
+        self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False, *,
+        owned: bool = False,
+    ) -> None:
         view = memoryview(buf)
         done = 0
         while done < len(view):

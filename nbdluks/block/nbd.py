@@ -42,7 +42,10 @@ class NbdDevice(BlockDevice):
         for o, n in self._pieces(offset, len(buf)):
             self.client.request(Cmd.READ, o, n, buf=buf[o - offset : o - offset + n])
 
-    def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
+    def pwrite(
+        self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False, *,
+        owned: bool = False,
+    ) -> None:
         if not self.caps.writable:
             raise OSError(errno.EPERM, "the upstream export is read-only")
         check_range(self, offset, len(buf))

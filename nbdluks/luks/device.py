@@ -100,12 +100,16 @@ class LuksDevice(BlockDevice):
         self._read_sectors(tmp, start)
         buf[:] = tmp[offset - start : offset - start + len(buf)]
 
-    def pwrite(self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False) -> None:
+    def pwrite(
+        self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False, *,
+        owned: bool = False,
+    ) -> None:
         self._require_writable()
         check_range(self, offset, len(buf))
         start, end = self._span(offset, len(buf))
         if start == offset and end == offset + len(buf):
-            self._write_sectors(bytearray(buf), start, fua)
+            mine = buf if owned and isinstance(buf, bytearray) else bytearray(buf)
+            self._write_sectors(mine, start, fua)
             return
         # Read-modify-write of the partial sectors at the edges; serialized so
         # two writes into different bytes of one sector both survive.
@@ -135,7 +139,7 @@ class LuksDevice(BlockDevice):
         pos = offset
         while pos < end:
             n = min(_ZERO_CHUNK, end - pos)
-            self.pwrite(bytes(n), pos)
+            self.pwrite(bytearray(n), pos, owned=True)
             pos += n
         if fua:
             self.flush()

@@ -102,7 +102,7 @@ def execute(dev: BlockDevice, req: Request, neg: Negotiated) -> list[bytes | mem
         return frames
     if cmd == Cmd.WRITE:
         assert req.payload is not None
-        dev.pwrite(req.payload, req.offset, fua=fua)
+        dev.pwrite(req.payload, req.offset, fua=fua, owned=True)
     elif cmd == Cmd.FLUSH:
         dev.flush()
     elif cmd == Cmd.TRIM:
