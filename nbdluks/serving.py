@@ -62,25 +62,30 @@ def _note_early_stop(_sig: int, _frame: object) -> None:
     _early_stop = True
 
 
-async def _serve(device: BlockDevice, socks: list[socket.socket], cfg: ServeConfig) -> int:
+async def _serve(device: BlockDevice, cfg: ServeConfig, socks: list[socket.socket],
+                 chan: socket.socket | None) -> int:
     export = Export(cfg.export_name, device, cfg.description, cfg.read_only)
     server = NbdServer([export], max_inflight=cfg.max_inflight, workers=cfg.threads)
-    await server.serve_sockets(socks)
+    if chan is not None:
+        server.serve_channel(chan)
+    else:
+        await server.serve_sockets(socks)
     await server.serve_until_stopped(stop_requested=lambda: _early_stop)
     return 0
 
 
-def run_worker(make_device: Callable[[], BlockDevice], socks: list[socket.socket],
-               cfg: ServeConfig) -> int:
+def run_worker(make_device: Callable[[], BlockDevice], cfg: ServeConfig,
+               socks: list[socket.socket], chan: socket.socket | None = None) -> int:
+    """Serve on listening sockets, or on connections handed over `chan`."""
     device = make_device()
     with device:
-        return run_loop(_serve(device, socks, cfg))
+        return run_loop(_serve(device, cfg, socks, chan))
 
 
 def serve(make_device: Callable[[], BlockDevice], socks: list[socket.socket],
           cfg: ServeConfig) -> int:
     if cfg.processes <= 1:
-        return run_worker(make_device, socks, cfg)
+        return run_worker(make_device, cfg, socks)
     return _supervise(make_device, socks, cfg)
 
 
@@ -118,7 +123,7 @@ class _Supervisor:
                 for _, chan, _ in self.workers.values():
                     chan.close()
                 parent_end.close()
-                code = _run_channel_worker(self.make_device, child_end, self.cfg)
+                code = run_worker(self.make_device, self.cfg, [], child_end)
             except BaseException as e:
                 log.error("worker failed", error=str(e), kind=type(e).__name__)
             finally:
@@ -209,18 +214,3 @@ class _Supervisor:
 def _supervise(make_device: Callable[[], BlockDevice], socks: list[socket.socket],
                cfg: ServeConfig) -> int:
     return _Supervisor(make_device, socks, cfg).run()
-
-
-async def _serve_channel(device: BlockDevice, chan: socket.socket, cfg: ServeConfig) -> int:
-    export = Export(cfg.export_name, device, cfg.description, cfg.read_only)
-    server = NbdServer([export], max_inflight=cfg.max_inflight, workers=cfg.threads)
-    server.serve_channel(chan)
-    await server.serve_until_stopped(stop_requested=lambda: _early_stop)
-    return 0
-
-
-def _run_channel_worker(make_device: Callable[[], BlockDevice], chan: socket.socket,
-                        cfg: ServeConfig) -> int:
-    device = make_device()
-    with device:
-        return run_loop(_serve_channel(device, chan, cfg))
