@@ -112,49 +112,53 @@ def prepare(args: argparse.Namespace) -> tuple[Callable[[], BlockDevice], int]:
     """Open and check the sources (unlocking a LUKS volume) before anything
     listens; return a factory of devices for the worker processes and how
     many processes to run."""
-    processes = args.processes or min(os.cpu_count() or 1, 8)
+    uv = None
+    reopen: Callable[[], BlockDevice]
     if args.raw:
         if args.payload or args.header:
             raise UsageError("--raw cannot be combined with --payload/--header")
-        first = open_source(args.raw, read_only=args.read_only)
-        multi = first.caps.multi_conn and not is_nbd_uri(args.raw)
-        return _factory(first, lambda: open_source(args.raw, read_only=args.read_only),
-                        processes if multi else 1)
-    if not args.payload:
-        raise UsageError("nothing to serve: give --payload SRC (LUKS) or --raw SRC")
-    keys = _keys(args)
-    if not keys.given():
-        raise UsageError("give one of --passphrase-file, --key-file or --volume-key-file")
-    uv = unlock_volume(
-        args.payload, args.header, keys, read_only=args.read_only,
-        allow_discards=args.allow_discards, argon2_max_kib=args.argon2_max_memory,
-    )
-    try:
-        first = uv.device()
-    except BaseException:
-        uv.wipe()
-        raise
-    vol = uv.vol
-    log.info(
-        "volume unlocked", luks_version=vol.version, uuid=vol.uuid,
-        cipher=vol.segment.cipher, sector_size=vol.segment.sector_size,
-        keyslot=uv.keyslot, size=first.size, header_copy=vol.copy,
-    )
-    if is_nbd_uri(args.payload) and not _upstream_multi_conn(first):
+        source = args.raw
+        first: BlockDevice = open_source(source, read_only=args.read_only)
+
+        def reopen() -> BlockDevice:
+            return open_source(source, read_only=args.read_only)
+    else:
+        if not args.payload:
+            raise UsageError("nothing to serve: give --payload SRC (LUKS) or --raw SRC")
+        keys = _keys(args)
+        if not keys.given():
+            raise UsageError("give one of --passphrase-file, --key-file or --volume-key-file")
+        source = args.payload
+        uv = unlock_volume(
+            args.payload, args.header, keys, read_only=args.read_only,
+            allow_discards=args.allow_discards, argon2_max_kib=args.argon2_max_memory,
+        )
+        try:
+            first = uv.device()
+        except BaseException:
+            uv.wipe()
+            raise
+        vol = uv.vol
+        log.info(
+            "volume unlocked", luks_version=vol.version, uuid=vol.uuid,
+            cipher=vol.segment.cipher, sector_size=vol.segment.sector_size,
+            keyslot=uv.keyslot, size=first.size, header_copy=vol.copy,
+        )
+        # Partial-sector writes from different processes take turns.
+        lock = multiprocessing.get_context("fork").Lock()
+        unlocked = uv
+
+        def reopen() -> BlockDevice:
+            return unlocked.device(rmw_lock=lock)
+
+    processes = args.processes or min(os.cpu_count() or 1, 8)
+    if is_nbd_uri(source) and not _upstream_multi_conn(first):
         # One upstream connection per process: a FLUSH on one would not
         # cover another's writes unless the upstream promises multi-conn.
         processes = 1
     if processes <= 1:
-        uv.wipe()
-        return (lambda: first), 1
-    first.close()
-    lock = multiprocessing.get_context("fork").Lock()
-    return (lambda: uv.device(rmw_lock=lock)), processes
-
-
-def _factory(first: BlockDevice, reopen: Callable[[], BlockDevice], processes: int
-             ) -> tuple[Callable[[], BlockDevice], int]:
-    if processes <= 1:
+        if uv is not None:
+            uv.wipe()
         return (lambda: first), 1
     first.close()
     return reopen, processes
