@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+from nbdluks.nbd.uri import NbdUri, UriError, parse_uri
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("nbd://example.com", NbdUri("", "example.com", 10809)),
+        ("nbd://example.com:10810/disk", NbdUri("disk", "example.com", 10810)),
+        ("nbd://[::1]:10809/a%20b", NbdUri("a b", "::1", 10809)),
+        ("nbd+unix:///?socket=/run/s.sock", NbdUri("", socket="/run/s.sock")),
+        ("nbd+unix:///vol7?socket=/tmp/x.sock", NbdUri("vol7", socket="/tmp/x.sock")),
+    ],
+)
+def test_parse(text: str, expected: NbdUri) -> None:
+    assert parse_uri(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nbds://host/x", "TLS"),
+        ("nbds+unix:///x?socket=/s", "TLS"),
+        ("http://host/", "not an NBD URI"),
+        ("nbd+unix:///x", "socket="),
+        ("nbd+unix://host/x?socket=/s", "no host"),
+        ("nbd:///x", "no host"),
+        ("nbd://host:99999/x", "bad port"),
+    ],
+)
+def test_errors(text: str, message: str) -> None:
+    with pytest.raises(UriError, match=message):
+        parse_uri(text)
+
+
+def test_str_round_trip() -> None:
+    for text in ("nbd+unix:///vol?socket=/tmp/x.sock", "nbd://h:10809/e", "nbd://[::1]:1/e"):
+        assert parse_uri(str(parse_uri(text))) == parse_uri(text)
