@@ -42,14 +42,21 @@ def fetch_debs() -> Path:
     if (CACHE / "ready").exists():
         return root
     CACHE.mkdir(parents=True, exist_ok=True)
-    deps = _run(["apt-cache", "depends", "linux-image-amd64"])
-    m = re.search(r"Depends: (linux-image-[\w.+-]+)", deps)
-    if not m:
-        raise VmUnavailable("cannot find the kernel package linux-image-amd64 depends on")
     debs = CACHE / "debs"
     debs.mkdir(exist_ok=True)
     os.chmod(debs, 0o777)  # apt-get download drops privileges to _apt
-    _run(["apt-get", "download", m.group(1), "busybox-static"], cwd=debs)
+    for attempt in range(2):
+        try:
+            deps = _run(["apt-cache", "depends", "linux-image-amd64"])
+            m = re.search(r"Depends: (linux-image-[\w.+-]+)", deps)
+            if not m:
+                raise VmUnavailable("cannot find the kernel package linux-image-amd64 needs")
+            _run(["apt-get", "download", m.group(1), "busybox-static"], cwd=debs)
+            break
+        except VmUnavailable:
+            if attempt or os.geteuid() != 0:
+                raise
+            _run(["apt-get", "update", "-qq"])  # empty or stale package lists
     for deb in debs.glob("*.deb"):
         _run(["dpkg", "-x", str(deb), str(root)])
     (CACHE / "ready").touch()
