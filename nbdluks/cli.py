@@ -15,7 +15,7 @@ import structlog
 from . import __version__, serving
 from . import log as logsetup
 from .block.base import BlockDevice
-from .block.source import SourceError, is_nbd_uri, open_source
+from .block.source import DEFAULT_UPSTREAM_TIMEOUT, SourceError, is_nbd_uri, open_source
 from .inspect import describe, render_text
 from .luks.errors import LuksError, WrongKeyError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--header", metavar="SRC",
                      help="a detached LUKS header (default: at the start of the payload)")
     src.add_argument("--raw", metavar="SRC", help="serve a file or block device as it is")
+    src.add_argument("--upstream-timeout", type=float, default=DEFAULT_UPSTREAM_TIMEOUT,
+                     metavar="S", help="seconds an upstream NBD server may take to answer "
+                     "before its connection counts as dead and requests fail with EIO "
+                     f"(default {DEFAULT_UPSTREAM_TIMEOUT:.0f})")
     src.add_argument("--allow-discards", action="store_true",
                      help="pass TRIM on to the payload (discarded ranges read back as "
                      "unpredictable data)")
@@ -118,10 +122,11 @@ def prepare(args: argparse.Namespace) -> tuple[Callable[[], BlockDevice], int]:
         if args.payload or args.header:
             raise UsageError("--raw cannot be combined with --payload/--header")
         source = args.raw
-        first: BlockDevice = open_source(source, read_only=args.read_only)
+        first: BlockDevice = open_source(source, read_only=args.read_only,
+                                         timeout=args.upstream_timeout)
 
         def reopen() -> BlockDevice:
-            return open_source(source, read_only=args.read_only)
+            return open_source(source, read_only=args.read_only, timeout=args.upstream_timeout)
     else:
         if not args.payload:
             raise UsageError("nothing to serve: give --payload SRC (LUKS) or --raw SRC")
@@ -132,6 +137,7 @@ def prepare(args: argparse.Namespace) -> tuple[Callable[[], BlockDevice], int]:
         uv = unlock_volume(
             args.payload, args.header, keys, read_only=args.read_only,
             allow_discards=args.allow_discards, argon2_max_kib=args.argon2_max_memory,
+            timeout=args.upstream_timeout,
         )
         try:
             first = uv.device()

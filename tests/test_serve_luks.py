@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Upstream, libnbd, need, pattern, run
+from tests.conftest import Upstream, libnbd, need, pattern, run, wait_listening
 from tests.luks.reference import Made, fill, luks_format, read_plain
 from tests.luks.test_headers import rewrite_json
 
@@ -291,3 +291,36 @@ for i in range(2):
     assert srv.proc.poll() is None  # still serving
     assert srv.stop() == 0
     time.sleep(0)
+
+
+def test_stalled_upstream_times_out_with_eio(nbdluks, tmp_path: Path) -> None:
+    need("nbdkit")
+    made, _ = volume(tmp_path, detached=True, size=4 * MiB)
+    assert made.header
+    sock = tmp_path / "slow.sock"
+    log = tmp_path / "slow.log"
+    with open(log, "wb") as f:
+        slow = subprocess.Popen(["nbdkit", "-f", "-U", str(sock), "--filter=delay", "file",
+                                 f"file={made.payload}", "delay-read=30"],
+                                stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_listening(slow, str(sock), None, log)
+        srv = nbdluks(*luks_args(made, tmp_path, payload=f"nbd+unix:///?socket={sock}"),
+                      "--upstream-timeout", "2")
+        script = r"""
+import time
+h.connect_uri(sys.argv[1])
+t = time.monotonic()
+try:
+    h.pread(4096, 0); print("read")
+except nbd.Error as e:
+    print(e.errno, round(time.monotonic() - t))
+"""
+        errno_name, seconds = libnbd(script, srv.uri).split()
+        assert errno_name == "EIO" and int(seconds) <= 4
+        assert srv.proc.poll() is None
+        assert srv.stop() == 0
+        assert "no reply within 2 s" in srv.log_text()
+    finally:
+        slow.kill()
+        slow.wait()

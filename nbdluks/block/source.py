@@ -14,14 +14,20 @@ def is_nbd_uri(spec: str) -> bool:
     return spec.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://"))
 
 
-def open_source(spec: str, *, read_only: bool) -> BlockDevice:
+# Seconds an upstream NBD server may take to answer a request before its
+# connection is declared dead (every request on it then fails with EIO).
+DEFAULT_UPSTREAM_TIMEOUT = 60.0
+
+
+def open_source(spec: str, *, read_only: bool,
+                timeout: float = DEFAULT_UPSTREAM_TIMEOUT) -> BlockDevice:
     if is_nbd_uri(spec):
         from ..nbd.client import NbdClientError
         from ..nbd.uri import UriError, parse_uri
         from .nbd import NbdDevice
 
         try:
-            return NbdDevice(parse_uri(spec), read_only=read_only)
+            return NbdDevice(parse_uri(spec), read_only=read_only, request_timeout=timeout)
         except (NbdClientError, UriError) as e:
             raise SourceError(str(e)) from None
     try:
