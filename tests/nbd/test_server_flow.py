@@ -7,7 +7,7 @@ import struct
 import time
 from pathlib import Path
 
-from tests.nbd.test_server_errors import raw_connect, recv_exact, request, simple_reply
+from tests.rawnbd import raw_connect, recv_exact, request, simple_reply
 
 MiB = 1 << 20
 

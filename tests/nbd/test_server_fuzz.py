@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.nbd.test_server_errors import raw_connect, recv_exact, request, simple_reply
+from tests.rawnbd import raw_connect, recv_exact, request, simple_reply
 
 REQ_MAGIC = struct.pack(">I", 0x25609513)
 
