@@ -9,7 +9,7 @@ import binascii
 import hashlib
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import HeaderError, NotLuksError, UnsupportedError
@@ -125,7 +125,7 @@ def parse(data: bytes, *, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB) -> Volum
             )
         elif copies[0].seqid != copies[1].seqid:
             warnings.append("LUKS2 header copies differ in seqid; using the newer")
-        return _replace_warnings(vol, tuple(warnings))
+        return replace(vol, warnings=tuple(warnings))
     raise HeaderError("no usable LUKS2 header: " + "; ".join(errors))
 
 
@@ -133,12 +133,6 @@ def _msg(e: Exception) -> str:
     if isinstance(e, KeyError):
         return f"missing field {e.args[0]!r}"
     return str(e)
-
-
-def _replace_warnings(vol: Volume, warnings: tuple[str, ...]) -> Volume:
-    from dataclasses import replace
-
-    return replace(vol, warnings=warnings)
 
 
 # --- JSON validation ------------------------------------------------------

@@ -6,6 +6,7 @@ Pure code: the caller reads each key slot's area and passes the bytes in.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ class Unlocked:
     keyslot: int | None  # None: the volume key was given directly
 
     def wipe(self) -> None:
-        self.key[:] = bytes(len(self.key))
+        wipe(self.key)
 
 
 def wipe(buf: bytearray) -> None:
@@ -31,8 +32,6 @@ def wipe(buf: bytearray) -> None:
 
 
 def check_digest(digest: Digest, key: bytes | bytearray) -> bool:
-    import hashlib
-
     got = hashlib.pbkdf2_hmac(
         digest.hash, bytes(key), digest.salt, digest.iterations, len(digest.digest)
     )
