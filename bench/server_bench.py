@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.luks.reference import qemu_luks_create
+
 MiB = 1 << 20
 
 
@@ -150,10 +152,8 @@ def bench_luks(tmp: Path, size: int, rounds: int) -> None:
     pw = tmp / "pw"
     pw.write_bytes(b"benchmark passphrase")
     img = tmp / "v1.luks"
-    subprocess.run(["qemu-img", "create", "-f", "luks", "--object", f"secret,id=s0,file={pw}",
-                    "-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,"
-                    "hash-alg=sha256,iter-time=10", str(img), str(size)],
-                   check=True, capture_output=True)
+    qemu_luks_create(img, pw, size, "cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,"
+                     "hash-alg=sha256")
     # Allocate the payload now, so that no server pays for it in its first round.
     with open(img, "r+b") as f:
         os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)

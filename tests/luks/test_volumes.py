@@ -11,7 +11,7 @@ import pytest
 from nbdluks.luks.errors import WrongKeyError
 from nbdluks.opener import KeySource, open_luks
 from tests.conftest import need, pattern
-from tests.luks.reference import Made, fill, luks_format
+from tests.luks.reference import Made, fill, luks_format, qemu_luks_create
 
 MiB = 1 << 20
 
@@ -156,10 +156,7 @@ def test_luks1_written_by_qemu(tmp_path: Path) -> None:
     for opts in ("cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256",
                  "cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256,"
                  "hash-alg=sha1"):
-        img.unlink(missing_ok=True)
-        subprocess.run(["qemu-img", "create", "-f", "luks", "--object", obj, "-o",
-                        f"key-secret=s0,iter-time=10,{opts}", str(img), "6M"],
-                       check=True, capture_output=True)
+        qemu_luks_create(img, secret, 6 * MiB, opts)
         subprocess.run(["qemu-img", "convert", "-n", "--object", obj, "-f", "raw",
                         str(plain_path), "--target-image-opts",
                         f"driver=luks,file.filename={img},key-secret=s0"],
