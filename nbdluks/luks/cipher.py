@@ -38,13 +38,16 @@ _REDUCE_SHIFTS = (np.uint64(1), np.uint64(2), np.uint64(7))
 _SHIFTS = np.arange(1, 32, dtype=np.uint64)[:, None]
 _RSHIFTS = np.uint64(64) - _SHIFTS
 _S32 = np.uint64(32)
+# From this many units on, the tweak table's first 32 rows are built by
+# doubling (more numpy calls, each cheaper) rather than in one broadcast.
+_DOUBLING_MIN = 64
 _IV_PACKERS: dict[str, Callable[[int], bytes]] = {
     "plain64": lambda n: (n & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "little") + bytes(8),
     "plain": lambda n: (n & 0xFFFFFFFF).to_bytes(4, "little") + bytes(12),
     "plain64be": lambda n: bytes(8) + (n & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big"),
 }
 # Work in pieces of about this size so temporaries stay in the CPU cache.
-CHUNK = 1024 * 1024
+CHUNK = 512 * 1024
 
 
 class _Scratch(threading.local):
@@ -249,13 +252,24 @@ class SectorCipher:
         ov = scratch.get("ov", (min(32, nb), count))
         lo[0] = t0[:, 0]
         hi[0] = t0[:, 1]
-        # Rows 1..31 straight from row 0 with per-row shifts (one broadcast
-        # pass: few numpy calls for small requests), then doubling by 32.
         first = min(32, nb)
-        if first > 1:
+        if count >= _DOUBLING_MIN:
+            # Rows [f, 2f) from rows [0, f) times alpha^f, f = 1, 2, 4, ...:
+            # scalar shifts over contiguous rows run ~3x faster than the
+            # broadcast shifts below, which only win by making fewer calls.
+            f = 1
+            while f < first:
+                m = min(f, first - f)
+                sh = np.uint64(f)
+                self._mul_rows(lo[:m], hi[:m], lo[f : f + m], hi[f : f + m], sh,
+                               np.uint64(64 - f), tmp[:m], ov[:m])
+                f += m
+        elif first > 1:
+            # Rows 1..31 straight from row 0 with per-row shifts: one pass.
             m = first - 1
             self._mul_rows(lo[0:1], hi[0:1], lo[1:first], hi[1:first], _SHIFTS[:m],
                            _RSHIFTS[:m], tmp[:m], ov[:m])
+        # Then by alpha^32 (shifts stay below 64 bits).
         filled = first
         while filled < nb:
             m = min(32, nb - filled)

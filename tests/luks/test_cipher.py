@@ -5,7 +5,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from nbdluks.luks.cipher import CipherSpec, SectorCipher, _Scratch
+from nbdluks.luks.cipher import _DOUBLING_MIN, CipherSpec, SectorCipher, _Scratch
 from nbdluks.luks.errors import UnsupportedError
 from tests.luks import reference
 
@@ -78,10 +78,10 @@ def test_plain_iv_wraps_at_32_bits() -> None:
 
 
 @pytest.mark.parametrize("sector_size", [32, 512, 1024, 4096])
-def test_xts_tweak_table_equals_textbook_doubling(sector_size: int) -> None:
+@pytest.mark.parametrize("count", [5, _DOUBLING_MIN + 3])  # both ways of building the table
+def test_xts_tweak_table_equals_textbook_doubling(sector_size: int, count: int) -> None:
     key = os.urandom(64)
     sc = SectorCipher(CipherSpec.parse("aes-xts-plain64"), key, sector_size)
-    count = 5
     tw = sc._xts_tweaks(1000, count, _Scratch())
     ecb = Cipher(algorithms.AES(key[32:]), modes.ECB()).encryptor()
     for j in range(count):
