@@ -60,6 +60,21 @@ class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     error: int = 0
     message: str = ""
+    # READ in chunks: the (start, length) ranges the reply covered so far.
+    covered: list[tuple[int, int]] = field(default_factory=list)
+
+    def check_covered(self) -> None:
+        """A structured READ reply must cover every byte exactly once (the
+        buffer is reused: a gap would pass on stale bytes)."""
+        assert self.buf is not None
+        pos = 0
+        for start, n in sorted(self.covered):
+            if start != pos:
+                break
+            pos += n
+        if pos != len(self.buf):
+            self.error = errno.EIO
+            self.message = "the upstream's read reply did not cover the request"
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -226,6 +241,8 @@ class NbdClient:
             return
         self._chunk(hdr, p)
         if hdr.done:
+            if p.cmd == Cmd.READ and not p.error:
+                p.check_covered()
             self._complete(hdr.handle, p)
 
     def _chunk(self, hdr: ChunkHeader, p: _Pending) -> None:
@@ -236,12 +253,14 @@ class NbdClient:
             if p.buf is None or start < 0 or n < 0 or start + n > len(p.buf):
                 raise ProtocolError("data chunk outside the request")
             _recv_into(self.sock, p.buf[start : start + n])
+            p.covered.append((start, n))
         elif hdr.type == Chunk.OFFSET_HOLE:
             offset, n = struct.unpack(">QI", _recv(self.sock, 12))
             start = offset - p.offset
             if p.buf is None or start < 0 or start + n > len(p.buf):
                 raise ProtocolError("hole chunk outside the request")
             p.buf[start : start + n] = bytes(n)
+            p.covered.append((start, n))
         elif hdr.type in (Chunk.ERROR, Chunk.ERROR_OFFSET):
             body = _recv(self.sock, hdr.length)
             err, mlen = struct.unpack_from(">IH", body)

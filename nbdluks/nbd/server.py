@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import structlog
 
 from ..block.base import BlockDevice
+from .buffers import BufferPool
 from .commands import (
     block_status_reply,
     errno_to_nbd,
@@ -92,7 +93,9 @@ def execute(dev: BlockDevice, req: Request, neg: Negotiated) -> list[bytes | mem
         if neg.structured and dev.caps.extents and not req.flags & CmdFlag.DF:
             extents = dev.extents(req.offset, req.length)
         plan = read_reply_headers(req, neg, extents)
-        buf = memoryview(bytearray(req.length))
+        # Every byte that is sent gets read into: a pooled buffer's old
+        # contents never leave (devices fail a read they cannot fill).
+        buf = memoryview(req.buffer if req.buffer is not None else bytearray(req.length))
         frames: list[bytes | memoryview] = []
         for header, start, n in plan:
             frames.append(header)
@@ -133,7 +136,7 @@ class Connection(asyncio.Protocol):
         self.handshake = Handshake({n: e.info() for n, e in server.exports.items()})
         self.neg: Negotiated | None = None
         self.export: Export | None = None
-        self.decoder = RequestDecoder()
+        self.decoder = RequestDecoder(alloc=server.buffers.get)
         self.inflight_bytes = 0
         self.inflight = 0
         self._backlog: collections.deque[Request] = collections.deque()
@@ -265,6 +268,8 @@ class Connection(asyncio.Protocol):
             self.transport.write(error_reply(req, self.neg, err))
             return
         cost = _REQUEST_OVERHEAD + (req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
+        if req.cmd == Cmd.READ:
+            req.buffer = self.server.buffers.get(req.length)
         self.inflight += 1
         self.inflight_bytes += cost
         assert self.export is not None
@@ -299,6 +304,11 @@ class Connection(asyncio.Protocol):
             frames = result
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(frames)
+        del frames, result
+        for buf in (req.buffer, req.payload):
+            if buf is not None:
+                self.server.buffers.put(buf)
+        req.buffer = req.payload = None
         self._pump()
         self._maybe_close()
 
@@ -361,6 +371,7 @@ class NbdServer:
     ) -> None:
         self.exports = {e.name: e for e in exports}
         self.max_inflight = max_inflight
+        self.buffers = BufferPool(max_inflight)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self.connections: set[Connection] = set()
         self.listeners: list[asyncio.AbstractServer] = []

@@ -7,6 +7,7 @@ bytes and take encoded frames back.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -166,6 +167,8 @@ class Request:
     length: int
     # WRITE only: the payload; None when it was too large and was skipped.
     payload: bytearray | None = None
+    # READ only: where the server puts the data (from its buffer pool).
+    buffer: bytearray | None = None
 
     @property
     def oversized(self) -> bool:
@@ -184,9 +187,11 @@ class RequestDecoder:
     and the request can be failed without dropping the connection.
     """
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD,
+                 alloc: Callable[[int], bytearray] = bytearray) -> None:
         self._buf = bytearray()
         self._max_payload = max_payload
+        self._alloc = alloc  # payload buffers; their contents are overwritten
         self._pending: Request | None = None  # WRITE waiting for its payload
         self._filled = 0
         self._skip = 0
@@ -235,7 +240,7 @@ class RequestDecoder:
                 if req.length > self._max_payload:
                     self._skip = req.length
                 else:
-                    req.payload = bytearray(req.length)
+                    req.payload = self._alloc(req.length)
                     self._filled = 0
             else:
                 if req.cmd == Cmd.WRITE:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import errno
+import socket
+import struct
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from nbdluks.block.nbd import NbdDevice
 from nbdluks.nbd.client import NbdClientError
+from nbdluks.nbd.constants import REQUEST_SIZE, TxFlag
+from nbdluks.nbd.handshake import ExportInfo, Handshake, State
 from nbdluks.nbd.uri import NbdUri
+from nbdluks.nbd.wire import encode_offset_data_header, encode_offset_hole
 from tests.conftest import need, wait_listening
 
 MiB = 1 << 20
@@ -98,3 +103,71 @@ def test_read_only_upstream_and_missing_export(nbdkit) -> None:  # type: ignore[
         dev.close()
     with pytest.raises(NbdClientError, match="cannot connect"):
         NbdDevice(NbdUri("", socket="/nonexistent.sock"))
+
+
+def _hostile_upstream(path: Path, answer: Callable[[socket.socket, int, int, int], None]
+                      ) -> threading.Thread:
+    """A one-request NBD server that answers a READ with `answer` (an upstream
+    that breaks the protocol, which no real server here does on purpose)."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            hs = Handshake({"": ExportInfo("", MiB, TxFlag.HAS_FLAGS)})
+            conn.sendall(hs.data_to_send())
+            while hs.state is not State.DONE:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                hs.receive_data(data)
+                conn.sendall(hs.data_to_send())
+            head = hs.leftover
+            while len(head) < REQUEST_SIZE:
+                head += conn.recv(REQUEST_SIZE - len(head))
+            _, _, _, handle, offset, length = struct.unpack(">IHHQQI", head[:REQUEST_SIZE])
+            answer(conn, handle, offset, length)
+            conn.recv(1024)  # until the client hangs up
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _data(conn: socket.socket, handle: int, offset: int, n: int, done: bool) -> None:
+    conn.sendall(encode_offset_data_header(handle, offset, n, done) + bytes([7]) * n)
+
+
+@pytest.mark.parametrize("case", ["complete", "gap", "overlap"])
+def test_a_read_reply_must_cover_the_request(tmp_path: Path, case: str) -> None:
+    """Read buffers are reused: bytes the upstream did not send would be stale
+    bytes of an earlier request, so a reply with a gap is EIO."""
+    def answer(conn: socket.socket, handle: int, offset: int, length: int) -> None:
+        half = length // 2
+        if case == "complete":
+            _data(conn, handle, offset, half, False)
+            conn.sendall(encode_offset_hole(handle, offset + half, length - half, True))
+        elif case == "gap":
+            _data(conn, handle, offset, half, True)
+        else:  # as many bytes as asked, but the first half twice
+            _data(conn, handle, offset, half, False)
+            _data(conn, handle, offset, half, True)
+
+    path = tmp_path / "hostile.sock"
+    t = _hostile_upstream(path, answer)
+    dev = NbdDevice(NbdUri("", socket=str(path)), request_timeout=10)
+    buf = bytearray(b"\xee") * 65536
+    try:
+        if case == "complete":
+            dev.pread_into(memoryview(buf), 4096)
+            assert buf == bytes([7]) * 32768 + bytes(32768)
+        else:
+            with pytest.raises(OSError) as e:
+                dev.pread_into(memoryview(buf), 4096)
+            assert e.value.errno == errno.EIO
+            assert "did not cover" in str(e.value)
+    finally:
+        dev.close()
+    t.join(5)
