@@ -149,6 +149,7 @@ def prepare(args: argparse.Namespace) -> tuple[Callable[[], BlockDevice], int]:
             "volume unlocked", luks_version=vol.version, uuid=vol.uuid,
             cipher=vol.segment.cipher, sector_size=vol.segment.sector_size,
             keyslot=uv.keyslot, size=first.size, header_copy=vol.copy,
+            cipher_engine=first.cipher.engine,
         )
         # Partial-sector writes from different processes take turns.
         lock = multiprocessing.get_context("fork").Lock()

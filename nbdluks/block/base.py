@@ -83,6 +83,11 @@ class BlockDevice:
         """Extents covering at least [offset, offset+length): all data by default."""
         return [Extent(length)]
 
+    def read_extents(self, offset: int, length: int) -> list[Extent] | None:
+        """Extents for a READ that may skip holes, or None when finding them
+        would cost more than sending zeroes."""
+        return None
+
     def close(self) -> None:
         pass
 

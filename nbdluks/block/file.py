@@ -7,6 +7,7 @@ import ctypes.util
 import errno
 import os
 import stat
+import time
 
 from .base import BlockDevice, Capabilities, Extent, zero_fill
 
@@ -17,6 +18,12 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
+
+# READs at least this long are sent with holes skipped (OFFSET_HOLE).
+SPARSE_READ_MIN = 64 * 1024
+# A hole probe slower than this stops probing for _PROBE_BACKOFF seconds.
+_PROBE_SLOW = 0.0005
+_PROBE_BACKOFF = 10.0
 
 # errnos meaning "this file system or device cannot do that", not a failure
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
@@ -47,6 +54,7 @@ class FileDevice(BlockDevice):
         # Learned on first use: a file system without punch-hole / zero-range.
         self._can_punch = True
         self._can_zero_range = True
+        self._probe_off_until = 0.0
         writable = not read_only
         self.caps = Capabilities(
             writable=writable,
@@ -124,6 +132,18 @@ class FileDevice(BlockDevice):
 
     def cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def read_extents(self, offset: int, length: int) -> list[Extent] | None:
+        # SEEK_HOLE scans the page cache of unwritten (preallocated) extents
+        # page by page: ~1 ms over a cached 1 GiB one. Small reads gain
+        # nothing from holes, and slow probes stop probing for a while.
+        if self.is_block or length < SPARSE_READ_MIN or time.monotonic() < self._probe_off_until:
+            return None
+        t = time.perf_counter()
+        ext = self.extents(offset, length)
+        if time.perf_counter() - t > _PROBE_SLOW:
+            self._probe_off_until = time.monotonic() + _PROBE_BACKOFF
+        return ext
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         if self.is_block:

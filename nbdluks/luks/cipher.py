@@ -4,7 +4,9 @@ A request of many sectors is a handful of vectorized operations, never a
 cipher context per sector: XTS is one ECB pass over the IVs (the tweaks),
 numpy multiplications by alpha in GF(2^128), and one ECB pass over the
 data; CBC decryption is one ECB pass plus XORs; CBC encryption chains column
-by column across all sectors at once.
+by column across all sectors at once. AES-XTS with 4096-byte sectors, and
+short AES-XTS requests, go through libcrypto's EVP one unit at a time
+instead (evp.py), which is faster there.
 
 16-byte blocks are handled as pairs of little-endian uint64 (lo, hi).
 """
@@ -187,6 +189,13 @@ class SectorCipher:
                 raise UnsupportedError(
                     f"essiv:{spec.ivhash} gives a {len(salt)}-byte key, not valid for {spec.cipher}"
                 ) from e
+
+    @property
+    def engine(self) -> str:
+        """What does the work, for the log."""
+        if self._evp is None:
+            return "numpy"
+        return "openssl-evp" if self._evp_max == EVP_ALWAYS else "numpy+openssl-evp"
 
     # --- IVs ------------------------------------------------------------
 

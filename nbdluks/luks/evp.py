@@ -55,13 +55,16 @@ def _library() -> _Lib | None:
     global _lib, _lib_error
     with _lib_lock:
         if _lib is None and _lib_error is None:
-            try:
-                path = ctypes.util.find_library("crypto")
+            for path in (ctypes.util.find_library("crypto"), "libcrypto.so.3"):
                 if path is None:
-                    raise OSError("libcrypto not found")
-                _lib = _Lib(path)
-            except (OSError, AttributeError) as e:
-                _lib_error = str(e)
+                    continue
+                try:
+                    _lib = _Lib(path)
+                    break
+                except (OSError, AttributeError) as e:
+                    _lib_error = str(e)
+            else:
+                _lib_error = _lib_error or "libcrypto not found"
         return _lib
 
 

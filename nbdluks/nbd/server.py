@@ -90,8 +90,8 @@ def execute(dev: BlockDevice, req: Request, neg: Negotiated) -> list[bytes | mem
     fua = bool(req.flags & CmdFlag.FUA)
     if cmd == Cmd.READ:
         extents = None
-        if neg.structured and dev.caps.extents and not req.flags & CmdFlag.DF:
-            extents = dev.extents(req.offset, req.length)
+        if neg.structured and not req.flags & CmdFlag.DF:
+            extents = dev.read_extents(req.offset, req.length)
         plan = read_reply_headers(req, neg, extents)
         # Every byte that is sent gets read into: a pooled buffer's old
         # contents never leave (devices fail a read they cannot fill).

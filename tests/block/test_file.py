@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from nbdluks.block import file
 from nbdluks.block.file import FileDevice
 
 MiB = 1 << 20
@@ -62,3 +63,20 @@ def test_not_a_file(tmp_path: Path) -> None:
         FileDevice(str(tmp_path), read_only=True)
     with pytest.raises(OSError, match="Is a directory"):
         FileDevice(str(tmp_path))
+
+
+def test_read_extents_only_for_large_reads_and_not_while_probing_is_slow(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "sparse.img"
+    with open(p, "wb") as f:
+        f.truncate(4 * MiB)
+        f.write(b"\x11" * 65536)
+    with FileDevice(str(p)) as d:
+        assert d.read_extents(0, 4096) is None  # a small read: zeroes cost less
+        ext = d.read_extents(0, MiB)
+        assert ext is not None and [(e.length, e.hole) for e in ext] == [
+            (65536, False), (MiB - 65536, True)]
+        monkeypatch.setattr(file, "_PROBE_SLOW", -1.0)  # every probe now counts as slow
+        assert d.read_extents(0, MiB) is not None
+        assert d.read_extents(0, MiB) is None  # backed off
+        assert d.extents(0, MiB) == ext  # BLOCK_STATUS still asks

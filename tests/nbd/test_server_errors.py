@@ -172,3 +172,25 @@ def test_disconnect_waits_for_requests_in_flight(nbdluks, disk: Path) -> None:
     assert replies == {(0, i) for i in range(8)}
     assert s.recv(1) == b""
     assert disk.read_bytes()[: 8 * MiB] == b"\x77" * (8 * MiB)
+
+
+def test_structured_reads_skip_holes_when_it_pays(nbdluks, tmp_path: Path) -> None:
+    img = tmp_path / "sparse.img"
+    with open(img, "wb") as f:
+        f.truncate(4 * MiB)
+        f.write(b"\x11" * 65536)  # data, then a hole
+    srv = nbdluks("--raw", str(img))
+    assert srv.socket
+    s = raw_connect(srv.socket, structured=True)
+    request(s, 0, 1, 0, 256 * 1024)
+    _, flags, ctype, handle, length = struct.unpack(">IHHQI", recv_exact(s, 20))
+    assert (flags, ctype, handle, length) == (0, 1, 1, 8 + 65536)  # OFFSET_DATA
+    assert recv_exact(s, length) == struct.pack(">Q", 0) + b"\x11" * 65536
+    _, flags, ctype, handle, length = struct.unpack(">IHHQI", recv_exact(s, 20))
+    assert (flags, ctype, handle, length) == (1, 2, 1, 12)  # OFFSET_HOLE, done
+    assert struct.unpack(">QI", recv_exact(s, 12)) == (65536, 192 * 1024)
+    # a small read is sent as data even where there is a hole
+    request(s, 0, 2, MiB, 4096)
+    _, flags, ctype, handle, length = struct.unpack(">IHHQI", recv_exact(s, 20))
+    assert (flags, ctype, handle, length) == (1, 1, 2, 8 + 4096)
+    assert recv_exact(s, length)[8:] == bytes(4096)
