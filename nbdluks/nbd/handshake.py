@@ -67,13 +67,22 @@ class Negotiated:
 class State(enum.Enum):
     CLIENT_FLAGS = "client-flags"
     OPTIONS = "options"
+    TLS_START = "tls-start"  # STARTTLS answered: the adapter runs the TLS handshake
     DONE = "done"  # export chosen: transmission starts
     CLOSED = "closed"  # client aborted or stream broken
 
 
+class TlsMode(enum.Enum):
+    OFF = "off"  # STARTTLS refused
+    ON = "on"  # the client chooses
+    REQUIRE = "require"  # nothing but STARTTLS and ABORT before TLS
+
+
 class Handshake:
-    def __init__(self, exports: Mapping[str, ExportInfo]) -> None:
+    def __init__(self, exports: Mapping[str, ExportInfo], tls: TlsMode = TlsMode.OFF) -> None:
         self._exports = exports
+        self.tls = tls
+        self.tls_active = False
         self._buf = bytearray()
         self._out: list[bytes] = [
             encode_greeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES)
@@ -101,6 +110,11 @@ class Handshake:
         if self.state in (State.DONE, State.CLOSED):
             self.leftover += data
             return
+        if self.state is State.TLS_START:
+            # The adapter stops reading at STARTTLS: these would be TLS records.
+            self.state = State.CLOSED
+            self.close_reason = "plaintext data during the TLS upgrade"
+            return
         self._buf += data
         try:
             self._run()
@@ -109,7 +123,7 @@ class Handshake:
             self.close_reason = str(e)
 
     def _run(self) -> None:
-        while self.state not in (State.DONE, State.CLOSED):
+        while self.state not in (State.DONE, State.CLOSED, State.TLS_START):
             if self.state is State.CLIENT_FLAGS:
                 if len(self._buf) < 4:
                     return
@@ -145,9 +159,23 @@ class Handshake:
             del self._buf[: OPTION_HEADER_SIZE + length]
             self.options_seen.append(option)
             self._option(option, payload)
+        if self.state is State.TLS_START and self._buf:
+            # The client must wait for the ACK before its TLS ClientHello.
+            raise ProtocolError("data after STARTTLS before its reply")
         if self.state is State.DONE:
             self.leftover = bytes(self._buf)
             self._buf.clear()
+
+    def tls_started(self) -> None:
+        """The adapter finished the TLS handshake: negotiate afresh over it."""
+        if self.state is not State.TLS_START:
+            raise RuntimeError("no STARTTLS was answered")
+        self.tls_active = True
+        self.state = State.OPTIONS
+        # Nothing negotiated in the clear carries over into TLS.
+        self.structured = False
+        self._meta_export = None
+        self._meta = {}
 
     # --- options ----------------------------------------------------------
 
@@ -161,6 +189,12 @@ class Handshake:
         if not self.fixed_newstyle and option != Opt.EXPORT_NAME:
             # Without fixed newstyle the client cannot parse an error reply.
             raise ProtocolError("option other than EXPORT_NAME without fixed newstyle")
+        if (self.tls is TlsMode.REQUIRE and not self.tls_active
+                and option not in (Opt.STARTTLS, Opt.ABORT)):
+            if option == Opt.EXPORT_NAME:  # no error reply exists for it
+                raise ProtocolError("EXPORT_NAME without TLS, which this server requires")
+            self._error(option, Rep.ERR_TLS_REQD, "this server requires TLS (STARTTLS)")
+            return
         try:
             if option == Opt.EXPORT_NAME:
                 self._export_name(data)
@@ -171,7 +205,7 @@ class Handshake:
             elif option == Opt.LIST:
                 self._list(data)
             elif option == Opt.STARTTLS:
-                self._error(option, Rep.ERR_POLICY, "TLS is not supported by this server")
+                self._starttls(data)
             elif option in (Opt.INFO, Opt.GO):
                 self._info_go(option, data)
             elif option == Opt.STRUCTURED_REPLY:
@@ -186,6 +220,17 @@ class Handshake:
                 self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
         except ValueError as e:
             self._error(option, Rep.ERR_INVALID, f"malformed option: {e}")
+
+    def _starttls(self, data: bytes) -> None:
+        if self.tls is TlsMode.OFF:
+            self._error(Opt.STARTTLS, Rep.ERR_POLICY, "TLS is not enabled on this server")
+        elif self.tls_active:
+            self._error(Opt.STARTTLS, Rep.ERR_INVALID, "TLS is already on")
+        elif data:
+            self._error(Opt.STARTTLS, Rep.ERR_INVALID, "STARTTLS takes no data")
+        else:
+            self._reply(Opt.STARTTLS, Rep.ACK)
+            self.state = State.TLS_START
 
     def _export_name(self, data: bytes) -> None:
         try:

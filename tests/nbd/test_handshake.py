@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdluks.nbd.constants import Info, Opt, Rep, TxFlag
-from nbdluks.nbd.handshake import ExportInfo, Handshake, State
+from nbdluks.nbd.handshake import ExportInfo, Handshake, State, TlsMode
 from nbdluks.nbd.wire import (
     encode_export_request,
     encode_meta_context_request,
@@ -30,8 +30,8 @@ def replies(data: bytes) -> list[tuple[int, int, bytes]]:
     return out
 
 
-def started() -> Handshake:
-    hs = Handshake(EXPORTS)
+def started(tls: TlsMode = TlsMode.OFF) -> Handshake:
+    hs = Handshake(EXPORTS, tls)
     assert hs.data_to_send()[:16] == b"NBDMAGICIHAVEOPT"
     hs.receive_data(CLIENT_FLAGS)
     assert hs.state is State.OPTIONS
@@ -178,3 +178,51 @@ def test_negotiation_fuzz_never_crashes(frames: list[bytes], step: int) -> None:
     assert hs.state in (State.OPTIONS, State.DONE, State.CLOSED)
     if hs.state is State.DONE:
         assert hs.result is not None and hs.result.export.name in EXPORTS
+
+
+def test_starttls_then_a_fresh_negotiation() -> None:
+    hs = started(TlsMode.ON)
+    hs.receive_data(encode_option(Opt.STRUCTURED_REPLY))
+    hs.receive_data(encode_option(Opt.STARTTLS, b"x"))  # takes no data
+    hs.receive_data(encode_option(Opt.STARTTLS))
+    assert [r for _, r, _ in replies(hs.data_to_send())] == [Rep.ACK, Rep.ERR_INVALID, Rep.ACK]
+    assert hs.state is State.TLS_START and not hs.tls_active
+    hs.tls_started()
+    assert hs.state is State.OPTIONS and hs.tls_active
+    hs.receive_data(encode_option(Opt.STARTTLS))  # once is enough
+    hs.receive_data(encode_option(Opt.GO, encode_export_request("")))
+    rs = replies(hs.data_to_send())
+    assert rs[0][1] == Rep.ERR_INVALID and rs[-1][1] == Rep.ACK
+    assert hs.state is State.DONE and hs.result is not None
+    assert not hs.result.structured  # negotiated in the clear: forgotten
+
+
+def test_bytes_after_starttls_end_the_connection() -> None:
+    hs = started(TlsMode.ON)
+    hs.receive_data(encode_option(Opt.STARTTLS) + b"\x16\x03\x01")  # ClientHello too early
+    assert hs.state is State.CLOSED
+    hs = started(TlsMode.ON)
+    hs.receive_data(encode_option(Opt.STARTTLS))
+    hs.receive_data(b"\x16\x03\x01")  # fed while upgrading: an adapter bug
+    assert hs.state is State.CLOSED
+
+
+def test_tls_required() -> None:
+    hs = started(TlsMode.REQUIRE)
+    for opt, data in ((Opt.LIST, b""), (Opt.STRUCTURED_REPLY, b""),
+                      (Opt.INFO, encode_export_request("")), (Opt.GO, encode_export_request(""))):
+        hs.receive_data(encode_option(opt, data))
+    assert [r for _, r, _ in replies(hs.data_to_send())] == [Rep.ERR_TLS_REQD] * 4
+    assert hs.state is State.OPTIONS
+    hs.receive_data(encode_option(Opt.STARTTLS))
+    assert replies(hs.data_to_send()) == [(Opt.STARTTLS, Rep.ACK, b"")]
+    hs.tls_started()
+    hs.receive_data(encode_option(Opt.GO, encode_export_request("")))
+    assert hs.state is State.DONE
+    # EXPORT_NAME has no error reply: without TLS it ends the connection
+    hs = started(TlsMode.REQUIRE)
+    hs.receive_data(encode_option(Opt.EXPORT_NAME, b""))
+    assert hs.state is State.CLOSED and "TLS" in hs.close_reason
+    hs = started(TlsMode.REQUIRE)
+    hs.receive_data(encode_option(Opt.ABORT))
+    assert replies(hs.data_to_send()) == [(Opt.ABORT, Rep.ACK, b"")]
