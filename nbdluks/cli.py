@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 
@@ -20,7 +21,9 @@ from .inspect import describe, render_text
 from .luks.errors import LuksError, WrongKeyError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .nbd.constants import DEFAULT_PORT
+from .nbd.handshake import TlsMode
 from .nbd.listen import Listen, address, bind, cleanup
+from .nbd.tls import TlsConfigError, server_context
 from .opener import KeySource, read_header, unlock, unlock_volume
 from .secrets import SecretError
 from .serving import ServeConfig
@@ -48,6 +51,31 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--processes", type=int, default=None, metavar="N",
                    help="worker processes sharing the listeners (default: one per CPU, "
                    "at most 8; 1 = no extra processes)")
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS (clients use nbds:// URIs)")
+    g.add_argument("--tls", choices=[m.value for m in TlsMode], default="off",
+                   help="off: refuse STARTTLS; on: the client chooses; require: nothing "
+                   "but TLS (default off)")
+    g.add_argument("--tls-certificates", metavar="DIR",
+                   help="server-cert.pem and server-key.pem (and ca-cert.pem with "
+                   "--tls-verify-peer), as qemu-nbd and nbdkit take them")
+    g.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate signed by DIR/ca-cert.pem")
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.tls == TlsMode.OFF.value:
+        if args.tls_certificates or args.tls_verify_peer:
+            raise UsageError("--tls-certificates/--tls-verify-peer need --tls on or require")
+        return None
+    if not args.tls_certificates:
+        raise UsageError(f"--tls {args.tls} needs --tls-certificates DIR")
+    try:
+        return server_context(args.tls_certificates, args.tls_verify_peer)
+    except TlsConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
@@ -102,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "unpredictable data)")
     _key_args(serve)
     _listen_args(serve)
+    _tls_args(serve)
     _log_args(serve)
 
     insp = sub.add_parser("inspect", help="show a LUKS header (and test a key)")
@@ -196,15 +225,17 @@ def bind_listeners(args: argparse.Namespace) -> list[socket.socket]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    ssl_context = tls_context(args)
     make_device, processes = prepare(args)
     socks = bind_listeners(args)
     try:
         log.info("listening", addresses=[address(s) for s in socks], export=args.export_name,
-                 processes=processes)
+                 processes=processes, tls=args.tls)
         cfg = ServeConfig(
             export_name=args.export_name, description=args.description,
             read_only=args.read_only, max_inflight=args.max_inflight * 1024 * 1024,
             threads=args.threads, processes=processes,
+            tls=TlsMode(args.tls), ssl_context=ssl_context,
         )
         return serving.serve(make_device, socks, cfg)
     finally:

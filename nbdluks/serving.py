@@ -16,6 +16,7 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 import structlog
 
 from .block.base import BlockDevice
+from .nbd.handshake import TlsMode
 from .nbd.server import Export, NbdServer
 
 log = structlog.get_logger("nbdluks")
@@ -42,6 +44,8 @@ class ServeConfig:
     max_inflight: int = 64 * 1024 * 1024
     threads: int = 8
     processes: int = 1
+    tls: TlsMode = TlsMode.OFF
+    ssl_context: ssl.SSLContext | None = None
 
 
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -65,7 +69,8 @@ def _note_early_stop(_sig: int, _frame: object) -> None:
 async def _serve(device: BlockDevice, cfg: ServeConfig, socks: list[socket.socket],
                  chan: socket.socket | None) -> int:
     export = Export(cfg.export_name, device, cfg.description, cfg.read_only)
-    server = NbdServer([export], max_inflight=cfg.max_inflight, workers=cfg.threads)
+    server = NbdServer([export], max_inflight=cfg.max_inflight, workers=cfg.threads,
+                       tls=cfg.tls, ssl_context=cfg.ssl_context)
     if chan is not None:
         server.serve_channel(chan)
     else:

@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,7 +29,7 @@ from .commands import (
     validate,
 )
 from .constants import Cmd, CmdFlag, Errno, TxFlag
-from .handshake import ExportInfo, Handshake, Negotiated, State
+from .handshake import ExportInfo, Handshake, Negotiated, State, TlsMode
 from .wire import ProtocolError, Request, RequestDecoder, encode_simple_reply
 
 log = structlog.get_logger("nbdluks.server")
@@ -133,7 +134,9 @@ class Connection(asyncio.Protocol):
         self.loop = server.loop
         self.log = log.bind(conn=next(self._ids))
         self.transport: asyncio.Transport | None = None
-        self.handshake = Handshake({n: e.info() for n, e in server.exports.items()})
+        self.handshake = Handshake({n: e.info() for n, e in server.exports.items()},
+                                   server.tls)
+        self._tls_task: asyncio.Task[None] | None = None
         self.neg: Negotiated | None = None
         self.export: Export | None = None
         self.decoder = RequestDecoder(alloc=server.buffers.get)
@@ -161,6 +164,8 @@ class Connection(asyncio.Protocol):
         self._timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed.is_set():  # a failed TLS handshake reports it itself
+            return
         if self._timer:
             self._timer.cancel()
         self.server.connections.discard(self)
@@ -195,6 +200,10 @@ class Connection(asyncio.Protocol):
         if hs.state is State.CLOSED:
             self.log.info("negotiation ended", reason=hs.close_reason)
             self.transport.close()
+        elif hs.state is State.TLS_START:
+            # Not one more byte for the option parser: the next ones are TLS.
+            self.transport.pause_reading()
+            self._tls_task = self.loop.create_task(self._start_tls())
         elif hs.state is State.DONE:
             assert hs.result is not None
             if self._timer:
@@ -206,6 +215,7 @@ class Connection(asyncio.Protocol):
                 "export negotiated",
                 size=self.neg.export.size,
                 structured=self.neg.structured,
+                tls=hs.tls_active,
                 flags=_flag_names(self.neg.flags),
                 meta_contexts=sorted(self.neg.meta_contexts.values()),
             )
@@ -213,6 +223,27 @@ class Connection(asyncio.Protocol):
                 self._maybe_close()
             elif hs.leftover:
                 self._receive_requests(hs.leftover)
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None and self.server.ssl_context is not None
+        plain = self.transport
+        try:
+            tls = await self.loop.start_tls(
+                plain, self, self.server.ssl_context, server_side=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+            )
+        except (TimeoutError, OSError, ssl.SSLError) as e:
+            self.log.warning("TLS handshake failed", error=str(e) or type(e).__name__)
+            plain.abort()
+            self.connection_lost(None)
+            return
+        if tls is None:  # closed meanwhile
+            return
+        self.transport = tls
+        obj = tls.get_extra_info("ssl_object")
+        self.log.info("TLS started", version=obj.version() if obj else None,
+                      cipher=obj.cipher()[0] if obj and obj.cipher() else None)
+        self.handshake.tls_started()
 
     def _handshake_timeout(self) -> None:
         if self.neg is None and self.transport is not None:
@@ -368,7 +399,13 @@ class NbdServer:
         *,
         max_inflight: int = DEFAULT_MAX_INFLIGHT,
         workers: int = 16,
+        tls: TlsMode = TlsMode.OFF,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        if tls is not TlsMode.OFF and ssl_context is None:
+            raise ValueError("TLS needs an SSL context")
+        self.tls = tls
+        self.ssl_context = ssl_context
         self.exports = {e.name: e for e in exports}
         self.max_inflight = max_inflight
         self.buffers = BufferPool(max_inflight)

@@ -1,0 +1,38 @@
+"""TLS credentials for the server, laid out as qemu-nbd, nbdkit and libnbd
+expect them: a directory holding server-cert.pem and server-key.pem, and
+ca-cert.pem when client certificates are checked."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+
+class TlsConfigError(Exception):
+    """The credentials cannot be used (a one-line reason)."""
+
+
+def server_context(cert_dir: str, verify_peer: bool = False) -> ssl.SSLContext:
+    d = Path(cert_dir)
+    cert, key, ca = d / "server-cert.pem", d / "server-key.pem", d / "ca-cert.pem"
+    for f in (cert, key, *((ca,) if verify_peer else ())):
+        if not f.is_file():
+            raise TlsConfigError(f"{f}: no such file (see --tls-certificates)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        # The key's contents never reach the message: only the file names.
+        raise TlsConfigError(f"cannot use {cert} with {key}: {_why(e)}") from None
+    if verify_peer:
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except (OSError, ssl.SSLError) as e:
+            raise TlsConfigError(f"cannot use {ca}: {_why(e)}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _why(e: OSError) -> str:
+    return str(getattr(e, "reason", None) or e.strerror or type(e).__name__)
