@@ -124,7 +124,9 @@ def test_partial_units_are_rejected() -> None:
 
 
 @pytest.mark.parametrize(("sector_size", "counts"),
-                         [(512, (1, 2, EVP_MAX_UNITS, EVP_MAX_UNITS + 1)), (4096, (1, 3, 200))])
+                         [(512, (1, 2, EVP_MAX_UNITS[512], EVP_MAX_UNITS[512] + 1)),
+                          (1024, (EVP_MAX_UNITS[1024], EVP_MAX_UNITS[1024] + 1)),
+                          (2048, (1, 100)), (4096, (1, 3, 200))])
 @pytest.mark.parametrize("key_bytes", [32, 64])
 def test_evp_path_agrees_with_numpy_path(sector_size: int, counts: tuple[int, ...],
                                          key_bytes: int) -> None:
