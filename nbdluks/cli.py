@@ -16,7 +16,13 @@ import structlog
 from . import __version__, serving
 from . import log as logsetup
 from .block.base import BlockDevice
-from .block.source import DEFAULT_UPSTREAM_TIMEOUT, SourceError, is_nbd_uri, open_source
+from .block.source import (
+    DEFAULT_UPSTREAM_TIMEOUT,
+    SourceError,
+    UpstreamOptions,
+    is_nbd_uri,
+    open_source,
+)
 from .inspect import describe, render_text
 from .luks.errors import LuksError, WrongKeyError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
@@ -125,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="S", help="seconds an upstream NBD server may take to answer "
                      "before its connection counts as dead and requests fail with EIO "
                      f"(default {DEFAULT_UPSTREAM_TIMEOUT:.0f})")
+    src.add_argument("--upstream-reconnect", type=float, default=0.0, metavar="S",
+                     help="when an upstream NBD connection dies, keep trying to connect "
+                     "again for S seconds and send its requests again (default 0: fail them "
+                     "with EIO)")
     src.add_argument("--allow-discards", action="store_true",
                      help="pass TRIM on to the payload (discarded ranges read back as "
                      "unpredictable data)")
@@ -147,15 +157,15 @@ def prepare(args: argparse.Namespace) -> tuple[Callable[[], BlockDevice], int]:
     many processes to run."""
     uv = None
     reopen: Callable[[], BlockDevice]
+    upstream = UpstreamOptions(args.upstream_timeout, args.upstream_reconnect)
     if args.raw:
         if args.payload or args.header:
             raise UsageError("--raw cannot be combined with --payload/--header")
         source = args.raw
-        first: BlockDevice = open_source(source, read_only=args.read_only,
-                                         timeout=args.upstream_timeout)
+        first: BlockDevice = open_source(source, read_only=args.read_only, upstream=upstream)
 
         def reopen() -> BlockDevice:
-            return open_source(source, read_only=args.read_only, timeout=args.upstream_timeout)
+            return open_source(source, read_only=args.read_only, upstream=upstream)
     else:
         if not args.payload:
             raise UsageError("nothing to serve: give --payload SRC (LUKS) or --raw SRC")
@@ -166,7 +176,7 @@ def prepare(args: argparse.Namespace) -> tuple[Callable[[], BlockDevice], int]:
         uv = unlock_volume(
             args.payload, args.header, keys, read_only=args.read_only,
             allow_discards=args.allow_discards, argon2_max_kib=args.argon2_max_memory,
-            timeout=args.upstream_timeout,
+            upstream=upstream,
         )
         try:
             first = uv.device()

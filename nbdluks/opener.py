@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 
 from .block.base import BlockDevice
-from .block.source import DEFAULT_UPSTREAM_TIMEOUT, open_source, read_prefix
+from .block.source import DEFAULT_UPSTREAM, UpstreamOptions, open_source, read_prefix
 from .luks import header
 from .luks.device import LuksDevice
 from .luks.errors import HeaderError
@@ -86,10 +86,11 @@ class UnlockedVolume:
     attached: bool
     read_only: bool = False
     allow_discards: bool = False
-    timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    upstream: UpstreamOptions = DEFAULT_UPSTREAM
 
     def device(self, rmw_lock: Any = None) -> LuksDevice:
-        payload_dev = open_source(self.payload, read_only=self.read_only, timeout=self.timeout)
+        payload_dev = open_source(self.payload, read_only=self.read_only,
+                                  upstream=self.upstream)
         try:
             return LuksDevice(
                 payload_dev, self.vol, self.key, read_only=self.read_only,
@@ -106,11 +107,11 @@ class UnlockedVolume:
 def unlock_volume(
     payload: str, header_src: str | None, keys: KeySource, *, read_only: bool = False,
     allow_discards: bool = False, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB,
-    timeout: float = DEFAULT_UPSTREAM_TIMEOUT,
+    upstream: UpstreamOptions = DEFAULT_UPSTREAM,
 ) -> UnlockedVolume:
     if header_src is not None and _same_source(header_src, payload):
         header_src = None
-    hdr_dev = open_source(header_src or payload, read_only=True, timeout=timeout)
+    hdr_dev = open_source(header_src or payload, read_only=True, upstream=upstream)
     try:
         vol, prefix = read_header(hdr_dev, argon2_max_kib)
         for w in vol.warnings:
@@ -120,7 +121,7 @@ def unlock_volume(
         hdr_dev.close()
     return UnlockedVolume(vol, unlocked.key, unlocked.keyslot, payload,
                           attached=header_src is None, read_only=read_only,
-                          allow_discards=allow_discards, timeout=timeout)
+                          allow_discards=allow_discards, upstream=upstream)
 
 
 def open_luks(

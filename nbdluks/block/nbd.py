@@ -1,18 +1,39 @@
-"""An export of another NBD server as a BlockDevice."""
+"""An export of another NBD server as a BlockDevice.
+
+With `reconnect` seconds, a connection that dies is replaced and the
+requests that were on it are sent again (reads and writes are idempotent);
+the export must come back with the same size. Writes acknowledged on the
+old connection but not yet flushed may have been lost with the upstream's
+cache, so the next FLUSH after such a reconnect fails with EIO once, as
+Linux reports a lost writeback to the next fsync.
+"""
 
 from __future__ import annotations
 
 import errno
+import threading
+import time
 
-from ..nbd.client import NbdClient
+import structlog
+
+from ..nbd.client import NbdClient, NbdClientError, UpstreamLost
 from ..nbd.constants import Cmd, CmdFlag, TxFlag
 from ..nbd.uri import NbdUri
 from .base import BlockDevice, Capabilities, check_range
 
+log = structlog.get_logger("nbdluks.upstream")
+
 
 class NbdDevice(BlockDevice):
     def __init__(self, uri: NbdUri, *, read_only: bool = False,
-                 request_timeout: float = 60.0) -> None:
+                 request_timeout: float = 60.0, reconnect: float = 0.0) -> None:
+        self.uri = uri
+        self._request_timeout = request_timeout
+        self._reconnect = reconnect
+        self._lock = threading.Lock()
+        self._writes = 0  # writes acknowledged so far
+        self._flushed = 0  # ... of which a FLUSH covered this many
+        self._durability_lost = False
         self.client = c = NbdClient(uri, request_timeout=request_timeout)
         self.size = c.size
         self.min_block = c.min_block or 1
@@ -37,10 +58,61 @@ class NbdDevice(BlockDevice):
         step = self.max_block
         return [(o, min(step, offset + length - o)) for o in range(offset, offset + length, step)]
 
+    # --- requests, retried across reconnects -----------------------------
+
+    def _call(self, cmd: int, offset: int, length: int, *, flags: int = 0,
+              payload: memoryview | None = None, buf: memoryview | None = None) -> None:
+        deadline = None
+        while True:
+            client = self.client
+            try:
+                client.request(cmd, offset, length, flags=flags, payload=payload, buf=buf)
+            except UpstreamLost:
+                if self._reconnect <= 0:
+                    raise
+                if deadline is None:
+                    deadline = time.monotonic() + self._reconnect
+                self._replace(client, deadline)
+                continue
+            if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not flags & CmdFlag.FUA:
+                with self._lock:
+                    self._writes += 1
+            return
+
+    def _replace(self, dead: NbdClient, deadline: float) -> None:
+        """Connect again (one thread does it, the others wait and retry)."""
+        with self._lock:
+            if self.client is not dead:
+                return
+            log.warning("upstream connection lost, reconnecting", uri=str(self.uri),
+                        seconds=self._reconnect)
+            delay = 0.1
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    new = NbdClient(self.uri, request_timeout=self._request_timeout,
+                                    connect_timeout=max(0.1, min(10.0, remaining)))
+                    break
+                except NbdClientError as e:
+                    if remaining <= delay:
+                        raise UpstreamLost(errno.EIO, f"{e} (gave up reconnecting after "
+                                           f"{self._reconnect:.0f} s)") from None
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+            if new.size != self.size or (self.caps.writable and new.flags & TxFlag.READ_ONLY):
+                new.close()
+                raise UpstreamLost(errno.EIO, f"upstream {self.uri} came back as a different "
+                                   f"export (size {new.size}, was {self.size})")
+            if self._writes > self._flushed:
+                self._durability_lost = True
+            self.client = new
+        log.warning("upstream reconnected", uri=str(self.uri))
+        dead.close()
+
     def pread_into(self, buf: memoryview, offset: int) -> None:
         check_range(self, offset, len(buf))
         for o, n in self._pieces(offset, len(buf)):
-            self.client.request(Cmd.READ, o, n, buf=buf[o - offset : o - offset + n])
+            self._call(Cmd.READ, o, n, buf=buf[o - offset : o - offset + n])
 
     def pwrite(
         self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False, *,
@@ -52,19 +124,26 @@ class NbdDevice(BlockDevice):
         view = memoryview(buf)
         flags = CmdFlag.FUA if fua and self.caps.fua else 0
         for o, n in self._pieces(offset, len(buf)):
-            self.client.request(Cmd.WRITE, o, n, flags=flags,
-                                payload=view[o - offset : o - offset + n])
+            self._call(Cmd.WRITE, o, n, flags=flags, payload=view[o - offset : o - offset + n])
         if fua and not self.caps.fua:
             self.flush()
 
     def flush(self) -> None:
+        with self._lock:
+            covered = self._writes
         if self.caps.flush:
-            self.client.request(Cmd.FLUSH, 0, 0)
+            self._call(Cmd.FLUSH, 0, 0)
+        with self._lock:
+            self._flushed = max(self._flushed, covered)
+            lost, self._durability_lost = self._durability_lost, False
+        if lost:
+            raise OSError(errno.EIO, "writes acknowledged before the upstream connection was "
+                          "re-established may not have reached stable storage")
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         flags = CmdFlag.FUA if fua and self.caps.fua else 0
         for o, n in self._pieces(offset, length):
-            self.client.request(Cmd.TRIM, o, n, flags=flags)
+            self._call(Cmd.TRIM, o, n, flags=flags)
 
     def write_zeroes(
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = False,
@@ -73,11 +152,11 @@ class NbdDevice(BlockDevice):
         flags = (CmdFlag.FUA if fua and self.caps.fua else 0) | (
             0 if may_trim else CmdFlag.NO_HOLE) | (CmdFlag.FAST_ZERO if fast else 0)
         for o, n in self._pieces(offset, length):
-            self.client.request(Cmd.WRITE_ZEROES, o, n, flags=flags)
+            self._call(Cmd.WRITE_ZEROES, o, n, flags=flags)
 
     def cache(self, offset: int, length: int) -> None:
         for o, n in self._pieces(offset, length):
-            self.client.request(Cmd.CACHE, o, n)
+            self._call(Cmd.CACHE, o, n)
 
     def close(self) -> None:
         self.client.close()

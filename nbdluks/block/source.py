@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .base import BlockDevice
 from .file import FileDevice
 
@@ -19,15 +21,28 @@ def is_nbd_uri(spec: str) -> bool:
 DEFAULT_UPSTREAM_TIMEOUT = 60.0
 
 
+@dataclass(frozen=True)
+class UpstreamOptions:
+    """How NBD sources are treated: `timeout` seconds for an answer, then
+    `reconnect` seconds to get a connection back (0: fail with EIO)."""
+
+    timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    reconnect: float = 0.0
+
+
+DEFAULT_UPSTREAM = UpstreamOptions()
+
+
 def open_source(spec: str, *, read_only: bool,
-                timeout: float = DEFAULT_UPSTREAM_TIMEOUT) -> BlockDevice:
+                upstream: UpstreamOptions = DEFAULT_UPSTREAM) -> BlockDevice:
     if is_nbd_uri(spec):
         from ..nbd.client import NbdClientError
         from ..nbd.uri import UriError, parse_uri
         from .nbd import NbdDevice
 
         try:
-            return NbdDevice(parse_uri(spec), read_only=read_only, request_timeout=timeout)
+            return NbdDevice(parse_uri(spec), read_only=read_only,
+                             request_timeout=upstream.timeout, reconnect=upstream.reconnect)
         except (NbdClientError, UriError) as e:
             raise SourceError(str(e)) from None
     try:

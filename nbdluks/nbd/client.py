@@ -52,6 +52,11 @@ class NbdClientError(Exception):
     """Connecting or negotiating failed (a one-line reason)."""
 
 
+class UpstreamLost(OSError):
+    """EIO because the connection died (or timed out), not because the
+    upstream answered with an error: the request may be retried elsewhere."""
+
+
 @dataclass
 class _Pending:
     cmd: int
@@ -60,6 +65,7 @@ class _Pending:
     done: threading.Event = field(default_factory=threading.Event)
     error: int = 0
     message: str = ""
+    lost: bool = False  # failed with the connection, not by the upstream
     # READ in chunks: the (start, length) ranges the reply covered so far.
     covered: list[tuple[int, int]] = field(default_factory=list)
 
@@ -176,7 +182,7 @@ class NbdClient:
         p = _Pending(cmd, offset, buf)
         with self._lock:
             if self._dead:
-                raise OSError(errno.EIO, f"upstream {self.uri}: {self._dead}")
+                raise UpstreamLost(errno.EIO, f"upstream {self.uri}: {self._dead}")
             handle = next(self._handles)
             self._pending[handle] = p
         try:
@@ -194,6 +200,8 @@ class NbdClient:
             self._fail(f"send failed: {e.strerror or e}")
         if not p.done.wait(self.request_timeout):
             self._fail(f"no reply within {self.request_timeout:.0f} s")
+        if p.lost:
+            raise UpstreamLost(errno.EIO, p.message)
         if p.error:
             raise OSError(p.error, p.message or f"upstream error {p.error}")
 
@@ -206,6 +214,7 @@ class NbdClient:
             self._pending.clear()
         for p in pending:
             p.error = errno.EIO
+            p.lost = True
             p.message = f"upstream {self.uri}: {self._dead}"
             p.done.set()
         with contextlib.suppress(OSError):
