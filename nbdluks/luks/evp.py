@@ -78,6 +78,7 @@ class EvpXts:
         self._local = threading.local()
         self._contexts: list[_VP] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def _context(self, encrypt: bool) -> _VP:
         name = "enc" if encrypt else "dec"
@@ -89,12 +90,13 @@ class EvpXts:
             ctx = _VP(address)
             with self._lock:
                 self._contexts.append(ctx)
-            key = ctypes.create_string_buffer(bytes(self._key), len(self._key))
+            # A pointer into the key's bytearray: no copy that could not be wiped.
+            key = (ctypes.c_char * len(self._key)).from_buffer(self._key)
             try:
                 ok = self._lib.init(ctx, _VP(self._cipher), None, key, None,
                                     ctypes.c_int(int(encrypt)))
             finally:
-                ctypes.memset(key, 0, len(self._key))
+                del key
             if ok != 1:
                 raise ValueError("OpenSSL refused the XTS key")
             setattr(self._local, name, ctx)
@@ -112,6 +114,8 @@ class EvpXts:
                 or ivs.shape != (count, 2) or ivs.dtype != np.uint64
                 or not ivs.flags.c_contiguous):
             raise ValueError("one 16-byte IV per whole unit is needed")
+        if self._closed:
+            raise ValueError("this XTS context was closed")
         ctx = self._context(encrypt)
         iv = ivs.ctypes.data
         ivp, pp = _VP(), _VP()
@@ -129,6 +133,7 @@ class EvpXts:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             contexts, self._contexts = self._contexts, []
             self._key[:] = bytes(len(self._key))
         for ctx in contexts:

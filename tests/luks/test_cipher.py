@@ -164,4 +164,7 @@ def test_evp_checks_buffers_before_using_pointers() -> None:
         x.crypt(bytearray(1024), 512, ivs[:1], encrypt=True)  # an IV short
     with pytest.raises(ValueError):
         x.crypt(bytearray(1000), 500, ivs, encrypt=True)  # not whole blocks
+    x.crypt(bytearray(1024), 512, ivs, encrypt=True)
     x.close()
+    with pytest.raises(ValueError):
+        x.crypt(bytearray(1024), 512, ivs, encrypt=True)  # its contexts are freed
