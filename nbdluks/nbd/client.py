@@ -10,14 +10,16 @@ never wrong data.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import socket
+import ssl
 import struct
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .channel import Channel, PlainChannel, TlsChannel
 from .constants import (
     CHUNK_HEADER_SIZE,
     GREETING_SIZE,
@@ -33,6 +35,7 @@ from .constants import (
     Rep,
     TxFlag,
 )
+from .tls import client_context
 from .uri import NbdUri
 from .wire import (
     ChunkHeader,
@@ -83,17 +86,17 @@ class _Pending:
             self.message = "the upstream's read reply did not cover the request"
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
+def _recv_into(chan: Channel, view: memoryview) -> None:
     while view:
-        n = sock.recv_into(view)
+        n = chan.recv_into(view)
         if n == 0:
             raise ConnectionError("upstream closed the connection")
         view = view[n:]
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
+def _recv(chan: Channel, n: int) -> bytes:
     buf = bytearray(n)
-    _recv_into(sock, memoryview(buf))
+    _recv_into(chan, memoryview(buf))
     return bytes(buf)
 
 
@@ -113,11 +116,21 @@ class NbdClient:
         except OSError as e:
             raise NbdClientError(f"cannot connect to {uri}: {e.strerror or e}") from None
         self.sock = sock
+        self.chan: Channel = PlainChannel(sock)
+        self.tls_version: str | None = None
         try:
             self._negotiate()
-        except (OSError, ProtocolError, struct.error) as e:
+        except ssl.SSLCertVerificationError as e:
             sock.close()
-            raise NbdClientError(f"{uri}: negotiation failed: {e}") from None
+            raise NbdClientError(f"{uri}: TLS: the server's certificate is not trusted: "
+                                 f"{e.verify_message}") from None
+        except ssl.SSLError as e:
+            sock.close()
+            raise NbdClientError(f"{uri}: TLS failed: {e.reason or e}") from None
+        except (OSError, ProtocolError, struct.error) as e:
+            why = self._tls_alert() or str(e)
+            sock.close()
+            raise NbdClientError(f"{uri}: negotiation failed: {why}") from None
         sock.settimeout(None)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -130,15 +143,17 @@ class NbdClient:
     # --- negotiation ------------------------------------------------------
 
     def _negotiate(self) -> None:
-        flags = decode_greeting(_recv(self.sock, GREETING_SIZE))
+        flags = decode_greeting(_recv(self.chan, GREETING_SIZE))
         if not flags & HandshakeFlag.FIXED_NEWSTYLE:
             raise ProtocolError("server does not support fixed newstyle negotiation")
         client = HandshakeFlag.FIXED_NEWSTYLE | (flags & HandshakeFlag.NO_ZEROES)
-        self.sock.sendall(struct.pack(">I", client))
-        self.sock.sendall(encode_option(Opt.STRUCTURED_REPLY))
+        self.chan.sendall(struct.pack(">I", client))
+        if self.uri.tls:
+            self._starttls()
+        self.chan.sendall(encode_option(Opt.STRUCTURED_REPLY))
         rep, _ = self._option_reply(Opt.STRUCTURED_REPLY)
         self.structured = rep == Rep.ACK
-        self.sock.sendall(
+        self.chan.sendall(
             encode_option(Opt.GO, encode_export_request(self.uri.export, (Info.BLOCK_SIZE,)))
         )
         self.size = -1
@@ -165,13 +180,43 @@ class NbdClient:
             raise ProtocolError("server sent no export information")
         self.max_block = min(self.max_block or MAX_PAYLOAD, MAX_PAYLOAD)
 
+    def _tls_alert(self) -> str | None:
+        """After TLS, a server that rejects us (say, for want of a client
+        certificate) may send an alert or just hang up: say which."""
+        if not isinstance(self.chan, TlsChannel):
+            return None
+        try:
+            self.sock.settimeout(1.0)
+            self.chan.recv_into(memoryview(bytearray(1)))
+        except ssl.SSLError as e:
+            return f"TLS: the server refused the connection ({e.reason or e})"
+        except OSError:
+            pass
+        certs = self.uri.tls_certificates
+        if certs and (Path(certs) / "client-cert.pem").is_file():
+            return "the server hung up after the TLS handshake"
+        return ("the server hung up after the TLS handshake: does it want a client "
+                "certificate? (client-cert.pem and client-key.pem in tls-certificates)")
+
+    def _starttls(self) -> None:
+        self.chan.sendall(encode_option(Opt.STARTTLS))
+        rep, data = self._option_reply(Opt.STARTTLS)
+        if rep != Rep.ACK:
+            name = Rep(rep).name if rep in Rep._value2member_map_ else hex(rep)
+            msg = data.decode("utf-8", "replace")
+            raise ProtocolError(f"the server refused TLS: {name} {msg}".strip())
+        ctx = client_context(self.uri.tls_certificates, self.uri.tls_verify)
+        tls = TlsChannel(self.sock, ctx, self.uri.tls_hostname or self.uri.host or "localhost")
+        self.chan = tls
+        self.tls_version = tls.version
+
     def _option_reply(self, option: int) -> tuple[int, bytes]:
-        opt, rep, length = decode_option_reply_header(_recv(self.sock, OPTION_REPLY_HEADER_SIZE))
+        opt, rep, length = decode_option_reply_header(_recv(self.chan, OPTION_REPLY_HEADER_SIZE))
         if opt != option:
             raise ProtocolError(f"reply for option {opt}, expected {option}")
         if length > 1 << 20:
             raise ProtocolError("option reply too large")
-        return rep, _recv(self.sock, length)
+        return rep, _recv(self.chan, length)
 
     # --- transmission -----------------------------------------------------
 
@@ -189,13 +234,9 @@ class NbdClient:
             with self._send_lock:
                 header = encode_request(flags, cmd, handle, offset, length)
                 if payload is None:
-                    self.sock.sendall(header)
+                    self.chan.sendall(header)
                 else:
-                    sent = self.sock.sendmsg([header, payload])
-                    if sent < len(header):
-                        self.sock.sendall(header[sent:])
-                        sent = len(header)
-                    self.sock.sendall(memoryview(payload)[sent - len(header) :])
+                    self.chan.sendall(header, payload)
         except OSError as e:
             self._fail(f"send failed: {e.strerror or e}")
         if not p.done.wait(self.request_timeout):
@@ -217,8 +258,7 @@ class NbdClient:
             p.lost = True
             p.message = f"upstream {self.uri}: {self._dead}"
             p.done.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        self.chan.shutdown()
 
     def _read_loop(self) -> None:
         try:
@@ -230,9 +270,9 @@ class NbdClient:
     def _read_reply(self) -> None:
         head = bytearray(CHUNK_HEADER_SIZE)
         view = memoryview(head)
-        _recv_into(self.sock, view[:SIMPLE_REPLY_SIZE])
+        _recv_into(self.chan, view[:SIMPLE_REPLY_SIZE])
         if head[:4] == _STRUCTURED_MAGIC:  # a structured chunk: 4 more header bytes
-            _recv_into(self.sock, view[SIMPLE_REPLY_SIZE:])
+            _recv_into(self.chan, view[SIMPLE_REPLY_SIZE:])
             hdr = decode_reply_header(head)
         else:
             hdr = decode_reply_header(head[:SIMPLE_REPLY_SIZE])
@@ -245,7 +285,7 @@ class NbdClient:
                 p.error = hdr.error
             elif p.cmd == Cmd.READ:
                 assert p.buf is not None
-                _recv_into(self.sock, p.buf)
+                _recv_into(self.chan, p.buf)
             self._complete(hdr.handle, p)
             return
         self._chunk(hdr, p)
@@ -256,27 +296,27 @@ class NbdClient:
 
     def _chunk(self, hdr: ChunkHeader, p: _Pending) -> None:
         if hdr.type == Chunk.OFFSET_DATA:
-            (offset,) = struct.unpack(">Q", _recv(self.sock, 8))
+            (offset,) = struct.unpack(">Q", _recv(self.chan, 8))
             n = hdr.length - 8
             start = offset - p.offset
             if p.buf is None or start < 0 or n < 0 or start + n > len(p.buf):
                 raise ProtocolError("data chunk outside the request")
-            _recv_into(self.sock, p.buf[start : start + n])
+            _recv_into(self.chan, p.buf[start : start + n])
             p.covered.append((start, n))
         elif hdr.type == Chunk.OFFSET_HOLE:
-            offset, n = struct.unpack(">QI", _recv(self.sock, 12))
+            offset, n = struct.unpack(">QI", _recv(self.chan, 12))
             start = offset - p.offset
             if p.buf is None or start < 0 or start + n > len(p.buf):
                 raise ProtocolError("hole chunk outside the request")
             p.buf[start : start + n] = bytes(n)
             p.covered.append((start, n))
         elif hdr.type in (Chunk.ERROR, Chunk.ERROR_OFFSET):
-            body = _recv(self.sock, hdr.length)
+            body = _recv(self.chan, hdr.length)
             err, mlen = struct.unpack_from(">IH", body)
             p.error = err or errno.EIO
             p.message = body[6 : 6 + mlen].decode("utf-8", "replace")
         else:  # NONE, BLOCK_STATUS or unknown: skip the payload
-            _recv(self.sock, hdr.length)
+            _recv(self.chan, hdr.length)
 
     def _complete(self, handle: int, p: _Pending) -> None:
         with self._lock:
@@ -289,9 +329,9 @@ class NbdClient:
         if alive:
             try:
                 with self._send_lock:
-                    self.sock.sendall(encode_request(0, Cmd.DISC, 0, 0, 0))
+                    self.chan.sendall(encode_request(0, Cmd.DISC, 0, 0, 0))
             except OSError:
                 pass
         self._fail("closed")
-        self.sock.close()
+        self.chan.close()
         self._reader.join(timeout=5)

@@ -1,6 +1,6 @@
-"""TLS credentials for the server, laid out as qemu-nbd, nbdkit and libnbd
-expect them: a directory holding server-cert.pem and server-key.pem, and
-ca-cert.pem when client certificates are checked."""
+"""TLS credentials, laid out as qemu-nbd, nbdkit and libnbd expect them: a
+directory holding ca-cert.pem, and server-cert.pem + server-key.pem (a
+server) or client-cert.pem + client-key.pem (a client with a certificate)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,28 @@ def server_context(cert_dir: str, verify_peer: bool = False) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as e:
             raise TlsConfigError(f"cannot use {ca}: {_why(e)}") from None
         ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(cert_dir: str | None, verify: bool = True) -> ssl.SSLContext:
+    """For upstream connections: the server is checked against
+    DIR/ca-cert.pem (the system's CAs without DIR) unless `verify` is off;
+    DIR/client-cert.pem and client-key.pem are presented when present."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    d = Path(cert_dir) if cert_dir else None
+    try:
+        if not verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        elif d is not None and (d / "ca-cert.pem").is_file():
+            ctx.load_verify_locations(cafile=d / "ca-cert.pem")
+        else:
+            ctx.load_default_certs()
+        if d is not None and (d / "client-cert.pem").is_file():
+            ctx.load_cert_chain(d / "client-cert.pem", d / "client-key.pem")
+    except (OSError, ssl.SSLError) as e:
+        raise TlsConfigError(f"cannot use the certificates in {d}: {_why(e)}") from None
     return ctx
 
 

@@ -9,6 +9,8 @@ import ipaddress
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nbdluks.nbd.constants import Opt, Rep
 from nbdluks.nbd.wire import encode_option
-from tests.conftest import Served, need, pattern, run
+from tests.conftest import Served, free_port, need, pattern, run, wait_listening
+from tests.luks.reference import read_plain
+from tests.test_serve_luks import compare, luks_args, volume
 
 MiB = 1 << 20
 
@@ -166,8 +170,6 @@ def test_a_broken_tls_handshake_costs_only_its_connection(
 ])
 def test_tls_configuration_errors_are_one_line(tmp_path: Path, args: list[str],
                                                message: str) -> None:
-    import sys
-
     img = tmp_path / "d.img"
     img.write_bytes(bytes(4096))
     p = run([sys.executable, "-m", "nbdluks", "serve", "--raw", str(img),
@@ -177,8 +179,6 @@ def test_tls_configuration_errors_are_one_line(tmp_path: Path, args: list[str],
 
 
 def test_a_key_that_does_not_match_the_certificate(tmp_path: Path, pki: dict) -> None:
-    import sys
-
     bad = tmp_path / "bad"
     shutil.copytree(pki["server"], bad)
     _write_key(ec.generate_private_key(ec.SECP256R1()), bad / "server-key.pem")
@@ -189,3 +189,58 @@ def test_a_key_that_does_not_match_the_certificate(tmp_path: Path, pki: dict) ->
             check=False)
     assert p.returncode == 2 and "cannot use" in p.stderr
     assert "PRIVATE KEY" not in p.stderr
+
+
+def _nbdkit_tls(tmp_path: Path, name: str, pki_dir: Path, export: Path, *extra: str,
+                port: int | None = None) -> subprocess.Popen[bytes]:
+    sock = tmp_path / f"{name}.sock"
+    log = tmp_path / f"{name}.log"
+    listen = ["-i", "127.0.0.1", "-p", str(port)] if port else ["-U", str(sock)]
+    with open(log, "wb") as f:
+        p = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", *listen, "--tls=require",
+                              f"--tls-certificates={pki_dir}", *extra, "file", f"file={export}"],
+                             stdout=f, stderr=subprocess.STDOUT)
+    wait_listening(p, None if port else str(sock), port, log)
+    return p
+
+
+def test_header_and_payload_from_tls_upstreams(nbdluks: Callable[..., Served], pki: dict,
+                                               tmp_path: Path) -> None:
+    """The header server lets in only hosts with a client certificate."""
+    need("nbdkit", "qemu-img", "nbdcopy")
+    made, plain = volume(tmp_path, detached=True, size=4 * MiB)
+    assert made.header
+    port = free_port()
+    procs = [
+        _nbdkit_tls(tmp_path, "hdr", pki["server"], made.header, "--tls-verify-peer",
+                    "--readonly"),
+        _nbdkit_tls(tmp_path, "pay", pki["server"], made.payload, port=port),
+    ]
+    try:
+        hdr = f"nbds+unix:///?socket={tmp_path / 'hdr.sock'}&tls-certificates={pki['client']}"
+        pay = f"nbds://localhost:{port}/?tls-certificates={pki['anon']}"
+        srv = nbdluks(*luks_args(made, tmp_path, header=hdr, payload=pay))
+        compare(srv.uri, plain, tmp_path)
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x6e 512k 64k", srv.uri])
+        assert read_plain(made, 65536, at=512 * 1024) == b"\x6e" * 65536
+        assert srv.stop() == 0
+        # without a client certificate the header stays out of reach
+        anon = f"nbds+unix:///?socket={tmp_path / 'hdr.sock'}&tls-certificates={pki['anon']}"
+        p = run([sys.executable, "-m", "nbdluks", "serve",
+                 *luks_args(made, tmp_path, header=anon, payload=pay),
+                 "-k", str(tmp_path / "no.sock")], check=False)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
+        assert "hdr.sock" in p.stderr and "client certificate" in p.stderr, p.stderr
+        # and a server whose certificate the CA did not sign is refused
+        other = tmp_path / "other-ca"
+        other.mkdir()
+        _, other_ca = _issue(None, _name("another CA"), "another CA",  # type: ignore[arg-type]
+                             ca=True)
+        (other / "ca-cert.pem").write_bytes(other_ca.public_bytes(serialization.Encoding.PEM))
+        p = run([sys.executable, "-m", "nbdluks", "inspect",
+                 f"nbds://localhost:{port}/?tls-certificates={other}"], check=False)
+        assert p.returncode != 0 and "certificate is not trusted" in p.stderr
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
