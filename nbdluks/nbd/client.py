@@ -1,7 +1,7 @@
 """A blocking NBD client for upstream exports, safe to share between threads.
 
-Negotiation uses the same codec as the server (fixed newstyle, structured
-replies, GO with block-size info). Requests from many threads are pipelined
+Negotiation uses the same codec as the server (fixed newstyle, STARTTLS for
+nbds URIs, structured replies, GO with block-size info). Requests from many threads are pipelined
 on one connection; a reader thread routes each reply to its waiter by handle
 and writes read data straight into the waiter's buffer. When the connection
 dies or a request times out, every waiter and every later request gets EIO:
