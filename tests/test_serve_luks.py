@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Upstream, libnbd, need, pattern, run, wait_listening
+from tests.conftest import Served, Upstream, libnbd, need, pattern, run, wait_listening
 from tests.luks.reference import Made, fill, luks_format, read_plain
 from tests.luks.test_headers import rewrite_json
 
@@ -261,13 +261,25 @@ def test_secrets_from_stdin_and_fd_never_logged(nbdluks, tmp_path: Path) -> None
     assert b"s3cr3t" not in Path(f"/proc/{os.getpid()}/cmdline").read_bytes()
 
 
-def test_upstream_death_gives_eio_not_a_crash(nbdluks, upstreams, tmp_path: Path) -> None:
+def over_nbdkit(nbdluks, upstreams, tmp_path: Path, *extra: str
+                ) -> tuple[Made, bytes, Upstream, Served]:
+    """A detached-header volume whose payload nbdkit exports, served."""
     need("nbdkit")
     made, plain = volume(tmp_path, detached=True, size=4 * MiB)
     assert made.header
     pay = Upstream("nbdkit", made.payload, tmp_path, tcp=False)
     upstreams.append(pay)
-    srv = nbdluks(*luks_args(made, tmp_path, payload=pay.uri))
+    return made, plain, pay, nbdluks(*luks_args(made, tmp_path, payload=pay.uri), *extra)
+
+
+def libnbd_client(script: str, uri: str) -> subprocess.Popen[str]:
+    """A python3-libnbd client (`h`) running `script`, talked to over pipes."""
+    return subprocess.Popen(["/usr/bin/python3", "-c", "import nbd, sys\nh = nbd.NBD()\n" + script,
+                             uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_upstream_death_gives_eio_not_a_crash(nbdluks, upstreams, tmp_path: Path) -> None:
+    _, plain, pay, srv = over_nbdkit(nbdluks, upstreams, tmp_path)
     script = r"""
 import time
 h.connect_uri(sys.argv[1])
@@ -281,9 +293,7 @@ for i in range(2):
     except nbd.Error as e:
         print(e.errno)
 """
-    proc = subprocess.Popen(["/usr/bin/python3", "-c",
-                             "import nbd, sys\nh = nbd.NBD()\n" + script, srv.uri],
-                            stdout=subprocess.PIPE, text=True)
+    proc = libnbd_client(script, srv.uri)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == plain[:4].hex()
     pay.proc.kill()
@@ -359,15 +369,9 @@ print(h.pread(4096, 8192) == b"\x5b" * 4096)
 
 
 def test_upstream_restart_is_survived_with_reconnect(nbdluks, upstreams, tmp_path: Path) -> None:
-    need("nbdkit")
-    made, plain = volume(tmp_path, detached=True, size=4 * MiB)
-    assert made.header
-    pay = Upstream("nbdkit", made.payload, tmp_path, tcp=False)
-    upstreams.append(pay)
-    srv = nbdluks(*luks_args(made, tmp_path, payload=pay.uri), "--upstream-reconnect", "30")
-    proc = subprocess.Popen(["/usr/bin/python3", "-c",
-                             "import nbd, sys\nh = nbd.NBD()\n" + RECONNECT_SCRIPT, srv.uri],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    made, plain, pay, srv = over_nbdkit(nbdluks, upstreams, tmp_path,
+                                        "--upstream-reconnect", "30")
+    proc = libnbd_client(RECONNECT_SCRIPT, srv.uri)
     assert proc.stdout is not None and proc.stdin is not None
     assert proc.stdout.readline().strip() == plain[:4].hex()
     assert proc.stdout.readline().strip() == "written"
@@ -388,12 +392,7 @@ def test_upstream_restart_is_survived_with_reconnect(nbdluks, upstreams, tmp_pat
 
 def test_an_upstream_that_comes_back_different_gives_eio(nbdluks, upstreams,
                                                          tmp_path: Path) -> None:
-    need("nbdkit")
-    made, plain = volume(tmp_path, detached=True, size=4 * MiB)
-    assert made.header
-    pay = Upstream("nbdkit", made.payload, tmp_path, tcp=False)
-    upstreams.append(pay)
-    srv = nbdluks(*luks_args(made, tmp_path, payload=pay.uri), "--upstream-reconnect", "30")
+    _, plain, pay, srv = over_nbdkit(nbdluks, upstreams, tmp_path, "--upstream-reconnect", "30")
     script = r"""
 h.connect_uri(sys.argv[1])
 print(h.pread(4096, 0).hex()[:8], flush=True)
@@ -403,8 +402,7 @@ try:
 except nbd.Error as e:
     print(e.errno)
 """
-    proc = subprocess.Popen(["/usr/bin/python3", "-c", "import nbd, sys\nh = nbd.NBD()\n" + script,
-                             srv.uri], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = libnbd_client(script, srv.uri)
     assert proc.stdout is not None and proc.stdin is not None
     assert proc.stdout.readline().strip() == plain[:4].hex()
     _restart(pay, ["memory", "size=1M"])  # another export on the same socket
