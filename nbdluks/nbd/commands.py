@@ -17,28 +17,33 @@ from .wire import (
     encode_simple_reply,
 )
 
-_ALLOWED_FLAGS: dict[int, CmdFlag] = {
-    Cmd.READ: CmdFlag.DF,
-    Cmd.WRITE: CmdFlag.FUA,
-    Cmd.DISC: CmdFlag(0),
-    Cmd.FLUSH: CmdFlag(0),
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: CmdFlag(0),
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+# Plain ints on the per-request path: an operator on an IntFlag runs
+# Python-level enum code (~0.8 us each, measured), an int one does not.
+_ALLOWED_FLAGS: dict[int, int] = {
+    Cmd.READ: int(CmdFlag.DF),
+    Cmd.WRITE: int(CmdFlag.FUA),
+    Cmd.DISC: 0,
+    Cmd.FLUSH: 0,
+    Cmd.TRIM: int(CmdFlag.FUA),
+    Cmd.CACHE: 0,
+    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
+    Cmd.BLOCK_STATUS: int(CmdFlag.REQ_ONE),
 }
 # The transmission flag a client must have seen before using a command.
-_NEEDS: dict[int, TxFlag] = {
-    Cmd.TRIM: TxFlag.SEND_TRIM,
-    Cmd.CACHE: TxFlag.SEND_CACHE,
-    Cmd.WRITE_ZEROES: TxFlag.SEND_WRITE_ZEROES,
-    Cmd.FLUSH: TxFlag.SEND_FLUSH,
+_NEEDS: dict[int, int] = {
+    Cmd.TRIM: int(TxFlag.SEND_TRIM),
+    Cmd.CACHE: int(TxFlag.SEND_CACHE),
+    Cmd.WRITE_ZEROES: int(TxFlag.SEND_WRITE_ZEROES),
+    Cmd.FLUSH: int(TxFlag.SEND_FLUSH),
 }
-_FLAG_NEEDS: dict[CmdFlag, TxFlag] = {
-    CmdFlag.FUA: TxFlag.SEND_FUA,
-    CmdFlag.DF: TxFlag.SEND_DF,
-    CmdFlag.FAST_ZERO: TxFlag.SEND_FAST_ZERO,
-}
+_FLAG_NEEDS: tuple[tuple[int, int], ...] = (
+    (int(CmdFlag.FUA), int(TxFlag.SEND_FUA)),
+    (int(CmdFlag.DF), int(TxFlag.SEND_DF)),
+    (int(CmdFlag.FAST_ZERO), int(TxFlag.SEND_FAST_ZERO)),
+)
+_READ_ONLY = int(TxFlag.READ_ONLY)
+_DF = int(CmdFlag.DF)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
 _WRITES = (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
 # Most extents one BLOCK_STATUS reply carries; the client asks again for more.
 MAX_EXTENTS = 1 << 16
@@ -49,17 +54,19 @@ def validate(req: Request, neg: Negotiated) -> Errno:
     allowed = _ALLOWED_FLAGS.get(req.cmd)
     if allowed is None:
         return Errno.EINVAL
-    if req.flags & ~int(allowed):
+    flags, tx = int(req.flags), int(neg.flags)
+    if flags & ~allowed:
         return Errno.EINVAL
-    for flag, needs in _FLAG_NEEDS.items():
-        if req.flags & flag and not neg.flags & needs:
-            return Errno.EINVAL
+    if flags:
+        for flag, needs in _FLAG_NEEDS:
+            if flags & flag and not tx & needs:
+                return Errno.EINVAL
     # A read-only export does not advertise TRIM or WRITE_ZEROES, but the
     # spec asks for EPERM on any write there, so this check comes first.
-    if req.cmd in _WRITES and neg.flags & TxFlag.READ_ONLY:
+    if req.cmd in _WRITES and tx & _READ_ONLY:
         return Errno.EPERM
     needs_tx = _NEEDS.get(req.cmd)
-    if needs_tx is not None and not neg.flags & needs_tx:
+    if needs_tx is not None and not tx & needs_tx:
         return Errno.EINVAL
     if req.cmd == Cmd.BLOCK_STATUS and not neg.meta_contexts:
         return Errno.EINVAL
@@ -103,7 +110,7 @@ def read_reply_headers(
     """
     if not neg.structured:
         return [(encode_simple_reply(req.handle), 0, req.length)]
-    if extents is None or req.flags & CmdFlag.DF:
+    if extents is None or req.flags & _DF:
         header = encode_offset_data_header(req.handle, req.offset, req.length, True)
         return [(header, 0, req.length)]
     plan: list[tuple[bool, int, int]] = []  # (hole, start, length)
@@ -149,6 +156,6 @@ def block_status_reply(req: Request, extents: list[Extent]) -> bytes:
             break
     if not pairs:
         raise OSError(_errno.EIO, "device reported no extents")
-    if req.flags & CmdFlag.REQ_ONE:
+    if req.flags & _REQ_ONE:
         pairs = pairs[:1]
     return encode_block_status(req.handle, BASE_ALLOCATION_ID, pairs, True)

@@ -1,0 +1,59 @@
+"""Small requests run on the event loop while the storage answers fast;
+slow storage moves them to worker threads, and one slow request does not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from nbdluks.block.file import FileDevice
+from nbdluks.nbd.constants import Cmd, TxFlag
+from nbdluks.nbd.handshake import ExportInfo, Negotiated
+from nbdluks.nbd.server import Export, NbdServer
+from nbdluks.nbd.wire import Request
+
+
+class SlowFile(FileDevice):
+    """A file whose reads take `delay` seconds, as a cold disk's would."""
+
+    delay = 0.0
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        time.sleep(self.delay)
+        super().pread_into(buf, offset)
+
+
+def test_inlining_backs_off_only_when_the_storage_stays_slow(tmp_path: Path) -> None:
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+
+    async def main() -> None:
+        dev = SlowFile(str(img))
+        server = NbdServer([Export("", dev)])
+        neg = Negotiated(ExportInfo("", dev.size, TxFlag.HAS_FLAGS), TxFlag.HAS_FLAGS,
+                         structured=False, no_zeroes=True)
+        req = Request(0, Cmd.READ, 1, 0, 4096)
+
+        def read() -> None:
+            assert server.may_inline(dev, req)
+            result = server.run_inline(dev, req, neg)
+            assert not isinstance(result, BaseException)
+
+        for _ in range(20):
+            read()
+        dev.delay = 0.004  # one request preempted for 4 ms: still inline
+        read()
+        dev.delay = 0.0
+        read()
+        dev.delay = 0.004  # the disk is slow now: a few of those, then threads
+        slow = 0
+        while server.may_inline(dev, req):
+            read()
+            slow += 1
+            assert slow <= 5, "still inline after 5 slow reads"
+        assert slow >= 2
+        dev.close()
+        server.executor.shutdown()
+
+    asyncio.run(main())
