@@ -246,8 +246,10 @@ class Connection(asyncio.Protocol):
             return
         self.transport = tls
         obj = tls.get_extra_info("ssl_object")
+        peer = obj.getpeercert() if obj else None  # set when client certificates are checked
         self.log.info("TLS started", version=obj.version() if obj else None,
-                      cipher=obj.cipher()[0] if obj and obj.cipher() else None)
+                      cipher=obj.cipher()[0] if obj and obj.cipher() else None,
+                      client=_subject_cn(peer) if peer else None)
         self.handshake.tls_started()
 
     def _handshake_timeout(self) -> None:
@@ -389,6 +391,15 @@ def _cmd_name(cmd: int) -> str:
 
 def _flag_names(flags: TxFlag) -> str:
     return "|".join(f.name or "" for f in TxFlag if f in flags)
+
+
+def _subject_cn(cert: dict[str, object]) -> str | None:
+    """The common name of a certificate's subject, for the log."""
+    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
 
 
 def _peer_str(peer: object) -> str:

@@ -141,7 +141,9 @@ def test_tls_verify_peer_wants_a_client_certificate(nbdluks: Callable[..., Serve
                   str(pki["server"]), "--tls-verify-peer", tcp=True, unix=False)
     assert run(["nbdinfo", nbds(srv, pki["anon"])], check=False).returncode != 0
     assert "4194304" in run(["nbdinfo", "--size", nbds(srv, pki["client"])]).stdout
-    assert "TLS handshake failed" in srv.log_text()
+    log = srv.log_text()
+    assert "TLS handshake failed" in log
+    assert '"client": "test client"' in log  # who connected, by certificate
 
 
 def test_a_broken_tls_handshake_costs_only_its_connection(
