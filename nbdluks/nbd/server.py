@@ -44,6 +44,9 @@ _REQUEST_OVERHEAD = 4096
 # _INLINE_BACKOFF s.
 _INLINE_SLOW = 0.001
 _INLINE_BACKOFF = 5.0
+# Replies queued beyond this many bytes are written at once, so that the
+# transport's flow control (pause_writing) still sees them in time.
+_REPLY_BATCH = 1024 * 1024
 # Plain ints: operators on IntFlag members cost ~0.8 us each (enum code).
 _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
 _NO_HOLE, _FAST_ZERO = int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
@@ -149,6 +152,11 @@ class Connection(asyncio.Protocol):
         self.inflight = 0
         self._backlog: collections.deque[Request] = collections.deque()
         self._pumping = False
+        # Replies wait here while a batch of requests is processed, then go
+        # out in one writev: a syscall (and a wake-up of the client) per
+        # reply was a third of the loop's time for 4 KiB reads.
+        self._out: list[bytes | memoryview] = []
+        self._out_bytes = 0
         self.requests = 0
         self.closing = False  # DISC seen or server draining: no new requests
         self._write_paused = False
@@ -283,8 +291,23 @@ class Connection(asyncio.Protocol):
                 self._dispatch(self._backlog.popleft())
         finally:
             self._pumping = False
+        if not self.server.batching:
+            self.flush_replies()
         self._update_reading()
         self._maybe_close()
+
+    def _send(self, frames: list[bytes | memoryview]) -> None:
+        self._out += frames
+        self._out_bytes += sum(len(f) for f in frames)
+        if self._out_bytes >= _REPLY_BATCH or not (self._pumping or self.server.batching):
+            self.flush_replies()
+
+    def flush_replies(self) -> None:
+        if not self._out:
+            return
+        out, self._out, self._out_bytes = self._out, [], 0
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
 
     def _dispatch(self, req: Request) -> None:
         assert self.neg is not None and self.transport is not None
@@ -303,7 +326,7 @@ class Connection(asyncio.Protocol):
                 "request refused", cmd=req.cmd, offset=req.offset, length=req.length,
                 error=err.name,
             )
-            self.transport.write(error_reply(req, self.neg, err))
+            self._send([error_reply(req, self.neg, err)])
             return
         cost = _REQUEST_OVERHEAD + (req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
         if req.cmd == Cmd.READ:
@@ -340,8 +363,7 @@ class Connection(asyncio.Protocol):
             frames = [error_reply(req, self.neg, Errno.EIO, "internal error")]
         else:
             frames = result
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(frames)
+        self._send(frames)
         del frames, result
         for buf in (req.buffer, req.payload):
             if buf is not None:
@@ -368,6 +390,7 @@ class Connection(asyncio.Protocol):
         if self._pumping:
             return  # the pump decides once its loop is over
         if self.closing and self.inflight == 0 and self.transport is not None:
+            self.flush_replies()
             self.transport.close()
 
     def _abort(self) -> None:
@@ -439,6 +462,7 @@ class NbdServer:
         self._wakeup_pending = False
         self._inline_off_until = 0.0
         self._inline_avg = 0.0
+        self.batching = False
 
     def may_inline(self, dev: BlockDevice, req: Request) -> bool:
         """Small reads and plain writes that the device says are quick run on
@@ -486,9 +510,17 @@ class NbdServer:
     def _drain_done(self) -> None:
         with self._wakeup_lock:
             self._wakeup_pending = False
-        while self._done:
-            conn, req, cost, result = self._done.popleft()
-            conn.finish(req, cost, result)
+        touched: set[Connection] = set()
+        self.batching = True  # one writev per connection for the whole batch
+        try:
+            while self._done:
+                conn, req, cost, result = self._done.popleft()
+                conn.finish(req, cost, result)
+                touched.add(conn)
+        finally:
+            self.batching = False
+            for conn in touched:
+                conn.flush_replies()
 
     async def serve_sockets(self, socks: list[socket.socket]) -> None:
         """Serve on listening sockets made by `bind` (possibly in a parent process)."""
