@@ -42,11 +42,11 @@ def test_inlining_backs_off_only_when_the_storage_stays_slow(tmp_path: Path) -> 
 
         for _ in range(20):
             read()
-        dev.delay = 0.004  # one request preempted for 4 ms: still inline
+        dev.delay = 0.002  # one request preempted for a few ms: still inline
         read()
         dev.delay = 0.0
         read()
-        dev.delay = 0.004  # the disk is slow now: a few of those, then threads
+        dev.delay = 0.008  # the disk is slow now: a few of those, then threads
         slow = 0
         while server.may_inline(dev, req):
             read()
