@@ -412,3 +412,41 @@ except nbd.Error as e:
     assert out.split() == ["EIO"]
     assert "came back as a different export" in srv.log_text()
     assert srv.proc.poll() is None
+
+
+def test_after_the_reconnect_window_requests_fail_fast_until_the_upstream_is_back(
+        nbdluks, upstreams, tmp_path: Path) -> None:
+    made, plain, pay, srv = over_nbdkit(nbdluks, upstreams, tmp_path,
+                                        "--upstream-reconnect", "2")
+    script = r"""
+import time
+h.connect_uri(sys.argv[1])
+print(h.pread(4096, 0).hex()[:8], flush=True)
+sys.stdin.readline()  # the upstream is gone now
+for i in range(2):
+    t = time.monotonic()
+    try:
+        h.pread(4096, 0); print("read")
+    except nbd.Error as e:
+        print(e.errno, round(time.monotonic() - t, 1))
+print("down", flush=True)
+sys.stdin.readline()  # the upstream is back
+print(h.pread(4096, 0).hex()[:8])
+"""
+    proc = libnbd_client(script, srv.uri)
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline().strip() == plain[:4].hex()
+    pay.proc.kill()
+    pay.proc.wait()
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    first = proc.stdout.readline().split()
+    second = proc.stdout.readline().split()
+    assert first[0] == "EIO" and 1.5 <= float(first[1]) <= 6  # waited out the window
+    assert second[0] == "EIO" and float(second[1]) < 1  # then fails at once
+    assert proc.stdout.readline().strip() == "down"
+    _restart(pay, ["file", f"file={made.payload}"])
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out, _ = proc.communicate(timeout=60)
+    assert out.split() == [plain[:4].hex()]  # and recovers once it is back

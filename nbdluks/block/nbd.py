@@ -22,6 +22,7 @@ from ..nbd.uri import NbdUri
 from .base import BlockDevice, Capabilities, check_range
 
 log = structlog.get_logger("nbdluks.upstream")
+_FUA = int(CmdFlag.FUA)  # a plain int: IntFlag operators are slow
 
 
 class NbdDevice(BlockDevice):
@@ -34,6 +35,9 @@ class NbdDevice(BlockDevice):
         self._writes = 0  # writes acknowledged so far
         self._flushed = 0  # ... of which a FLUSH covered this many
         self._durability_lost = False
+        # After a reconnect window ran out, requests fail at once (after one
+        # connection attempt each) instead of each waiting a window again.
+        self._gave_up = False
         self.client = c = NbdClient(uri, request_timeout=request_timeout)
         self.size = c.size
         self.min_block = c.min_block or 1
@@ -71,10 +75,10 @@ class NbdDevice(BlockDevice):
                 if self._reconnect <= 0:
                     raise
                 if deadline is None:
-                    deadline = time.monotonic() + self._reconnect
+                    deadline = time.monotonic() + (0.0 if self._gave_up else self._reconnect)
                 self._replace(client, deadline)
                 continue
-            if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not flags & CmdFlag.FUA:
+            if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not flags & _FUA:
                 with self._lock:
                     self._writes += 1
             return
@@ -95,6 +99,7 @@ class NbdDevice(BlockDevice):
                     break
                 except NbdClientError as e:
                     if remaining <= delay:
+                        self._gave_up = True
                         raise UpstreamLost(errno.EIO, f"{e} (gave up reconnecting after "
                                            f"{self._reconnect:.0f} s)") from None
                 time.sleep(delay)
@@ -106,6 +111,7 @@ class NbdDevice(BlockDevice):
             if self._writes > self._flushed:
                 self._durability_lost = True
             self.client = new
+            self._gave_up = False
         log.warning("upstream reconnected", uri=str(self.uri))
         dead.close()
 
@@ -122,7 +128,7 @@ class NbdDevice(BlockDevice):
             raise OSError(errno.EPERM, "the upstream export is read-only")
         check_range(self, offset, len(buf))
         view = memoryview(buf)
-        flags = CmdFlag.FUA if fua and self.caps.fua else 0
+        flags = _FUA if fua and self.caps.fua else 0
         for o, n in self._pieces(offset, len(buf)):
             self._call(Cmd.WRITE, o, n, flags=flags, payload=view[o - offset : o - offset + n])
         if fua and not self.caps.fua:
@@ -141,7 +147,7 @@ class NbdDevice(BlockDevice):
                           "re-established may not have reached stable storage")
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        flags = CmdFlag.FUA if fua and self.caps.fua else 0
+        flags = _FUA if fua and self.caps.fua else 0
         for o, n in self._pieces(offset, length):
             self._call(Cmd.TRIM, o, n, flags=flags)
 
@@ -149,8 +155,8 @@ class NbdDevice(BlockDevice):
         self, offset: int, length: int, *, fua: bool = False, may_trim: bool = False,
         fast: bool = False,
     ) -> None:
-        flags = (CmdFlag.FUA if fua and self.caps.fua else 0) | (
-            0 if may_trim else CmdFlag.NO_HOLE) | (CmdFlag.FAST_ZERO if fast else 0)
+        flags = int((CmdFlag.FUA if fua and self.caps.fua else 0) | (
+            0 if may_trim else CmdFlag.NO_HOLE) | (CmdFlag.FAST_ZERO if fast else 0))
         for o, n in self._pieces(offset, length):
             self._call(Cmd.WRITE_ZEROES, o, n, flags=flags)
 
