@@ -168,16 +168,20 @@ option_frames = st.one_of(
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(option_frames, max_size=12), st.integers(1, 50))
-def test_negotiation_fuzz_never_crashes(frames: list[bytes], step: int) -> None:
-    hs = Handshake(EXPORTS)
+@given(st.lists(option_frames, max_size=12), st.integers(1, 50), st.sampled_from(TlsMode))
+def test_negotiation_fuzz_never_crashes(frames: list[bytes], step: int, tls: TlsMode) -> None:
+    hs = Handshake(EXPORTS, tls)
     stream = CLIENT_FLAGS + b"".join(frames)
     for i in range(0, len(stream), step):
+        if hs.state is State.TLS_START:
+            hs.tls_started()  # as the adapter does once the TLS handshake is over
         hs.receive_data(stream[i : i + step])
         hs.data_to_send()
-    assert hs.state in (State.OPTIONS, State.DONE, State.CLOSED)
+    assert hs.state in (State.OPTIONS, State.DONE, State.CLOSED, State.TLS_START)
     if hs.state is State.DONE:
         assert hs.result is not None and hs.result.export.name in EXPORTS
+        # with TLS required, no export is reached in the clear
+        assert hs.tls_active or tls is not TlsMode.REQUIRE
 
 
 def test_starttls_then_a_fresh_negotiation() -> None:
