@@ -28,7 +28,7 @@ from .luks.errors import LuksError, WrongKeyError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .nbd.constants import DEFAULT_PORT
 from .nbd.handshake import TlsMode
-from .nbd.listen import Listen, address, bind, cleanup
+from .nbd.listen import Listen, activated, address, bind, cleanup
 from .nbd.tls import TlsConfigError, server_context
 from .opener import KeySource, read_header, unlock, unlock_volume
 from .secrets import SecretError
@@ -219,12 +219,20 @@ def _upstream_multi_conn(dev: BlockDevice) -> bool:
 
 
 def bind_listeners(args: argparse.Namespace) -> list[socket.socket]:
+    socks: list[socket.socket]
+    try:
+        socks = activated()
+    except OSError as e:
+        raise UsageError(f"socket activation: {e}") from None
+    if socks:
+        if args.socket or args.bind or args.port is not None:
+            raise UsageError("socket activation (LISTEN_FDS) excludes -k, -b and -p")
+        return socks
     listens = []
     if args.socket:
         listens.append(Listen(socket_path=args.socket))
     if args.bind or args.port is not None or not args.socket:
         listens.append(Listen(host=args.bind or "127.0.0.1", port=args.port or DEFAULT_PORT))
-    socks: list[socket.socket] = []
     for where in listens:
         try:
             socks += bind(where)

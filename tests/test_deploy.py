@@ -62,6 +62,14 @@ def test_systemd_unit_command_parses() -> None:
     assert args.command == "serve" and args.passphrase_file
 
 
+def test_socket_unit_listens_on_the_service_port() -> None:
+    sock = (ROOT / "deploy" / "nbdluks.socket").read_text()
+    m = re.search(r"^ListenStream=(.+)$", sock, re.M)
+    unit = (ROOT / "deploy" / "nbdluks.service").read_text()
+    port = re.search(r"--port (\d+)", unit)
+    assert m and port and m.group(1).endswith(":" + port.group(1))
+
+
 @pytest.mark.parametrize("script", ["scripts/test", "scripts/serve-demo", "scripts/setup",
                                     ".ci/run"])
 def test_scripts_are_executable(script: str) -> None:

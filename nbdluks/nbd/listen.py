@@ -60,6 +60,34 @@ def bind(where: Listen, backlog: int = 128) -> list[socket.socket]:
     return socks
 
 
+# The first descriptor systemd passes (sd_listen_fds(3)).
+_LISTEN_FDS_START = 3
+
+
+def activated() -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (LISTEN_PID,
+    LISTEN_FDS), or [] when there are none. They are systemd's: cleanup()
+    never removes their files."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        n = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        n = 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    socks = []
+    for fd in range(_LISTEN_FDS_START, _LISTEN_FDS_START + n):
+        sock = socket.socket(fileno=fd)
+        if (sock.type != socket.SOCK_STREAM
+                or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            raise OSError(f"descriptor {fd} from systemd is not a listening stream socket")
+        os.set_inheritable(fd, False)
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
 def address(sock: socket.socket) -> str:
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
