@@ -52,6 +52,9 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
     g.add_argument("--max-inflight", type=int, default=64, metavar="MiB",
                    help="bytes in flight per connection before reading pauses (default 64)")
+    g.add_argument("--max-connections", type=int, default=128, metavar="N",
+                   help="clients served at once; more are refused (default 128; "
+                   "each process takes an equal share)")
     g.add_argument("--threads", type=int, default=8,
                    help="I/O threads per process (default 8)")
     g.add_argument("--processes", type=int, default=None, metavar="N",
@@ -243,6 +246,8 @@ def bind_listeners(args: argparse.Namespace) -> list[socket.socket]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
     ssl_context = tls_context(args)
     make_device, processes = prepare(args)
     socks = bind_listeners(args)
@@ -254,6 +259,7 @@ def serve(args: argparse.Namespace) -> int:
             read_only=args.read_only, max_inflight=args.max_inflight * 1024 * 1024,
             threads=args.threads, processes=processes,
             tls=TlsMode(args.tls), ssl_context=ssl_context,
+            max_connections=args.max_connections,
         )
         return serving.serve(make_device, socks, cfg)
     finally:

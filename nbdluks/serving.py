@@ -46,6 +46,7 @@ class ServeConfig:
     processes: int = 1
     tls: TlsMode = TlsMode.OFF
     ssl_context: ssl.SSLContext | None = None
+    max_connections: int = 128  # for the whole server; each process takes its share
 
 
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -69,8 +70,10 @@ def _note_early_stop(_sig: int, _frame: object) -> None:
 async def _serve(device: BlockDevice, cfg: ServeConfig, socks: list[socket.socket],
                  chan: socket.socket | None) -> int:
     export = Export(cfg.export_name, device, cfg.description, cfg.read_only)
+    # Connections are handed to the processes in turn, so each gets its share.
+    share = -(-cfg.max_connections // max(1, cfg.processes))
     server = NbdServer([export], max_inflight=cfg.max_inflight, workers=cfg.threads,
-                       tls=cfg.tls, ssl_context=cfg.ssl_context)
+                       tls=cfg.tls, ssl_context=cfg.ssl_context, max_connections=share)
     if chan is not None:
         server.serve_channel(chan)
     else:

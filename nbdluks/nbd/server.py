@@ -35,6 +35,7 @@ from .wire import ProtocolError, Request, RequestDecoder, encode_simple_reply
 log = structlog.get_logger("nbdluks.server")
 
 DEFAULT_MAX_INFLIGHT = 64 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS = 128
 HANDSHAKE_TIMEOUT = 30.0
 # What a request costs against the in-flight cap beyond its payload, so that
 # a flood of tiny requests is bounded too.
@@ -171,6 +172,14 @@ class Connection(asyncio.Protocol):
         self.transport = t = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or transport.get_extra_info("sockname")
         self.log = self.log.bind(peer=_peer_str(peer))
+        if len(self.server.connections) >= self.server.max_connections:
+            # Each connection may hold --max-inflight bytes: a flood of them
+            # must not starve the clients already served.
+            self.log.warning("connection refused: too many connections",
+                             limit=self.server.max_connections)
+            self.closed.set()
+            t.abort()  # type: ignore[attr-defined]
+            return
         self.log.info("connection opened")
         self.server.connections.add(self)
         t.write(self.handshake.data_to_send())  # type: ignore[attr-defined]
@@ -440,6 +449,7 @@ class NbdServer:
         workers: int = 16,
         tls: TlsMode = TlsMode.OFF,
         ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if tls is not TlsMode.OFF and ssl_context is None:
             raise ValueError("TLS needs an SSL context")
@@ -447,6 +457,7 @@ class NbdServer:
         self.ssl_context = ssl_context
         self.exports = {e.name: e for e in exports}
         self.max_inflight = max_inflight
+        self.max_connections = max_connections
         self.buffers = BufferPool(max_inflight)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self.connections: set[Connection] = set()

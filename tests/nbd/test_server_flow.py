@@ -3,6 +3,7 @@ the server stop reading, instead of buffering replies without end."""
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 from pathlib import Path
@@ -44,3 +45,33 @@ def test_unread_replies_pause_the_connection(nbdluks, tmp_path: Path) -> None:
     assert seen == set(range(n))
     request(s, 2, 0, 0, 0)  # DISC
     assert srv.stop() == 0
+
+
+def test_connections_beyond_the_limit_are_refused(nbdluks, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(MiB))
+    srv = nbdluks("--raw", str(disk), "--processes", "1", "--max-connections", "2")
+    assert srv.socket
+
+    def connect() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(srv.socket)
+        return s
+
+    held = [connect(), connect()]
+    for s in held:
+        assert recv_exact(s, 8) == b"NBDMAGIC"
+    extra = connect()
+    assert extra.recv(64) == b""  # closed without a greeting
+    extra.close()
+    held.pop().close()
+    for _ in range(50):  # the server notices the close on its next loop turn
+        s = connect()
+        if s.recv(8) == b"NBDMAGIC":
+            break
+        s.close()
+        time.sleep(0.1)
+    else:
+        raise AssertionError("a slot that was freed was not given to a new client")
+    assert "too many connections" in srv.log_text()
