@@ -92,17 +92,18 @@ class NbdDevice(BlockDevice):
                         seconds=self._reconnect)
             delay = 0.1
             while True:
-                remaining = deadline - time.monotonic()
+                wait = max(0.1, min(10.0, deadline - time.monotonic()))
                 try:
                     new = NbdClient(self.uri, request_timeout=self._request_timeout,
-                                    connect_timeout=max(0.1, min(10.0, remaining)))
+                                    connect_timeout=wait)
                     break
                 except NbdClientError as e:
-                    if remaining <= delay:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
                         self._gave_up = True
                         raise UpstreamLost(errno.EIO, f"{e} (gave up reconnecting after "
                                            f"{self._reconnect:.0f} s)") from None
-                time.sleep(delay)
+                time.sleep(min(delay, remaining))
                 delay = min(2 * delay, 1.0)
             if new.size != self.size or (self.caps.writable and new.flags & TxFlag.READ_ONLY):
                 new.close()
