@@ -1,11 +1,11 @@
 """A blocking NBD client for upstream exports, safe to share between threads.
 
-Negotiation uses the same codec as the server (fixed newstyle, STARTTLS for
-nbds URIs, structured replies, GO with block-size info). Requests from many threads are pipelined
-on one connection; a reader thread routes each reply to its waiter by handle
-and writes read data straight into the waiter's buffer. When the connection
-dies or a request times out, every waiter and every later request gets EIO:
-never wrong data.
+Negotiation uses the same codec as the server (fixed newstyle, STARTTLS
+for nbds URIs, structured replies, GO with block-size info). Requests from
+many threads are pipelined on one connection; a reader thread routes each
+reply to its waiter by handle and writes read data straight into the
+waiter's buffer. When the connection dies or a request times out, every
+waiter and every later request gets EIO: never wrong data.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .constants import (
     Rep,
     TxFlag,
 )
-from .tls import client_context
+from .tls import TlsConfigError, client_context
 from .uri import NbdUri
 from .wire import (
     ChunkHeader,
@@ -127,6 +127,9 @@ class NbdClient:
         except ssl.SSLError as e:
             sock.close()
             raise NbdClientError(f"{uri}: TLS failed: {e.reason or e}") from None
+        except TlsConfigError as e:
+            sock.close()
+            raise NbdClientError(f"{uri}: {e}") from None
         except (OSError, ProtocolError, struct.error) as e:
             why = self._tls_alert() or str(e)
             sock.close()

@@ -246,3 +246,23 @@ def test_header_and_payload_from_tls_upstreams(nbdluks: Callable[..., Served], p
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+def test_unusable_client_certificates_are_a_one_line_error(tmp_path: Path, pki: dict) -> None:
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(pki["client"] / "ca-cert.pem", half)
+    shutil.copy(pki["client"] / "client-cert.pem", half)  # and no client-key.pem
+    need("nbdkit")
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(MiB))
+    kit = _nbdkit_tls(tmp_path, "k", pki["server"], img)
+    try:
+        p = run([sys.executable, "-m", "nbdluks", "inspect",
+                 f"nbds+unix:///?socket={tmp_path / 'k.sock'}&tls-certificates={half}"],
+                check=False)
+    finally:
+        kit.kill()
+        kit.wait()
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "cannot use the certificates" in p.stderr and len(p.stderr.splitlines()) == 1
