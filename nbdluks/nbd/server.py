@@ -254,7 +254,7 @@ class Connection(asyncio.Protocol):
                 plain, self, self.server.ssl_context, server_side=True,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
             )
-        except (TimeoutError, OSError, ssl.SSLError) as e:
+        except Exception as e:  # whatever broke, only this connection ends
             self.log.warning("TLS handshake failed", error=str(e) or type(e).__name__)
             plain.abort()
             self.connection_lost(None)
