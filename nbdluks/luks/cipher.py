@@ -320,10 +320,8 @@ class SectorCipher:
         if count == 0:
             return
         mode = self.spec.mode
-        if self._evp is not None and count <= self._evp_max:
-            self._evp.crypt(buf, self.sector_size, self._ivs(first_iv, count), encrypt=False)
-        elif mode == "xts":
-            self._xts(data, first_iv, count, self._ctx(self._data, False))
+        if mode == "xts":
+            self._xts_any(buf, data, first_iv, count, encrypt=False)
         elif mode == "cbc":
             plain = self._ecb_dec(self._data, data)
             prev = np.empty_like(data)
@@ -340,10 +338,8 @@ class SectorCipher:
         if count == 0:
             return
         mode = self.spec.mode
-        if self._evp is not None and count <= self._evp_max:
-            self._evp.crypt(buf, self.sector_size, self._ivs(first_iv, count), encrypt=True)
-        elif mode == "xts":
-            self._xts(data, first_iv, count, self._ctx(self._data, True))
+        if mode == "xts":
+            self._xts_any(buf, data, first_iv, count, encrypt=True)
         elif mode == "cbc":
             enc = self._ctx(self._data, True)
             prev = self._ivs(first_iv, count)
@@ -354,6 +350,14 @@ class SectorCipher:
             data[...] = self._ecb_enc(self._data, data)
         else:
             self._ctr(data, first_iv, count)
+
+    def _xts_any(self, buf: bytearray | memoryview, data: np.ndarray[Any, Any], first_iv: int,
+                 count: int, encrypt: bool) -> None:
+        """EVP one unit at a time where that is faster, else the numpy pipeline."""
+        if self._evp is not None and count <= self._evp_max:
+            self._evp.crypt(buf, self.sector_size, self._ivs(first_iv, count), encrypt)
+        else:
+            self._xts(data, first_iv, count, self._ctx(self._data, encrypt))
 
     def _xts(self, data: np.ndarray[Any, Any], first_iv: int, count: int, ctx: Any) -> None:
         sc = _scratch
