@@ -16,14 +16,7 @@ import structlog
 from . import __version__, serving
 from . import log as logsetup
 from .block.base import BlockDevice
-from .block.source import (
-    DEFAULT_UPSTREAM_TIMEOUT,
-    SourceError,
-    UpstreamOptions,
-    is_nbd_uri,
-    open_source,
-)
-from .inspect import describe, render_text
+from .dump import describe, render_text
 from .luks.errors import LuksError, WrongKeyError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .nbd.constants import DEFAULT_PORT
@@ -33,6 +26,13 @@ from .nbd.tls import TlsConfigError, server_context
 from .opener import KeySource, read_header, unlock, unlock_volume
 from .secrets import SecretError
 from .serving import ServeConfig
+from .source import (
+    DEFAULT_UPSTREAM_TIMEOUT,
+    SourceError,
+    UpstreamOptions,
+    is_nbd_uri,
+    open_source,
+)
 
 log = structlog.get_logger("nbdluks")
 
@@ -214,8 +214,8 @@ def prepare(args: argparse.Namespace) -> tuple[Callable[[], BlockDevice], int]:
 
 
 def _upstream_multi_conn(dev: BlockDevice) -> bool:
-    from .block.nbd import NbdDevice
     from .nbd.constants import TxFlag
+    from .nbd.upstream import NbdDevice
 
     payload = getattr(dev, "payload", dev)
     return isinstance(payload, NbdDevice) and bool(payload.client.flags & TxFlag.CAN_MULTI_CONN)

@@ -10,7 +10,6 @@ from typing import Any
 import structlog
 
 from .block.base import BlockDevice
-from .block.source import DEFAULT_UPSTREAM, UpstreamOptions, open_source, read_prefix
 from .luks import header
 from .luks.device import LuksDevice
 from .luks.errors import HeaderError
@@ -18,6 +17,7 @@ from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
 from .luks.volume import HEADER_PROBE, Keyslot, Volume
 from .secrets import read_secret
+from .source import DEFAULT_UPSTREAM, UpstreamOptions, open_source, read_prefix
 
 log = structlog.get_logger("nbdluks.open")
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
-from ..nbd.constants import MAX_PAYLOAD
-
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
@@ -47,7 +45,7 @@ class BlockDevice:
     size: int = 0
     min_block: int = 1
     pref_block: int = 4096
-    max_block: int = MAX_PAYLOAD
+    max_block: int = 0  # 0: no limit of its own (the protocol layer caps requests)
     caps: Capabilities = Capabilities()
     # Requests up to this many bytes are quick enough (page cache, CPU only)
     # to run on the event loop instead of a worker thread; 0: never.

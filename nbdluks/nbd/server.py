@@ -28,7 +28,7 @@ from .commands import (
     read_reply_headers,
     validate,
 )
-from .constants import Cmd, CmdFlag, Errno, TxFlag
+from .constants import MAX_PAYLOAD, Cmd, CmdFlag, Errno, TxFlag
 from .handshake import ExportInfo, Handshake, Negotiated, State, TlsMode
 from .wire import ProtocolError, Request, RequestDecoder, encode_simple_reply
 
@@ -89,7 +89,7 @@ class Export:
             description=self.description,
             min_block=dev.min_block,
             pref_block=dev.pref_block,
-            max_block=dev.max_block,
+            max_block=min(dev.max_block or MAX_PAYLOAD, MAX_PAYLOAD),
         )
 
 

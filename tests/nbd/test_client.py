@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from nbdluks.block.nbd import NbdDevice
 from nbdluks.nbd.client import NbdClientError
 from nbdluks.nbd.constants import REQUEST_SIZE, TxFlag
 from nbdluks.nbd.handshake import ExportInfo, Handshake, State
+from nbdluks.nbd.upstream import NbdDevice
 from nbdluks.nbd.uri import NbdUri
 from nbdluks.nbd.wire import encode_offset_data_header, encode_offset_hole
 from tests.conftest import need, wait_listening

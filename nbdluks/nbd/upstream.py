@@ -16,10 +16,10 @@ import time
 
 import structlog
 
-from ..nbd.client import NbdClient, NbdClientError, UpstreamLost
-from ..nbd.constants import Cmd, CmdFlag, TxFlag
-from ..nbd.uri import NbdUri
-from .base import BlockDevice, Capabilities, check_range
+from ..block.base import BlockDevice, Capabilities, check_range
+from .client import NbdClient, NbdClientError, UpstreamLost
+from .constants import Cmd, CmdFlag, TxFlag
+from .uri import NbdUri
 
 log = structlog.get_logger("nbdluks.upstream")
 _FUA = int(CmdFlag.FUA)  # a plain int: IntFlag operators are slow

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import BlockDevice
-from .file import FileDevice
+from .block.base import BlockDevice
+from .block.file import FileDevice
 
 
 class SourceError(Exception):
@@ -36,9 +36,9 @@ DEFAULT_UPSTREAM = UpstreamOptions()
 def open_source(spec: str, *, read_only: bool,
                 upstream: UpstreamOptions = DEFAULT_UPSTREAM) -> BlockDevice:
     if is_nbd_uri(spec):
-        from ..nbd.client import NbdClientError
-        from ..nbd.uri import UriError, parse_uri
-        from .nbd import NbdDevice
+        from .nbd.client import NbdClientError
+        from .nbd.upstream import NbdDevice
+        from .nbd.uri import UriError, parse_uri
 
         try:
             return NbdDevice(parse_uri(spec), read_only=read_only,
