@@ -17,14 +17,15 @@ from . import __version__, serving
 from . import log as logsetup
 from .block.base import BlockDevice
 from .dump import describe, render_text
-from .luks.errors import LuksError, WrongKeyError
+from .errors import NbdluksError
+from .luks.errors import Argon2MemoryError, LuksError, WrongKeyError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .nbd.constants import DEFAULT_PORT
 from .nbd.handshake import TlsMode
 from .nbd.listen import Listen, activated, address, bind, cleanup
-from .nbd.tls import TlsConfigError, server_context
+from .nbd.tls import TlsConfigError, TlsFileMissingError, server_context
 from .opener import KeySource, read_header, unlock, unlock_volume
-from .secrets import SecretError
+from .secrets import KeyFileShortError
 from .serving import ServeConfig
 from .source import (
     DEFAULT_UPSTREAM_TIMEOUT,
@@ -37,8 +38,19 @@ from .source import (
 log = structlog.get_logger("nbdluks")
 
 
-class UsageError(Exception):
+class UsageError(NbdluksError):
     """A one-line error for the user; exit status 2."""
+
+
+def hint(e: Exception) -> str:
+    """Lower layers never name our flags: the flag that would help, if any."""
+    if isinstance(e, Argon2MemoryError):
+        return " (raise --argon2-max-memory if you trust the header)"
+    if isinstance(e, KeyFileShortError):
+        return " (see --keyfile-size)"
+    if isinstance(e, TlsFileMissingError):
+        return " (see --tls-certificates)"
+    return ""
 
 
 def _listen_args(p: argparse.ArgumentParser) -> None:
@@ -84,7 +96,7 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     try:
         return server_context(args.tls_certificates, args.tls_verify_peer)
     except TlsConfigError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"{e}{hint(e)}") from None
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
@@ -272,7 +284,7 @@ def inspect(args: argparse.Namespace) -> int:
         try:
             vol, prefix = read_header(hdr, args.argon2_max_memory)
         except LuksError as e:
-            raise type(e)(f"{args.source}: {e}") from None
+            raise SourceError(f"{args.source}: {e}{hint(e)}") from None
         info = describe(vol)
         keys = _keys(args)
         status = 0
@@ -310,8 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"nbdluks: {e}", file=sys.stderr)
         return 2
-    except (LuksError, SecretError, SourceError) as e:
-        print(f"nbdluks: {e}", file=sys.stderr)
+    except NbdluksError as e:
+        print(f"nbdluks: {e}{hint(e)}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"nbdluks: {e.filename or 'I/O'}: {e.strerror}", file=sys.stderr)

@@ -9,12 +9,24 @@ from __future__ import annotations
 import os
 import sys
 
+from .errors import NbdluksError
+
 # cryptsetup's default limit for key files.
 MAX_KEYFILE = 8 * 1024 * 1024
 
 
-class SecretError(Exception):
-    pass
+class SecretError(NbdluksError):
+    """A secret that cannot be read or has the wrong shape."""
+
+
+class KeyFileShortError(SecretError):
+    """A key file holds fewer bytes than the size asked for."""
+
+    def __init__(self, path: str, held: int, size: int) -> None:
+        super().__init__(f"key file {path} holds {held} bytes, fewer than the {size} asked for")
+        self.path = path
+        self.held = held
+        self.size = size
 
 
 def read_secret(path: str, *, offset: int = 0, size: int | None = None,
@@ -56,7 +68,7 @@ def read_secret(path: str, *, offset: int = 0, size: int | None = None,
         if len(buf) < size:
             n = len(buf)
             buf[:] = bytes(len(buf))
-            raise SecretError(f"key file {path} holds {n} bytes, fewer than --keyfile-size {size}")
+            raise KeyFileShortError(path, n, size)
         buf[size:] = b""
     elif len(buf) > MAX_KEYFILE:
         raise SecretError(f"key file {path} is larger than {MAX_KEYFILE} bytes")

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from .block.base import BlockDevice
 from .block.file import FileDevice
+from .errors import NbdluksError
 
 
-class SourceError(Exception):
-    pass
+class SourceError(NbdluksError):
+    """A source that cannot be opened."""
 
 
 def is_nbd_uri(spec: str) -> bool:

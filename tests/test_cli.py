@@ -25,6 +25,9 @@ def serve(*args: str) -> subprocess.CompletedProcess[str]:
         (("--payload", "/nonexistent", "--key-file", "/dev/null"), 1, "No such file"),
         (("--raw", "nbd+unix:///?socket=/nonexistent.sock"), 1, "cannot connect"),
         (("--raw", "nbds://127.0.0.1:1/x?tls-verify-peer=maybe"), 1, "true or false"),
+        # lower layers describe the problem, the CLI names the flag
+        (("--raw", "/dev/null", "--tls", "on", "--tls-certificates", "/nonexistent"), 2,
+         "server-cert.pem: no such file (see --tls-certificates)"),
     ],
 )
 def test_errors_are_one_line(args: tuple[str, ...], code: int, message: str) -> None:

@@ -145,6 +145,19 @@ def test_key_test_like_test_passphrase(tmp_path: Path) -> None:
                     str(tmp_path / "vol.pass"), str(made.header)], check=True)
 
 
+def test_errors_name_the_flag_that_helps(tmp_path: Path) -> None:
+    made = luks_format(tmp_path, detached=True, size=MiB, pbkdf="argon2id")
+    assert made.header
+    p = nbdluks(str(made.header), "--argon2-max-memory", "8")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "above the cap of 8 KiB (raise --argon2-max-memory" in p.stderr
+    key = tmp_path / "short.key"
+    key.write_bytes(b"0123")
+    p = nbdluks(str(made.header), "--key-file", str(key), "--keyfile-size", "64")
+    assert p.returncode == 1
+    assert "holds 4 bytes, fewer than the 64 asked for (see --keyfile-size)" in p.stderr
+
+
 @pytest.mark.parametrize("content", [b"", b"\0" * 4096, b"LUKS\xba\xbe\0\x02" + b"\0" * 100,
                                      b"LUKS\xba\xbe\0\x01" + b"x" * 50])
 def test_bad_input_one_line_error(tmp_path: Path, content: bytes) -> None:

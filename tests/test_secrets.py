@@ -21,7 +21,7 @@ def test_key_file_exact_bytes_offset_size(tmp_path: Path) -> None:
     f.write_bytes(bytes(range(256)) * 4)
     assert read_secret(str(f)) == bytearray(bytes(range(256)) * 4)
     assert read_secret(str(f), offset=10, size=5) == bytearray(range(10, 15))
-    with pytest.raises(SecretError, match="fewer than --keyfile-size"):
+    with pytest.raises(SecretError, match="fewer than the 100 asked for"):
         read_secret(str(f), offset=1000, size=100)
     with pytest.raises(SecretError, match="shorter than the key file offset"):
         read_secret(str(f), offset=5000)

@@ -146,7 +146,7 @@ class LuksDevice(BlockDevice):
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         if not self.caps.trim:
-            raise unsupported("trim (serve with --allow-discards)")
+            raise unsupported("discarding on this volume")
         check_range(self, offset, length)
         # Only whole sectors are discarded; a discard is advisory.
         ss = self.sector_size

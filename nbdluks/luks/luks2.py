@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import HeaderError, NotLuksError, UnsupportedError
+from .errors import Argon2MemoryError, HeaderError, NotLuksError, UnsupportedError
 from .volume import Argon2, Digest, Kdf, Keyslot, Pbkdf2, Segment, Volume
 
 MAGIC_PRIMARY = b"LUKS\xba\xbe"
@@ -188,10 +188,7 @@ def _kdf(k: dict[str, Any], where: str, argon2_max_kib: int) -> Kdf:
     if kind in ("argon2i", "argon2id"):
         memory = _int(k["memory"], f"{where} memory", 8, 2**32 - 1)
         if memory > argon2_max_kib:
-            raise UnsupportedError(
-                f"{where} asks for {memory} KiB of Argon2 memory, above the cap of "
-                f"{argon2_max_kib} KiB (raise it with --argon2-max-memory if you trust the header)"
-            )
+            raise Argon2MemoryError(where, memory, argon2_max_kib)
         return Argon2(
             kind,
             _int(k["time"], f"{where} time", 1, 2**32 - 1),

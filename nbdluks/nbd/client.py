@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import NbdluksError
 from .channel import Channel, PlainChannel, TlsChannel
 from .constants import (
     CHUNK_HEADER_SIZE,
@@ -40,6 +41,7 @@ from .uri import NbdUri
 from .wire import (
     ChunkHeader,
     ProtocolError,
+    RemoteProtocolError,
     decode_greeting,
     decode_option_reply_header,
     decode_reply_header,
@@ -51,8 +53,17 @@ from .wire import (
 _STRUCTURED_MAGIC = struct.pack(">I", STRUCTURED_REPLY_MAGIC)
 
 
-class NbdClientError(Exception):
+class NbdClientError(NbdluksError):
     """Connecting or negotiating failed (a one-line reason)."""
+
+
+class NegotiationRefused(NbdClientError):
+    """The server answered an option with an error."""
+
+    def __init__(self, what: str, reply: int, message: bytes) -> None:
+        name = Rep(reply).name if reply in Rep._value2member_map_ else hex(reply)
+        super().__init__(f"{what}: {name} {message.decode('utf-8', 'replace')}".strip())
+        self.reply = reply
 
 
 class UpstreamLost(OSError):
@@ -130,7 +141,7 @@ class NbdClient:
         except TlsConfigError as e:
             sock.close()
             raise NbdClientError(f"{uri}: {e}") from None
-        except (OSError, ProtocolError, struct.error) as e:
+        except (OSError, ProtocolError, NegotiationRefused, struct.error) as e:
             why = self._tls_alert() or str(e)
             sock.close()
             raise NbdClientError(f"{uri}: negotiation failed: {why}") from None
@@ -148,7 +159,7 @@ class NbdClient:
     def _negotiate(self) -> None:
         flags = decode_greeting(_recv(self.chan, GREETING_SIZE))
         if not flags & HandshakeFlag.FIXED_NEWSTYLE:
-            raise ProtocolError("server does not support fixed newstyle negotiation")
+            raise RemoteProtocolError("server does not support fixed newstyle negotiation")
         client = HandshakeFlag.FIXED_NEWSTYLE | (flags & HandshakeFlag.NO_ZEROES)
         self.chan.sendall(struct.pack(">I", client))
         if self.uri.tls:
@@ -176,11 +187,9 @@ class NbdClient:
                         ">III", data, 2
                     )
             elif rep & 0x80000000:
-                msg = data.decode("utf-8", "replace")
-                name = Rep(rep).name if rep in Rep._value2member_map_ else hex(rep)
-                raise ProtocolError(f"export {self.uri.export!r} refused: {name} {msg}".strip())
+                raise NegotiationRefused(f"export {self.uri.export!r} refused", rep, data)
         if self.size < 0:
-            raise ProtocolError("server sent no export information")
+            raise RemoteProtocolError("server sent no export information")
         self.max_block = min(self.max_block or MAX_PAYLOAD, MAX_PAYLOAD)
 
     def _tls_alert(self) -> str | None:
@@ -205,9 +214,7 @@ class NbdClient:
         self.chan.sendall(encode_option(Opt.STARTTLS))
         rep, data = self._option_reply(Opt.STARTTLS)
         if rep != Rep.ACK:
-            name = Rep(rep).name if rep in Rep._value2member_map_ else hex(rep)
-            msg = data.decode("utf-8", "replace")
-            raise ProtocolError(f"the server refused TLS: {name} {msg}".strip())
+            raise NegotiationRefused("the server refused TLS", rep, data)
         ctx = client_context(self.uri.tls_certificates, self.uri.tls_verify)
         tls = TlsChannel(self.sock, ctx, self.uri.tls_hostname or self.uri.host or "localhost")
         self.chan = tls
@@ -216,9 +223,9 @@ class NbdClient:
     def _option_reply(self, option: int) -> tuple[int, bytes]:
         opt, rep, length = decode_option_reply_header(_recv(self.chan, OPTION_REPLY_HEADER_SIZE))
         if opt != option:
-            raise ProtocolError(f"reply for option {opt}, expected {option}")
+            raise RemoteProtocolError(f"reply for option {opt}, expected {option}")
         if length > 1 << 20:
-            raise ProtocolError("option reply too large")
+            raise RemoteProtocolError("option reply too large")
         return rep, _recv(self.chan, length)
 
     # --- transmission -----------------------------------------------------
@@ -282,7 +289,7 @@ class NbdClient:
         with self._lock:
             p = self._pending.get(hdr.handle)
         if p is None:
-            raise ProtocolError(f"reply for unknown handle {hdr.handle}")
+            raise RemoteProtocolError(f"reply for unknown handle {hdr.handle}")
         if not isinstance(hdr, ChunkHeader):
             if hdr.error:
                 p.error = hdr.error
@@ -303,14 +310,14 @@ class NbdClient:
             n = hdr.length - 8
             start = offset - p.offset
             if p.buf is None or start < 0 or n < 0 or start + n > len(p.buf):
-                raise ProtocolError("data chunk outside the request")
+                raise RemoteProtocolError("data chunk outside the request")
             _recv_into(self.chan, p.buf[start : start + n])
             p.covered.append((start, n))
         elif hdr.type == Chunk.OFFSET_HOLE:
             offset, n = struct.unpack(">QI", _recv(self.chan, 12))
             start = offset - p.offset
             if p.buf is None or start < 0 or start + n > len(p.buf):
-                raise ProtocolError("hole chunk outside the request")
+                raise RemoteProtocolError("hole chunk outside the request")
             p.buf[start : start + n] = bytes(n)
             p.covered.append((start, n))
         elif hdr.type in (Chunk.ERROR, Chunk.ERROR_OFFSET):

@@ -27,7 +27,9 @@ from .constants import (
 )
 from .wire import (
     Cursor,
+    LocalProtocolError,
     ProtocolError,
+    RemoteProtocolError,
     decode_option_header,
     encode_export_name_reply,
     encode_greeting,
@@ -130,7 +132,7 @@ class Handshake:
                 (flags,) = struct.unpack_from(">I", self._buf)
                 del self._buf[:4]
                 if flags & ~int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES):
-                    raise ProtocolError(f"unknown client flags {flags:#x}")
+                    raise RemoteProtocolError(f"unknown client flags {flags:#x}")
                 self.fixed_newstyle = bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
                 self.no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
                 self.state = State.OPTIONS
@@ -149,7 +151,7 @@ class Handshake:
                 del self._buf[:OPTION_HEADER_SIZE]
                 self.options_seen.append(option)
                 if option == Opt.EXPORT_NAME:
-                    raise ProtocolError("export name too long")
+                    raise RemoteProtocolError("export name too long")
                 self._skip = length
                 self._reply(option, Rep.ERR_TOO_BIG, b"option payload too large")
                 continue
@@ -161,7 +163,7 @@ class Handshake:
             self._option(option, payload)
         if self.state is State.TLS_START and self._buf:
             # The client must wait for the ACK before its TLS ClientHello.
-            raise ProtocolError("data after STARTTLS before its reply")
+            raise RemoteProtocolError("data after STARTTLS before its reply")
         if self.state is State.DONE:
             self.leftover = bytes(self._buf)
             self._buf.clear()
@@ -169,7 +171,7 @@ class Handshake:
     def tls_started(self) -> None:
         """The adapter finished the TLS handshake: negotiate afresh over it."""
         if self.state is not State.TLS_START:
-            raise RuntimeError("no STARTTLS was answered")
+            raise LocalProtocolError("TLS started, but no STARTTLS was answered")
         self.tls_active = True
         self.state = State.OPTIONS
         # Nothing negotiated in the clear carries over into TLS.
@@ -188,11 +190,11 @@ class Handshake:
     def _option(self, option: int, data: bytes) -> None:
         if not self.fixed_newstyle and option != Opt.EXPORT_NAME:
             # Without fixed newstyle the client cannot parse an error reply.
-            raise ProtocolError("option other than EXPORT_NAME without fixed newstyle")
+            raise RemoteProtocolError("option other than EXPORT_NAME without fixed newstyle")
         if (self.tls is TlsMode.REQUIRE and not self.tls_active
                 and option not in (Opt.STARTTLS, Opt.ABORT)):
             if option == Opt.EXPORT_NAME:  # no error reply exists for it
-                raise ProtocolError("EXPORT_NAME without TLS, which this server requires")
+                raise RemoteProtocolError("EXPORT_NAME without TLS, which this server requires")
             self._error(option, Rep.ERR_TLS_REQD, "this server requires TLS (STARTTLS)")
             return
         try:
@@ -236,11 +238,11 @@ class Handshake:
         try:
             name = data.decode()
         except UnicodeDecodeError as e:
-            raise ProtocolError("export name is not UTF-8") from e
+            raise RemoteProtocolError("export name is not UTF-8") from e
         export = self._exports.get(name)
         if export is None:
             # The legacy option has no error reply: the spec says close.
-            raise ProtocolError(f"unknown export {name!r}")
+            raise RemoteProtocolError(f"unknown export {name!r}")
         flags = export.flags | TxFlag.HAS_FLAGS
         self._out.append(encode_export_name_reply(export.size, flags, self.no_zeroes))
         self._finish(export, flags)

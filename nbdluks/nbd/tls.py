@@ -7,9 +7,17 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from ..errors import NbdluksError
 
-class TlsConfigError(Exception):
+
+class TlsConfigError(NbdluksError):
     """The credentials cannot be used (a one-line reason)."""
+
+
+class TlsFileMissingError(TlsConfigError):
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path}: no such file")
+        self.path = path
 
 
 def server_context(cert_dir: str, verify_peer: bool = False) -> ssl.SSLContext:
@@ -17,7 +25,7 @@ def server_context(cert_dir: str, verify_peer: bool = False) -> ssl.SSLContext:
     cert, key, ca = d / "server-cert.pem", d / "server-key.pem", d / "ca-cert.pem"
     for f in (cert, key, *((ca,) if verify_peer else ())):
         if not f.is_file():
-            raise TlsConfigError(f"{f}: no such file (see --tls-certificates)")
+            raise TlsFileMissingError(f)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

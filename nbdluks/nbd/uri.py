@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..errors import NbdluksError
 from .constants import DEFAULT_PORT
 
 
-class UriError(ValueError):
-    pass
+class UriError(NbdluksError, ValueError):
+    """Not an NBD URI we can use."""
 
 
 @dataclass(frozen=True)

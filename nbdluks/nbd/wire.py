@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from ..errors import NbdluksError
 from .constants import (
     CHUNK_FLAG_DONE,
     IHAVEOPT,
@@ -28,8 +29,17 @@ from .constants import (
 )
 
 
-class ProtocolError(Exception):
-    """The byte stream can no longer be parsed: the connection must end."""
+class ProtocolError(NbdluksError):
+    """The protocol was broken: the connection must end."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that cannot be parsed or are not allowed here."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were about to break the protocol (a bug on our side, or a value
+    that does not fit the wire format)."""
 
 
 _GREETING: Final = struct.Struct(">QQH")
@@ -54,9 +64,9 @@ def decode_greeting(data: bytes) -> int:
     """Return the server's handshake flags (client side)."""
     magic, opt_magic, flags = _GREETING.unpack(data)
     if magic != NBDMAGIC:
-        raise ProtocolError("bad NBD magic from server")
+        raise RemoteProtocolError("bad NBD magic from server")
     if opt_magic != IHAVEOPT:
-        raise ProtocolError("server does not speak newstyle negotiation")
+        raise RemoteProtocolError("server does not speak newstyle negotiation")
     return int(flags)
 
 
@@ -68,7 +78,7 @@ def decode_option_header(data: bytes | bytearray | memoryview) -> tuple[int, int
     """Return (option, length) of a client option header."""
     magic, option, length = _OPTION.unpack_from(data)
     if magic != IHAVEOPT:
-        raise ProtocolError(f"bad option magic {magic:#x}")
+        raise RemoteProtocolError(f"bad option magic {magic:#x}")
     return option, length
 
 
@@ -80,7 +90,7 @@ def decode_option_reply_header(data: bytes | bytearray) -> tuple[int, int, int]:
     """Return (option, reply type, length) of a server option reply header."""
     magic, option, reply, length = _OPTION_REPLY.unpack_from(data)
     if magic != OPTION_REPLY_MAGIC:
-        raise ProtocolError(f"bad option reply magic {magic:#x}")
+        raise RemoteProtocolError(f"bad option reply magic {magic:#x}")
     return option, reply, length
 
 
@@ -254,7 +264,7 @@ class RequestDecoder:
     def _parse(header: bytes | memoryview) -> Request:
         magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(header)
         if magic != REQUEST_MAGIC:
-            raise ProtocolError(f"bad request magic {magic:#x}")
+            raise RemoteProtocolError(f"bad request magic {magic:#x}")
         return Request(flags, cmd, handle, offset, length)
 
 
@@ -327,4 +337,4 @@ def decode_reply_header(data: bytes | bytearray | memoryview) -> SimpleReply | C
     if magic == STRUCTURED_REPLY_MAGIC:
         _, flags, ctype, handle, length = _CHUNK.unpack_from(data)
         return ChunkHeader(flags, ctype, handle, length)
-    raise ProtocolError(f"bad reply magic {magic:#x}")
+    raise RemoteProtocolError(f"bad reply magic {magic:#x}")
