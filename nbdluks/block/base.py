@@ -1,10 +1,16 @@
 """The BlockDevice contract: what every source and filter offers the server.
 
+The public methods check the request once, here, as nbdkit's backend.c
+does for its plugins and filters: the range, writability, the capability,
+and FUA (passed on when the device does it itself, else emulated with a
+flush). Only then do they call the device's `_pread_into`, `_pwrite`, ...,
+which may assume a valid request. Capabilities are off unless a layer turns
+them on, so an operation a layer does not understand can never pass through
+it (a crypto layer must never let an unknown write reach the payload as
+plaintext).
+
 Methods are synchronous and run on worker threads (one hop per request);
 failures are `OSError`s whose errno the server maps to an NBD error.
-Capabilities are off unless a layer turns them on, so an operation a layer
-does not understand can never pass through it (a crypto layer must never let
-an unknown write reach the payload as plaintext).
 """
 
 from __future__ import annotations
@@ -12,16 +18,18 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+Buffer = bytes | bytearray | memoryview
+
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     writable: bool = False
     flush: bool = False
-    fua: bool = False
+    fua: bool = False  # the device does FUA itself; else a flush emulates it
     trim: bool = False
     zero: bool = False
     fast_zero: bool = False
-    extents: bool = False
+    extents: bool = False  # holes are reported; else everything is data
     cache: bool = False
     # Every connection sees the others' completed writes and a FLUSH on one
     # covers all: true for one process serving one backing store.
@@ -50,41 +58,71 @@ class BlockDevice:
     # Requests up to this many bytes are quick enough (page cache, CPU only)
     # to run on the event loop instead of a worker thread; 0: never.
     inline_max: int = 0
+    # Independent opens of this source (one per worker process) see each
+    # other's writes, and a flush through one covers them all.
+    multi_open: bool = True
+
+    # --- the contract, checked once -------------------------------------
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
-        raise unsupported("read")
+        self._check_range(offset, len(buf))
+        self._pread_into(buf, offset)
 
-    def pwrite(
-        self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False, *,
-        owned: bool = False,
-    ) -> None:
+    def pwrite(self, buf: Buffer, offset: int, fua: bool = False, *, owned: bool = False) -> None:
         """Write `buf` at `offset`. With `owned` the caller gives `buf` up and
         a layer may use it as scratch space (encrypt it in place)."""
-        raise unsupported("write")
+        self._check_write(offset, len(buf))
+        native = self._fua(fua)
+        self._pwrite(buf, offset, native, owned)
+        if fua and not native:
+            self._flush()
 
     def flush(self) -> None:
-        raise unsupported("flush")
+        if not self.caps.flush:
+            raise unsupported("flush")
+        self._flush()
 
-    def write_zeroes(
-        self, offset: int, length: int, *, fua: bool = False, may_trim: bool = False,
-        fast: bool = False,
-    ) -> None:
-        raise unsupported("write zeroes")
+    def write_zeroes(self, offset: int, length: int, *, fua: bool = False,
+                     may_trim: bool = False, fast: bool = False) -> None:
+        self._check_write(offset, length)
+        if not self.caps.zero:
+            raise unsupported("write zeroes")
+        if fast and not self.caps.fast_zero:
+            raise OSError(errno.EOPNOTSUPP, "zeroing would not be fast here")
+        native = self._fua(fua)
+        self._write_zeroes(offset, length, native, may_trim, fast)
+        if fua and not native:
+            self._flush()
 
     def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        raise unsupported("trim")
+        self._check_write(offset, length)
+        if not self.caps.trim:
+            raise unsupported("trim")
+        native = self._fua(fua)
+        self._trim(offset, length, native)
+        if fua and not native:
+            self._flush()
 
     def cache(self, offset: int, length: int) -> None:
-        raise unsupported("cache")
+        self._check_range(offset, length)
+        if not self.caps.cache:
+            raise unsupported("cache")
+        self._cache(offset, length)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        """Extents covering at least [offset, offset+length): all data by default."""
-        return [Extent(length)]
+        """Extents covering at least [offset, offset+length)."""
+        self._check_range(offset, length)
+        if not self.caps.extents:
+            return [Extent(length)]
+        return self._extents(offset, length)
 
     def read_extents(self, offset: int, length: int) -> list[Extent] | None:
         """Extents for a READ that may skip holes, or None when finding them
         would cost more than sending zeroes."""
-        return None
+        if not self.caps.extents:
+            return None
+        self._check_range(offset, length)
+        return self._read_extents(offset, length)
 
     def close(self) -> None:
         pass
@@ -95,10 +133,49 @@ class BlockDevice:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OSError(errno.EINVAL, "range outside the device")
 
-def check_range(dev: BlockDevice, offset: int, length: int) -> None:
-    if offset < 0 or length < 0 or offset + length > dev.size:
-        raise OSError(errno.EINVAL, "range outside the device")
+    def _check_write(self, offset: int, length: int) -> None:
+        if not self.caps.writable:
+            raise OSError(errno.EPERM, "the device is read-only")
+        self._check_range(offset, length)
+
+    def _fua(self, fua: bool) -> bool:
+        """Whether FUA goes to the device itself (else: a flush afterwards)."""
+        if not fua or self.caps.fua:
+            return fua
+        if not self.caps.flush:
+            raise unsupported("FUA")
+        return False
+
+    # --- what a device implements: requests arrive checked ----------------
+
+    def _pread_into(self, buf: memoryview, offset: int) -> None:
+        raise unsupported("read")
+
+    def _pwrite(self, buf: Buffer, offset: int, fua: bool, owned: bool) -> None:
+        raise unsupported("write")
+
+    def _flush(self) -> None:
+        raise unsupported("flush")
+
+    def _write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool,
+                      fast: bool) -> None:
+        raise unsupported("write zeroes")
+
+    def _trim(self, offset: int, length: int, fua: bool) -> None:
+        raise unsupported("trim")
+
+    def _cache(self, offset: int, length: int) -> None:
+        raise unsupported("cache")
+
+    def _extents(self, offset: int, length: int) -> list[Extent]:
+        return [Extent(length)]
+
+    def _read_extents(self, offset: int, length: int) -> list[Extent] | None:
+        return None
 
 
 def zero_fill(dev: BlockDevice, offset: int, length: int, fua: bool, chunk: int = 1 << 20) -> None:
@@ -107,7 +184,7 @@ def zero_fill(dev: BlockDevice, offset: int, length: int, fua: bool, chunk: int 
     end = offset + length
     while offset < end:
         n = min(len(zeros), end - offset)
-        dev.pwrite(memoryview(zeros)[:n], offset, fua=False)
+        dev.pwrite(memoryview(zeros)[:n], offset)
         offset += n
     if fua:
         dev.flush()

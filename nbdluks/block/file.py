@@ -9,7 +9,7 @@ import os
 import stat
 import time
 
-from .base import BlockDevice, Capabilities, Extent, zero_fill
+from .base import BlockDevice, Buffer, Capabilities, Extent, zero_fill
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -49,7 +49,6 @@ class FileDevice(BlockDevice):
         except BaseException:
             os.close(self.fd)
             raise
-        self.read_only = read_only
         self.inline_max = 64 * 1024
         # Learned on first use: a file system without punch-hole / zero-range.
         self._can_punch = True
@@ -68,7 +67,7 @@ class FileDevice(BlockDevice):
             multi_conn=True,
         )
 
-    def pread_into(self, buf: memoryview, offset: int) -> None:
+    def _pread_into(self, buf: memoryview, offset: int) -> None:
         done = 0
         total = len(buf)
         while done < total:
@@ -77,10 +76,7 @@ class FileDevice(BlockDevice):
                 raise OSError(errno.EIO, "unexpected end of file (was it truncated?)")
             done += n
 
-    def pwrite(
-        self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False, *,
-        owned: bool = False,
-    ) -> None:
+    def _pwrite(self, buf: Buffer, offset: int, fua: bool, owned: bool) -> None:
         view = memoryview(buf)
         done = 0
         while done < len(view):
@@ -88,10 +84,10 @@ class FileDevice(BlockDevice):
         if fua:
             os.fdatasync(self.fd)
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         os.fdatasync(self.fd)
 
-    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+    def _trim(self, offset: int, length: int, fua: bool) -> None:
         # Advisory: where the file system cannot punch holes, do nothing.
         if self._can_punch:
             try:
@@ -103,10 +99,8 @@ class FileDevice(BlockDevice):
         if fua:
             os.fdatasync(self.fd)
 
-    def write_zeroes(
-        self, offset: int, length: int, *, fua: bool = False, may_trim: bool = False,
-        fast: bool = False,
-    ) -> None:
+    def _write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool,
+                      fast: bool) -> None:
         modes = []
         if may_trim and self._can_punch:
             modes.append(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
@@ -130,24 +124,22 @@ class FileDevice(BlockDevice):
             raise OSError(errno.EOPNOTSUPP, "zeroing would not be fast here")
         zero_fill(self, offset, length, fua)
 
-    def cache(self, offset: int, length: int) -> None:
+    def _cache(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
-    def read_extents(self, offset: int, length: int) -> list[Extent] | None:
+    def _read_extents(self, offset: int, length: int) -> list[Extent] | None:
         # SEEK_HOLE scans the page cache of unwritten (preallocated) extents
         # page by page: ~1 ms over a cached 1 GiB one. Small reads gain
         # nothing from holes, and slow probes stop probing for a while.
-        if self.is_block or length < SPARSE_READ_MIN or time.monotonic() < self._probe_off_until:
+        if length < SPARSE_READ_MIN or time.monotonic() < self._probe_off_until:
             return None
         t = time.perf_counter()
-        ext = self.extents(offset, length)
+        ext = self._extents(offset, length)
         if time.perf_counter() - t > _PROBE_SLOW:
             self._probe_off_until = time.monotonic() + _PROBE_BACKOFF
         return ext
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        if self.is_block:
-            return [Extent(length)]
+    def _extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
         end = offset + length
         pos = offset

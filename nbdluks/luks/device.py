@@ -9,11 +9,10 @@ can never reach the payload as plaintext.
 
 from __future__ import annotations
 
-import errno
 import threading
 from typing import Any
 
-from ..block.base import BlockDevice, Capabilities, check_range, unsupported
+from ..block.base import BlockDevice, Buffer, Capabilities
 from .cipher import SectorCipher
 from .errors import HeaderError
 from .volume import SECTOR, Volume
@@ -71,6 +70,7 @@ class LuksDevice(BlockDevice):
             cache=pc.cache,
             multi_conn=pc.multi_conn,
         )
+        self.multi_open = payload.multi_open
 
     def _iv(self, sector_index: int) -> int:
         return self.iv_tweak + sector_index * (self.sector_size // SECTOR)
@@ -90,8 +90,7 @@ class LuksDevice(BlockDevice):
         self.cipher.encrypt(buf, self._iv(start // self.sector_size))
         self.payload.pwrite(buf, self.data_offset + start, fua=fua)
 
-    def pread_into(self, buf: memoryview, offset: int) -> None:
-        check_range(self, offset, len(buf))
+    def _pread_into(self, buf: memoryview, offset: int) -> None:
         start, end = self._span(offset, len(buf))
         if start == offset and end == offset + len(buf):
             self._read_sectors(buf, start)
@@ -100,12 +99,7 @@ class LuksDevice(BlockDevice):
         self._read_sectors(tmp, start)
         buf[:] = tmp[offset - start : offset - start + len(buf)]
 
-    def pwrite(
-        self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False, *,
-        owned: bool = False,
-    ) -> None:
-        self._require_writable()
-        check_range(self, offset, len(buf))
+    def _pwrite(self, buf: Buffer, offset: int, fua: bool, owned: bool) -> None:
         start, end = self._span(offset, len(buf))
         if start == offset and end == offset + len(buf):
             mine = buf if owned and isinstance(buf, bytearray) else bytearray(buf)
@@ -124,17 +118,12 @@ class LuksDevice(BlockDevice):
             tmp[offset - start : offset - start + len(buf)] = buf
             self._write_sectors(tmp, start, fua)
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         self.payload.flush()
 
-    def write_zeroes(
-        self, offset: int, length: int, *, fua: bool = False, may_trim: bool = False,
-        fast: bool = False,
-    ) -> None:
-        self._require_writable()
-        if fast:
-            raise OSError(errno.EOPNOTSUPP, "encrypted zeroes are never fast")
-        check_range(self, offset, length)
+    def _write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool,
+                      fast: bool) -> None:
+        # Encrypted zeroes, never a hole: a payload hole would decrypt to noise.
         end = offset + length
         pos = offset
         while pos < end:
@@ -144,10 +133,7 @@ class LuksDevice(BlockDevice):
         if fua:
             self.flush()
 
-    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        if not self.caps.trim:
-            raise unsupported("discarding on this volume")
-        check_range(self, offset, length)
+    def _trim(self, offset: int, length: int, fua: bool) -> None:
         # Only whole sectors are discarded; a discard is advisory.
         ss = self.sector_size
         start = -(-offset // ss) * ss
@@ -157,13 +143,9 @@ class LuksDevice(BlockDevice):
         elif fua:
             self.flush()
 
-    def cache(self, offset: int, length: int) -> None:
+    def _cache(self, offset: int, length: int) -> None:
         start, end = self._span(offset, length)
         self.payload.cache(self.data_offset + start, end - start)
-
-    def _require_writable(self) -> None:
-        if not self.caps.writable:
-            raise OSError(errno.EPERM, "the volume is read-only")
 
     def close(self) -> None:
         self.payload.close()

@@ -14,7 +14,6 @@ import errno
 import itertools
 import socket
 import ssl
-import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from .constants import (
     MAX_PAYLOAD,
     OPTION_REPLY_HEADER_SIZE,
     SIMPLE_REPLY_SIZE,
-    STRUCTURED_REPLY_MAGIC,
     Chunk,
     Cmd,
     HandshakeFlag,
@@ -42,15 +40,19 @@ from .wire import (
     ChunkHeader,
     ProtocolError,
     RemoteProtocolError,
+    decode_error_chunk,
     decode_greeting,
+    decode_info,
+    decode_offset,
+    decode_offset_hole,
     decode_option_reply_header,
     decode_reply_header,
+    encode_client_flags,
     encode_export_request,
     encode_option,
     encode_request,
+    reply_header_size,
 )
-
-_STRUCTURED_MAGIC = struct.pack(">I", STRUCTURED_REPLY_MAGIC)
 
 
 class NbdClientError(NbdluksError):
@@ -141,7 +143,7 @@ class NbdClient:
         except TlsConfigError as e:
             sock.close()
             raise NbdClientError(f"{uri}: {e}") from None
-        except (OSError, ProtocolError, NegotiationRefused, struct.error) as e:
+        except (OSError, ProtocolError, NegotiationRefused) as e:
             why = self._tls_alert() or str(e)
             sock.close()
             raise NbdClientError(f"{uri}: negotiation failed: {why}") from None
@@ -161,7 +163,7 @@ class NbdClient:
         if not flags & HandshakeFlag.FIXED_NEWSTYLE:
             raise RemoteProtocolError("server does not support fixed newstyle negotiation")
         client = HandshakeFlag.FIXED_NEWSTYLE | (flags & HandshakeFlag.NO_ZEROES)
-        self.chan.sendall(struct.pack(">I", client))
+        self.chan.sendall(encode_client_flags(client))
         if self.uri.tls:
             self._starttls()
         self.chan.sendall(encode_option(Opt.STRUCTURED_REPLY))
@@ -177,15 +179,12 @@ class NbdClient:
             rep, data = self._option_reply(Opt.GO)
             if rep == Rep.ACK:
                 break
-            if rep == Rep.INFO and len(data) >= 2:
-                (kind,) = struct.unpack_from(">H", data)
-                if kind == Info.EXPORT and len(data) == 12:
-                    self.size, flags_ = struct.unpack_from(">QH", data, 2)
-                    self.flags = TxFlag(flags_)
-                elif kind == Info.BLOCK_SIZE and len(data) == 14:
-                    self.min_block, self.pref_block, self.max_block = struct.unpack_from(
-                        ">III", data, 2
-                    )
+            if rep == Rep.INFO:
+                kind, fields = decode_info(data)
+                if kind == Info.EXPORT:
+                    self.size, self.flags = fields[0], TxFlag(fields[1])
+                elif kind == Info.BLOCK_SIZE:
+                    self.min_block, self.pref_block, self.max_block = fields
             elif rep & 0x80000000:
                 raise NegotiationRefused(f"export {self.uri.export!r} refused", rep, data)
         if self.size < 0:
@@ -274,18 +273,16 @@ class NbdClient:
         try:
             while True:
                 self._read_reply()
-        except (OSError, ProtocolError, struct.error) as e:
+        except (OSError, ProtocolError) as e:
             self._fail(str(e) or type(e).__name__)
 
     def _read_reply(self) -> None:
         head = bytearray(CHUNK_HEADER_SIZE)
         view = memoryview(head)
         _recv_into(self.chan, view[:SIMPLE_REPLY_SIZE])
-        if head[:4] == _STRUCTURED_MAGIC:  # a structured chunk: 4 more header bytes
-            _recv_into(self.chan, view[SIMPLE_REPLY_SIZE:])
-            hdr = decode_reply_header(head)
-        else:
-            hdr = decode_reply_header(head[:SIMPLE_REPLY_SIZE])
+        size = reply_header_size(view[:4])
+        _recv_into(self.chan, view[SIMPLE_REPLY_SIZE:size])  # a chunk: 4 more bytes
+        hdr = decode_reply_header(view[:size])
         with self._lock:
             p = self._pending.get(hdr.handle)
         if p is None:
@@ -306,7 +303,7 @@ class NbdClient:
 
     def _chunk(self, hdr: ChunkHeader, p: _Pending) -> None:
         if hdr.type == Chunk.OFFSET_DATA:
-            (offset,) = struct.unpack(">Q", _recv(self.chan, 8))
+            offset = decode_offset(_recv(self.chan, 8))
             n = hdr.length - 8
             start = offset - p.offset
             if p.buf is None or start < 0 or n < 0 or start + n > len(p.buf):
@@ -314,17 +311,15 @@ class NbdClient:
             _recv_into(self.chan, p.buf[start : start + n])
             p.covered.append((start, n))
         elif hdr.type == Chunk.OFFSET_HOLE:
-            offset, n = struct.unpack(">QI", _recv(self.chan, 12))
+            offset, n = decode_offset_hole(_recv(self.chan, 12))
             start = offset - p.offset
             if p.buf is None or start < 0 or start + n > len(p.buf):
                 raise RemoteProtocolError("hole chunk outside the request")
             p.buf[start : start + n] = bytes(n)
             p.covered.append((start, n))
         elif hdr.type in (Chunk.ERROR, Chunk.ERROR_OFFSET):
-            body = _recv(self.chan, hdr.length)
-            err, mlen = struct.unpack_from(">IH", body)
+            err, p.message = decode_error_chunk(_recv(self.chan, hdr.length))
             p.error = err or errno.EIO
-            p.message = body[6 : 6 + mlen].decode("utf-8", "replace")
         else:  # NONE, BLOCK_STATUS or unknown: skip the payload
             _recv(self.chan, hdr.length)
 

@@ -102,6 +102,15 @@ class CmdFlag(IntFlag):
     FAST_ZERO = 0x10
 
 
+# Plain-int copies of the flags tested on every request: an operator on an
+# IntFlag member runs Python-level enum code, one on an int does not.
+FLAG_FUA = int(CmdFlag.FUA)
+FLAG_NO_HOLE = int(CmdFlag.NO_HOLE)
+FLAG_DF = int(CmdFlag.DF)
+FLAG_REQ_ONE = int(CmdFlag.REQ_ONE)
+FLAG_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+
+
 class Chunk(IntEnum):
     NONE = 0
     OFFSET_DATA = 1

@@ -9,7 +9,6 @@ asks for it) ends the connection.
 from __future__ import annotations
 
 import enum
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from .wire import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    decode_client_flags,
     decode_option_header,
     encode_export_name_reply,
     encode_greeting,
@@ -37,6 +37,8 @@ from .wire import (
     encode_info_description,
     encode_info_export,
     encode_info_name,
+    encode_list_reply,
+    encode_meta_context_reply,
     encode_option_reply,
 )
 
@@ -129,7 +131,7 @@ class Handshake:
             if self.state is State.CLIENT_FLAGS:
                 if len(self._buf) < 4:
                     return
-                (flags,) = struct.unpack_from(">I", self._buf)
+                flags = decode_client_flags(self._buf)
                 del self._buf[:4]
                 if flags & ~int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES):
                     raise RemoteProtocolError(f"unknown client flags {flags:#x}")
@@ -252,12 +254,7 @@ class Handshake:
             self._error(Opt.LIST, Rep.ERR_INVALID, "LIST takes no data")
             return
         for export in self._exports.values():
-            name = export.name.encode()
-            self._reply(
-                Opt.LIST,
-                Rep.SERVER,
-                struct.pack(">I", len(name)) + name + export.description.encode(),
-            )
+            self._reply(Opt.LIST, Rep.SERVER, encode_list_reply(export.name, export.description))
         self._reply(Opt.LIST, Rep.ACK)
 
     def _read_name(self, cur: Cursor) -> str:
@@ -336,7 +333,5 @@ class Handshake:
                         self._meta[ctx_id] = ctx
                     # LIST replies carry no id: the spec says 0.
                     reply_id = ctx_id if option == Opt.SET_META_CONTEXT else 0
-                    self._reply(
-                        option, Rep.META_CONTEXT, struct.pack(">I", reply_id) + ctx.encode()
-                    )
+                    self._reply(option, Rep.META_CONTEXT, encode_meta_context_reply(reply_id, ctx))
         self._reply(option, Rep.ACK)

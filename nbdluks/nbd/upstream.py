@@ -16,13 +16,12 @@ import time
 
 import structlog
 
-from ..block.base import BlockDevice, Capabilities, check_range
+from ..block.base import BlockDevice, Buffer, Capabilities
 from .client import NbdClient, NbdClientError, UpstreamLost
-from .constants import Cmd, CmdFlag, TxFlag
+from .constants import FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE, Cmd, TxFlag
 from .uri import NbdUri
 
 log = structlog.get_logger("nbdluks.upstream")
-_FUA = int(CmdFlag.FUA)  # a plain int: IntFlag operators are slow
 
 
 class NbdDevice(BlockDevice):
@@ -57,6 +56,9 @@ class NbdDevice(BlockDevice):
             # FLUSH on it covers every write any of them completed.
             multi_conn=True,
         )
+        # Our processes each open their own connection: only an upstream that
+        # promises multi-conn makes a FLUSH on one cover the others' writes.
+        self.multi_open = bool(f & TxFlag.CAN_MULTI_CONN)
 
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
         step = self.max_block
@@ -78,7 +80,7 @@ class NbdDevice(BlockDevice):
                     deadline = time.monotonic() + (0.0 if self._gave_up else self._reconnect)
                 self._replace(client, deadline)
                 continue
-            if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not flags & _FUA:
+            if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not flags & FLAG_FUA:
                 with self._lock:
                     self._writes += 1
             return
@@ -116,30 +118,20 @@ class NbdDevice(BlockDevice):
         log.warning("upstream reconnected", uri=str(self.uri))
         dead.close()
 
-    def pread_into(self, buf: memoryview, offset: int) -> None:
-        check_range(self, offset, len(buf))
+    def _pread_into(self, buf: memoryview, offset: int) -> None:
         for o, n in self._pieces(offset, len(buf)):
             self._call(Cmd.READ, o, n, buf=buf[o - offset : o - offset + n])
 
-    def pwrite(
-        self, buf: bytes | bytearray | memoryview, offset: int, fua: bool = False, *,
-        owned: bool = False,
-    ) -> None:
-        if not self.caps.writable:
-            raise OSError(errno.EPERM, "the upstream export is read-only")
-        check_range(self, offset, len(buf))
+    def _pwrite(self, buf: Buffer, offset: int, fua: bool, owned: bool) -> None:
         view = memoryview(buf)
-        flags = _FUA if fua and self.caps.fua else 0
+        flags = FLAG_FUA if fua else 0
         for o, n in self._pieces(offset, len(buf)):
             self._call(Cmd.WRITE, o, n, flags=flags, payload=view[o - offset : o - offset + n])
-        if fua and not self.caps.fua:
-            self.flush()
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         with self._lock:
             covered = self._writes
-        if self.caps.flush:
-            self._call(Cmd.FLUSH, 0, 0)
+        self._call(Cmd.FLUSH, 0, 0)
         with self._lock:
             self._flushed = max(self._flushed, covered)
             lost, self._durability_lost = self._durability_lost, False
@@ -147,21 +139,19 @@ class NbdDevice(BlockDevice):
             raise OSError(errno.EIO, "writes acknowledged before the upstream connection was "
                           "re-established may not have reached stable storage")
 
-    def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        flags = _FUA if fua and self.caps.fua else 0
+    def _trim(self, offset: int, length: int, fua: bool) -> None:
+        flags = FLAG_FUA if fua else 0
         for o, n in self._pieces(offset, length):
             self._call(Cmd.TRIM, o, n, flags=flags)
 
-    def write_zeroes(
-        self, offset: int, length: int, *, fua: bool = False, may_trim: bool = False,
-        fast: bool = False,
-    ) -> None:
-        flags = int((CmdFlag.FUA if fua and self.caps.fua else 0) | (
-            0 if may_trim else CmdFlag.NO_HOLE) | (CmdFlag.FAST_ZERO if fast else 0))
+    def _write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool,
+                      fast: bool) -> None:
+        flags = ((FLAG_FUA if fua else 0) | (0 if may_trim else FLAG_NO_HOLE)
+                 | (FLAG_FAST_ZERO if fast else 0))
         for o, n in self._pieces(offset, length):
             self._call(Cmd.WRITE_ZEROES, o, n, flags=flags)
 
-    def cache(self, offset: int, length: int) -> None:
+    def _cache(self, offset: int, length: int) -> None:
         for o, n in self._pieces(offset, length):
             self._call(Cmd.CACHE, o, n)
 

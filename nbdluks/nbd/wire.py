@@ -14,6 +14,7 @@ from typing import Final
 from ..errors import NbdluksError
 from .constants import (
     CHUNK_FLAG_DONE,
+    CHUNK_HEADER_SIZE,
     IHAVEOPT,
     MAX_PAYLOAD,
     MAX_STRING,
@@ -22,6 +23,7 @@ from .constants import (
     REQUEST_MAGIC,
     REQUEST_SIZE,
     SIMPLE_REPLY_MAGIC,
+    SIMPLE_REPLY_SIZE,
     STRUCTURED_REPLY_MAGIC,
     Chunk,
     Cmd,
@@ -48,6 +50,9 @@ _OPTION_REPLY: Final = struct.Struct(">QIII")
 _REQUEST: Final = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY: Final = struct.Struct(">IIQ")
 _CHUNK: Final = struct.Struct(">IHHQI")
+_HOLE: Final = struct.Struct(">QI")
+_ERROR: Final = struct.Struct(">IH")
+_EXTENT: Final = struct.Struct(">II")
 _U16: Final = struct.Struct(">H")
 _U32: Final = struct.Struct(">I")
 _U64: Final = struct.Struct(">Q")
@@ -68,6 +73,14 @@ def decode_greeting(data: bytes) -> int:
     if opt_magic != IHAVEOPT:
         raise RemoteProtocolError("server does not speak newstyle negotiation")
     return int(flags)
+
+
+def encode_client_flags(flags: int) -> bytes:
+    return _U32.pack(flags)
+
+
+def decode_client_flags(data: bytes | bytearray) -> int:
+    return int(_U32.unpack_from(data)[0])
 
 
 def encode_option(option: int, data: bytes = b"") -> bytes:
@@ -98,6 +111,16 @@ def encode_export_name_reply(size: int, flags: int, no_zeroes: bool) -> bytes:
     return struct.pack(">QH", size, flags) + (b"" if no_zeroes else bytes(124))
 
 
+def encode_list_reply(name: str, description: str) -> bytes:
+    """Payload of a REP_SERVER reply to LIST."""
+    raw = name.encode()
+    return _U32.pack(len(raw)) + raw + description.encode()
+
+
+def encode_meta_context_reply(context_id: int, name: str) -> bytes:
+    return _U32.pack(context_id) + name.encode()
+
+
 def encode_info_export(size: int, flags: int) -> bytes:
     return struct.pack(">HQH", Info.EXPORT, size, flags)
 
@@ -112,6 +135,25 @@ def encode_info_description(description: str) -> bytes:
 
 def encode_info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
     return struct.pack(">HIII", Info.BLOCK_SIZE, minimum, preferred, maximum)
+
+
+_INFO_FIELDS: Final[dict[int, struct.Struct]] = {
+    Info.EXPORT: struct.Struct(">QH"), Info.BLOCK_SIZE: struct.Struct(">III"),
+}
+
+
+def decode_info(data: bytes) -> tuple[int, tuple[int, ...]]:
+    """An INFO reply's type and fields (client side): EXPORT gives (size,
+    flags), BLOCK_SIZE (minimum, preferred, maximum); other types ()."""
+    if len(data) < 2:
+        raise RemoteProtocolError("INFO reply too short")
+    kind = int(_U16.unpack_from(data)[0])
+    fields = _INFO_FIELDS.get(kind)
+    if fields is None:
+        return kind, ()
+    if len(data) != 2 + fields.size:
+        raise RemoteProtocolError(f"INFO reply of type {kind} has {len(data)} bytes")
+    return kind, tuple(fields.unpack_from(data, 2))
 
 
 def encode_export_request(name: str, infos: tuple[int, ...] = ()) -> bytes:
@@ -286,24 +328,20 @@ def encode_offset_data_header(handle: int, offset: int, length: int, done: bool)
 
 
 def encode_offset_hole(handle: int, offset: int, length: int, done: bool) -> bytes:
-    return encode_chunk_header(handle, Chunk.OFFSET_HOLE, 12, done) + struct.pack(
-        ">QI", offset, length
-    )
+    return encode_chunk_header(handle, Chunk.OFFSET_HOLE, 12, done) + _HOLE.pack(offset, length)
 
 
 def encode_error_chunk(handle: int, error: int, message: str = "") -> bytes:
     msg = message.encode()[:MAX_STRING]
-    return encode_chunk_header(handle, Chunk.ERROR, 6 + len(msg), True) + struct.pack(
-        ">IH", error, len(msg)
-    ) + msg
-
+    return (encode_chunk_header(handle, Chunk.ERROR, 6 + len(msg), True)
+            + _ERROR.pack(error, len(msg)) + msg)
 
 
 def encode_block_status(
     handle: int, context_id: int, extents: list[tuple[int, int]], done: bool
 ) -> bytes:
     """BLOCK_STATUS chunk: extents are (length, flags) pairs."""
-    body = _U32.pack(context_id) + b"".join(struct.pack(">II", ln, fl) for ln, fl in extents)
+    body = _U32.pack(context_id) + b"".join(_EXTENT.pack(ln, fl) for ln, fl in extents)
     return encode_chunk_header(handle, Chunk.BLOCK_STATUS, len(body), done) + body
 
 
@@ -325,11 +363,38 @@ class ChunkHeader:
         return bool(self.flags & CHUNK_FLAG_DONE)
 
 
-def decode_reply_header(data: bytes | bytearray | memoryview) -> SimpleReply | ChunkHeader:
-    """Decode a reply header: 16 bytes (simple) or 20 (structured chunk).
+def reply_header_size(magic: bytes | bytearray | memoryview) -> int:
+    """From a reply's first 4 bytes: its header size, 16 (simple) or 20 (chunk)."""
+    value = int(_U32.unpack_from(magic)[0])
+    if value == SIMPLE_REPLY_MAGIC:
+        return SIMPLE_REPLY_SIZE
+    if value == STRUCTURED_REPLY_MAGIC:
+        return CHUNK_HEADER_SIZE
+    raise RemoteProtocolError(f"bad reply magic {value:#x}")
 
-    The caller peeks the magic with `reply_header_size` first.
-    """
+
+def decode_offset(data: bytes) -> int:
+    """The offset that starts an OFFSET_DATA chunk's payload."""
+    return int(_U64.unpack(data)[0])
+
+
+def decode_offset_hole(data: bytes) -> tuple[int, int]:
+    """An OFFSET_HOLE chunk's payload: (offset, length)."""
+    offset, length = _HOLE.unpack(data)
+    return int(offset), int(length)
+
+
+def decode_error_chunk(body: bytes) -> tuple[int, str]:
+    """An ERROR / ERROR_OFFSET chunk's payload: (error, message)."""
+    if len(body) < 6:
+        raise RemoteProtocolError("error chunk too short")
+    error, n = _ERROR.unpack_from(body)
+    return int(error), body[6 : 6 + n].decode("utf-8", "replace")
+
+
+def decode_reply_header(data: bytes | bytearray | memoryview) -> SimpleReply | ChunkHeader:
+    """Decode a reply header: 16 bytes (simple) or 20 (structured chunk);
+    `reply_header_size` tells which from the first 4."""
     magic = int(_U32.unpack_from(data)[0])
     if magic == SIMPLE_REPLY_MAGIC:
         _, error, handle = _SIMPLE_REPLY.unpack_from(data)

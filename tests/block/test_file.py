@@ -51,7 +51,7 @@ def test_read_only_and_truncation(tmp_path: Path) -> None:
         assert not d.caps.writable and not d.caps.trim
         with pytest.raises(OSError) as e:
             d.pwrite(b"x", 0)
-        assert e.value.errno == errno.EBADF
+        assert e.value.errno == errno.EPERM  # the contract refuses it before the fd could
         p.write_bytes(bytes(100))  # shrunk underneath us
         with pytest.raises(OSError) as e:
             read(d, 0, 8192)

@@ -174,13 +174,15 @@ def read_plain(made: Made, length: int, at: int = 0) -> bytes:
 def qemu_luks_create(img: Path, secret: Path, size: int, opts: str) -> None:
     """`qemu-img create -f luks`, retried: qemu's PBKDF2 calibration fails now
     and then on fast CPUs ("Unable to get accurate CPU usage", a zero CPU-time
-    delta), whatever iter-time says."""
+    delta), whatever iter-time says: on some machines more often than not, so
+    the attempts are many (a failed one takes well under a second)."""
     cmd = ["qemu-img", "create", "-f", "luks", "--object", f"secret,id=s0,file={secret}",
            "-o", f"key-secret=s0,iter-time=10,{opts}", str(img), str(size)]
-    for attempt in range(8):
+    attempts = 60
+    for attempt in range(attempts):
         img.unlink(missing_ok=True)
         res = subprocess.run(cmd, capture_output=True)
         if res.returncode == 0:
             return
-        if b"accurate CPU usage" not in res.stderr or attempt == 7:
+        if b"accurate CPU usage" not in res.stderr or attempt == attempts - 1:
             raise subprocess.CalledProcessError(res.returncode, cmd, res.stdout, res.stderr)

@@ -134,3 +134,36 @@ def test_decoder_round_trips_request_streams(reqs: list[tuple[int, int, int, int
     for r in got:
         if r.cmd == Cmd.WRITE:
             assert r.payload == bytes([r.handle & 0xFF]) * r.length
+
+
+def test_client_side_decoders_read_what_the_encoders_wrote() -> None:
+    from nbdluks.nbd.constants import Info
+    from nbdluks.nbd.wire import (
+        RemoteProtocolError,
+        decode_error_chunk,
+        decode_info,
+        decode_offset,
+        decode_offset_hole,
+        encode_info_block_size,
+        encode_info_export,
+        encode_info_name,
+        reply_header_size,
+    )
+
+    assert decode_info(encode_info_export(1 << 40, 0x1234)) == (Info.EXPORT, (1 << 40, 0x1234))
+    assert decode_info(encode_info_block_size(512, 4096, 1 << 25)) == (
+        Info.BLOCK_SIZE, (512, 4096, 1 << 25))
+    assert decode_info(encode_info_name("x")) == (Info.NAME, ())
+    with pytest.raises(RemoteProtocolError):
+        decode_info(encode_info_export(1, 1)[:-1])
+    chunk = encode_offset_hole(7, 1 << 33, 4096, True)
+    assert reply_header_size(chunk[:4]) == 20
+    assert decode_offset_hole(chunk[20:]) == (1 << 33, 4096)
+    assert decode_offset(encode_offset_data_header(7, 99, 1, False)[20:]) == 99
+    assert reply_header_size(encode_simple_reply(1)[:4]) == 16
+    with pytest.raises(RemoteProtocolError):
+        reply_header_size(b"\0\0\0\0")
+    err = encode_error_chunk(7, 5, "disk on fire")
+    assert decode_error_chunk(err[20:]) == (5, "disk on fire")
+    with pytest.raises(RemoteProtocolError):
+        decode_error_chunk(err[20:25])
