@@ -25,8 +25,10 @@ from typing import Any
 import structlog
 
 from .block.base import BlockDevice
+from .nbd.commands import Export
 from .nbd.handshake import TlsMode
-from .nbd.server import Export, NbdServer
+from .nbd.options import ServerOptions
+from .nbd.server import NbdServer
 
 log = structlog.get_logger("nbdluks")
 
@@ -72,10 +74,12 @@ async def _serve(device: BlockDevice, cfg: ServeConfig, socks: list[socket.socke
     export = Export(cfg.export_name, device, cfg.description, cfg.read_only)
     # Connections are handed to the processes in turn, so each gets its share.
     share = -(-cfg.max_connections // max(1, cfg.processes))
-    server = NbdServer([export], max_inflight=cfg.max_inflight, workers=cfg.threads,
-                       tls=cfg.tls, ssl_context=cfg.ssl_context, max_connections=share)
+    opts = ServerOptions(max_connections=share, max_inflight=cfg.max_inflight,
+                         buffer_pool=cfg.max_inflight, threads=cfg.threads, tls=cfg.tls,
+                         ssl_context=cfg.ssl_context)
+    server = NbdServer([export], opts)
     if chan is not None:
-        server.serve_channel(chan)
+        server.serve_handoff(chan)
     else:
         await server.serve_sockets(socks)
     await server.serve_until_stopped(stop_requested=lambda: _early_stop)

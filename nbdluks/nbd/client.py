@@ -230,7 +230,7 @@ class NbdClient:
     # --- transmission -----------------------------------------------------
 
     def request(self, cmd: int, offset: int, length: int, *, flags: int = 0,
-                payload: bytes | bytearray | memoryview | None = None,
+                data: bytes | bytearray | memoryview | None = None,
                 buf: memoryview | None = None) -> None:
         """Send one request and wait for its reply; OSError(errno) on failure."""
         p = _Pending(cmd, offset, buf)
@@ -242,10 +242,10 @@ class NbdClient:
         try:
             with self._send_lock:
                 header = encode_request(flags, cmd, handle, offset, length)
-                if payload is None:
+                if data is None:
                     self.chan.sendall(header)
                 else:
-                    self.chan.sendall(header, payload)
+                    self.chan.sendall(header, data)
         except OSError as e:
             self._fail(f"send failed: {e.strerror or e}")
         if not p.done.wait(self.request_timeout):

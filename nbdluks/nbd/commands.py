@@ -1,13 +1,27 @@
-"""Transmission-phase rules, sans-IO: which requests are valid, which errno
-a failure maps to, and how results become reply frames."""
+"""Transmission-phase rules, sans-IO: what an export advertises, which
+requests are valid, which errno a failure maps to, how a request becomes
+device calls and how results become reply frames."""
 
 from __future__ import annotations
 
 import errno as _errno
+from dataclasses import dataclass
 
-from ..block.base import Extent
-from .constants import MAX_PAYLOAD, STATE_HOLE, STATE_ZERO, Cmd, CmdFlag, Errno, TxFlag
-from .handshake import BASE_ALLOCATION_ID, Negotiated
+from ..block.base import BlockDevice, Extent
+from .constants import (
+    FLAG_DF,
+    FLAG_FAST_ZERO,
+    FLAG_FUA,
+    FLAG_NO_HOLE,
+    FLAG_REQ_ONE,
+    MAX_PAYLOAD,
+    STATE_HOLE,
+    STATE_ZERO,
+    Cmd,
+    Errno,
+    TxFlag,
+)
+from .handshake import BASE_ALLOCATION_ID, ExportInfo, Negotiated
 from .wire import (
     Request,
     encode_block_status,
@@ -17,17 +31,18 @@ from .wire import (
     encode_simple_reply,
 )
 
-# Plain ints on the per-request path: an operator on an IntFlag runs
-# Python-level enum code (~0.8 us each, measured), an int one does not.
+Frames = list[bytes | memoryview]
+
+# Plain ints only in these tables: they are used on every request.
 _ALLOWED_FLAGS: dict[int, int] = {
-    Cmd.READ: int(CmdFlag.DF),
-    Cmd.WRITE: int(CmdFlag.FUA),
+    Cmd.READ: FLAG_DF,
+    Cmd.WRITE: FLAG_FUA,
     Cmd.DISC: 0,
     Cmd.FLUSH: 0,
-    Cmd.TRIM: int(CmdFlag.FUA),
+    Cmd.TRIM: FLAG_FUA,
     Cmd.CACHE: 0,
-    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
-    Cmd.BLOCK_STATUS: int(CmdFlag.REQ_ONE),
+    Cmd.WRITE_ZEROES: FLAG_FUA | FLAG_NO_HOLE | FLAG_FAST_ZERO,
+    Cmd.BLOCK_STATUS: FLAG_REQ_ONE,
 }
 # The transmission flag a client must have seen before using a command.
 _NEEDS: dict[int, int] = {
@@ -37,16 +52,57 @@ _NEEDS: dict[int, int] = {
     Cmd.FLUSH: int(TxFlag.SEND_FLUSH),
 }
 _FLAG_NEEDS: tuple[tuple[int, int], ...] = (
-    (int(CmdFlag.FUA), int(TxFlag.SEND_FUA)),
-    (int(CmdFlag.DF), int(TxFlag.SEND_DF)),
-    (int(CmdFlag.FAST_ZERO), int(TxFlag.SEND_FAST_ZERO)),
+    (FLAG_FUA, int(TxFlag.SEND_FUA)),
+    (FLAG_DF, int(TxFlag.SEND_DF)),
+    (FLAG_FAST_ZERO, int(TxFlag.SEND_FAST_ZERO)),
 )
 _READ_ONLY = int(TxFlag.READ_ONLY)
-_DF = int(CmdFlag.DF)
-_REQ_ONE = int(CmdFlag.REQ_ONE)
 _WRITES = (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM)
 # Most extents one BLOCK_STATUS reply carries; the client asks again for more.
 MAX_EXTENTS = 1 << 16
+
+
+@dataclass
+class Export:
+    """A device served under a name."""
+
+    name: str
+    device: BlockDevice
+    description: str = ""
+    read_only: bool = False
+
+    def info(self) -> ExportInfo:
+        """What negotiation advertises: the device's capabilities as flags."""
+        dev = self.device
+        caps = dev.caps
+        flags = TxFlag.HAS_FLAGS
+        writable = caps.writable and not self.read_only
+        if not writable:
+            flags |= TxFlag.READ_ONLY
+        if caps.flush:
+            flags |= TxFlag.SEND_FLUSH
+        if writable:
+            if caps.fua or caps.flush:  # the device contract emulates FUA by a flush
+                flags |= TxFlag.SEND_FUA
+            if caps.trim:
+                flags |= TxFlag.SEND_TRIM
+            if caps.zero:
+                flags |= TxFlag.SEND_WRITE_ZEROES
+                if caps.fast_zero:
+                    flags |= TxFlag.SEND_FAST_ZERO
+        if caps.multi_conn:
+            flags |= TxFlag.CAN_MULTI_CONN
+        if caps.cache:
+            flags |= TxFlag.SEND_CACHE
+        return ExportInfo(
+            name=self.name,
+            size=dev.size,
+            flags=flags,
+            description=self.description,
+            min_block=dev.min_block,
+            pref_block=dev.pref_block,
+            max_block=min(dev.max_block or MAX_PAYLOAD, MAX_PAYLOAD),
+        )
 
 
 def validate(req: Request, neg: Negotiated) -> Errno:
@@ -54,7 +110,7 @@ def validate(req: Request, neg: Negotiated) -> Errno:
     allowed = _ALLOWED_FLAGS.get(req.cmd)
     if allowed is None:
         return Errno.EINVAL
-    flags, tx = int(req.flags), int(neg.flags)
+    flags, tx = req.flags, int(neg.flags)
     if flags & ~allowed:
         return Errno.EINVAL
     if flags:
@@ -99,6 +155,48 @@ def error_reply(req: Request, neg: Negotiated, error: Errno, message: str = "") 
     return encode_simple_reply(req.handle, error)
 
 
+def execute(dev: BlockDevice, req: Request, neg: Negotiated) -> Frames:
+    """Run one valid request against the device (on a worker thread, or on
+    the loop when it is quick) and return its reply frames."""
+    cmd = req.cmd
+    fua = bool(req.flags & FLAG_FUA)
+    if cmd == Cmd.READ:
+        return _read(dev, req, neg)
+    if cmd == Cmd.WRITE:
+        assert req.data is not None
+        dev.pwrite(req.data, req.offset, fua=fua, owned=True)
+    elif cmd == Cmd.FLUSH:
+        dev.flush()
+    elif cmd == Cmd.TRIM:
+        dev.trim(req.offset, req.length, fua=fua)
+    elif cmd == Cmd.WRITE_ZEROES:
+        dev.write_zeroes(req.offset, req.length, fua=fua,
+                         may_trim=not req.flags & FLAG_NO_HOLE,
+                         fast=bool(req.flags & FLAG_FAST_ZERO))
+    elif cmd == Cmd.CACHE:
+        dev.cache(req.offset, req.length)
+    elif cmd == Cmd.BLOCK_STATUS:
+        return [block_status_reply(req, dev.extents(req.offset, req.length))]
+    return [encode_simple_reply(req.handle)]
+
+
+def _read(dev: BlockDevice, req: Request, neg: Negotiated) -> Frames:
+    extents = None
+    if neg.structured and not req.flags & FLAG_DF:
+        extents = dev.read_extents(req.offset, req.length)
+    plan = read_reply_headers(req, neg, extents)
+    # Every byte that is sent gets read into: a pooled buffer's old contents
+    # never leave (devices fail a read they cannot fill).
+    buf = memoryview(req.buffer if req.buffer is not None else bytearray(req.length))
+    frames: Frames = []
+    for header, start, n in plan:
+        frames.append(header)
+        if n:
+            dev.pread_into(buf[start : start + n], req.offset + start)
+            frames.append(buf[start : start + n])
+    return frames
+
+
 def read_reply_headers(
     req: Request, neg: Negotiated, extents: list[Extent] | None
 ) -> list[tuple[bytes, int, int]]:
@@ -110,7 +208,7 @@ def read_reply_headers(
     """
     if not neg.structured:
         return [(encode_simple_reply(req.handle), 0, req.length)]
-    if extents is None or req.flags & _DF:
+    if extents is None or req.flags & FLAG_DF:
         header = encode_offset_data_header(req.handle, req.offset, req.length, True)
         return [(header, 0, req.length)]
     plan: list[tuple[bool, int, int]] = []  # (hole, start, length)
@@ -156,6 +254,6 @@ def block_status_reply(req: Request, extents: list[Extent]) -> bytes:
             break
     if not pairs:
         raise OSError(_errno.EIO, "device reported no extents")
-    if req.flags & _REQ_ONE:
+    if req.flags & FLAG_REQ_ONE:
         pairs = pairs[:1]
     return encode_block_status(req.handle, BASE_ALLOCATION_ID, pairs, True)

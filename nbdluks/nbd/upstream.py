@@ -67,12 +67,12 @@ class NbdDevice(BlockDevice):
     # --- requests, retried across reconnects -----------------------------
 
     def _call(self, cmd: int, offset: int, length: int, *, flags: int = 0,
-              payload: memoryview | None = None, buf: memoryview | None = None) -> None:
+              data: memoryview | None = None, buf: memoryview | None = None) -> None:
         deadline = None
         while True:
             client = self.client
             try:
-                client.request(cmd, offset, length, flags=flags, payload=payload, buf=buf)
+                client.request(cmd, offset, length, flags=flags, data=data, buf=buf)
             except UpstreamLost:
                 if self._reconnect <= 0:
                     raise
@@ -126,7 +126,7 @@ class NbdDevice(BlockDevice):
         view = memoryview(buf)
         flags = FLAG_FUA if fua else 0
         for o, n in self._pieces(offset, len(buf)):
-            self._call(Cmd.WRITE, o, n, flags=flags, payload=view[o - offset : o - offset + n])
+            self._call(Cmd.WRITE, o, n, flags=flags, data=view[o - offset : o - offset + n])
 
     def _flush(self) -> None:
         with self._lock:

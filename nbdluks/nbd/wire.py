@@ -217,14 +217,14 @@ class Request:
     handle: int
     offset: int
     length: int
-    # WRITE only: the payload; None when it was too large and was skipped.
-    payload: bytearray | None = None
+    # WRITE only: the data to write; None when it was too large and was skipped.
+    data: bytearray | None = None
     # READ only: where the server puts the data (from its buffer pool).
     buffer: bytearray | None = None
 
     @property
     def oversized(self) -> bool:
-        return self.cmd == Cmd.WRITE and self.payload is None
+        return self.cmd == Cmd.WRITE and self.data is None
 
 
 def encode_request(flags: int, cmd: int, handle: int, offset: int, length: int) -> bytes:
@@ -262,8 +262,8 @@ class RequestDecoder:
                 if not view:
                     break
                 continue
-            if self._pending is not None and self._pending.payload is not None:
-                payload = self._pending.payload
+            if self._pending is not None and self._pending.data is not None:
+                payload = self._pending.data
                 n = min(len(payload) - self._filled, len(view))
                 payload[self._filled : self._filled + n] = view[:n]
                 self._filled += n
@@ -292,11 +292,11 @@ class RequestDecoder:
                 if req.length > self._max_payload:
                     self._skip = req.length
                 else:
-                    req.payload = self._alloc(req.length)
+                    req.data = self._alloc(req.length)
                     self._filled = 0
             else:
                 if req.cmd == Cmd.WRITE:
-                    req.payload = bytearray()
+                    req.data = bytearray()
                 out.append(req)
             if not view:
                 break

@@ -79,7 +79,7 @@ def test_decoder_splits_requests_and_write_payloads_at_any_boundary() -> None:
             (Cmd.WRITE, 2, 512, 5),
             (Cmd.FLUSH, 3, 0, 0),
         ]
-        assert reqs[1].payload == b"hello" and reqs[1].flags == 1
+        assert reqs[1].data == b"hello" and reqs[1].flags == 1
 
 
 def test_decoder_skips_oversized_write_and_stays_in_sync() -> None:
@@ -103,7 +103,7 @@ def test_decoder_fuzz_never_crashes(data: bytes, step: int) -> None:
         for i in range(0, len(data), step):
             for req in dec.feed(data[i : i + step]):
                 if req.cmd == Cmd.WRITE and not req.oversized:
-                    assert req.payload is not None and len(req.payload) == req.length
+                    assert req.data is not None and len(req.data) == req.length
     except ProtocolError:
         pass
 
@@ -133,7 +133,7 @@ def test_decoder_round_trips_request_streams(reqs: list[tuple[int, int, int, int
     assert [(r.flags, r.cmd, r.handle, r.offset, r.length) for r in got] == reqs
     for r in got:
         if r.cmd == Cmd.WRITE:
-            assert r.payload == bytes([r.handle & 0xFF]) * r.length
+            assert r.data == bytes([r.handle & 0xFF]) * r.length
 
 
 def test_client_side_decoders_read_what_the_encoders_wrote() -> None:

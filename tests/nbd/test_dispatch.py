@@ -9,8 +9,8 @@ from pathlib import Path
 
 from nbdluks.block.file import FileDevice
 from nbdluks.nbd.constants import Cmd, TxFlag
+from nbdluks.nbd.dispatch import Dispatcher
 from nbdluks.nbd.handshake import ExportInfo, Negotiated
-from nbdluks.nbd.server import Export, NbdServer
 from nbdluks.nbd.wire import Request
 
 
@@ -19,9 +19,9 @@ class SlowFile(FileDevice):
 
     delay = 0.0
 
-    def pread_into(self, buf: memoryview, offset: int) -> None:
+    def _pread_into(self, buf: memoryview, offset: int) -> None:
         time.sleep(self.delay)
-        super().pread_into(buf, offset)
+        super()._pread_into(buf, offset)
 
 
 def test_inlining_backs_off_only_when_the_storage_stays_slow(tmp_path: Path) -> None:
@@ -30,14 +30,14 @@ def test_inlining_backs_off_only_when_the_storage_stays_slow(tmp_path: Path) -> 
 
     async def main() -> None:
         dev = SlowFile(str(img))
-        server = NbdServer([Export("", dev)])
+        dispatch = Dispatcher(asyncio.get_running_loop(), threads=1)
         neg = Negotiated(ExportInfo("", dev.size, TxFlag.HAS_FLAGS), TxFlag.HAS_FLAGS,
                          structured=False, no_zeroes=True)
         req = Request(0, Cmd.READ, 1, 0, 4096)
 
         def read() -> None:
-            assert server.may_inline(dev, req)
-            result = server.run_inline(dev, req, neg)
+            assert dispatch.may_inline(dev, req)
+            result = dispatch.run_inline(dev, req, neg)
             assert not isinstance(result, BaseException)
 
         for _ in range(20):
@@ -48,11 +48,11 @@ def test_inlining_backs_off_only_when_the_storage_stays_slow(tmp_path: Path) -> 
         read()
         dev.delay = 0.006  # the disk is slow now: a few of those, then threads
         slow = 0
-        while server.may_inline(dev, req):
+        while dispatch.may_inline(dev, req):
             read()
             slow += 1
             assert slow <= 5, "still inline after 5 slow reads"
         dev.close()
-        server.executor.shutdown()
+        dispatch.shutdown()
 
     asyncio.run(main())

@@ -1,0 +1,365 @@
+"""One client connection: the asyncio protocol that feeds the sans-IO
+handshake and request decoder, passes valid requests to the dispatcher and
+writes the replies. Flow control lives here: reading pauses while a
+connection's requests in flight reach their cap, while decoded requests
+wait to start, and while the client does not take its replies."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from .buffers import BufferPool
+from .commands import Export, Frames, errno_to_nbd, error_reply, validate
+from .constants import Cmd, Errno, TxFlag
+from .dispatch import Dispatcher, Result
+from .handshake import Handshake, Negotiated, State
+from .options import ServerOptions
+from .wire import ProtocolError, Request, RequestDecoder
+
+log = structlog.get_logger("nbdluks.server")
+
+# What a request costs against the in-flight cap beyond its data, so that a
+# flood of tiny requests is bounded too.
+_REQUEST_OVERHEAD = 4096
+# Replies queued beyond this many bytes are written at once, so that the
+# transport's flow control (pause_writing) still sees them in time.
+_REPLY_BATCH = 1024 * 1024
+
+
+class Registry:
+    """The connections one server process holds, up to its limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.live: set[Connection] = set()
+
+    def admit(self, conn: Connection) -> bool:
+        if len(self.live) >= self.limit:
+            return False
+        self.live.add(conn)
+        return True
+
+    def release(self, conn: Connection) -> None:
+        self.live.discard(conn)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What the connections of one server process share."""
+
+    loop: asyncio.AbstractEventLoop
+    exports: Mapping[str, Export]
+    options: ServerOptions
+    buffers: BufferPool
+    dispatcher: Dispatcher
+    registry: Registry
+
+
+def _cost(req: Request) -> int:
+    return _REQUEST_OVERHEAD + (req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
+
+
+class Connection(asyncio.Protocol):
+    _ids = itertools.count(1)
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.log = log.bind(conn=next(self._ids))
+        self.transport: asyncio.Transport | None = None
+        self.handshake = Handshake({n: e.info() for n, e in shared.exports.items()},
+                                   shared.options.tls)
+        self._tls_task: asyncio.Task[None] | None = None
+        self.neg: Negotiated | None = None
+        self.export: Export | None = None
+        self.decoder = RequestDecoder(alloc=shared.buffers.get)
+        self.inflight_bytes = 0
+        self.inflight = 0
+        self._backlog: collections.deque[Request] = collections.deque()
+        self._pumping = False
+        # Replies wait here while a batch of requests is processed, then go
+        # out in one writev: a syscall and a wake-up of the client per reply
+        # cost more than the work of a small request.
+        self._out: Frames = []
+        self._out_bytes = 0
+        self.requests = 0
+        self.closing = False  # DISC seen or server stopping: no new requests
+        self._write_paused = False
+        self._read_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.closed = asyncio.Event()
+
+    # --- asyncio callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport.
+        self.transport = t = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or transport.get_extra_info("sockname")
+        self.log = self.log.bind(peer=_peer_str(peer))
+        if not self.shared.registry.admit(self):
+            # Each connection may hold max_inflight bytes: a flood of them
+            # must not starve the clients already served.
+            self.log.warning("connection refused: too many connections",
+                             limit=self.shared.registry.limit)
+            self.closed.set()
+            t.abort()  # type: ignore[attr-defined]
+            return
+        self.log.info("connection opened")
+        t.write(self.handshake.data_to_send())  # type: ignore[attr-defined]
+        self._timer = self.shared.loop.call_later(self.shared.options.handshake_timeout,
+                                                  self._handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed.is_set():  # a failed TLS handshake reports it itself
+            return
+        if self._timer:
+            self._timer.cancel()
+        self.shared.registry.release(self)
+        self.log.info(
+            "connection closed", requests=self.requests, error=str(exc) if exc else None
+        )
+        self.closed.set()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        if self.neg is None:
+            self._negotiate(data)
+        else:
+            self._receive_requests(data)
+
+    # --- negotiation -----------------------------------------------------------
+
+    def _negotiate(self, data: bytes) -> None:
+        assert self.transport is not None
+        hs = self.handshake
+        hs.receive_data(data)
+        out = hs.data_to_send()
+        if out:
+            self.transport.write(out)
+        if hs.state is State.CLOSED:
+            self.log.info("negotiation ended", reason=hs.close_reason)
+            self.transport.close()
+        elif hs.state is State.TLS_START:
+            # Not one more byte for the option parser: the next ones are TLS.
+            self.transport.pause_reading()
+            self._tls_task = self.shared.loop.create_task(self._start_tls())
+        elif hs.state is State.DONE:
+            self._negotiated()
+
+    def _negotiated(self) -> None:
+        hs = self.handshake
+        assert hs.result is not None
+        if self._timer:
+            self._timer.cancel()
+        self.neg = hs.result
+        self.export = self.shared.exports[self.neg.export.name]
+        self.log = self.log.bind(export=self.neg.export.name)
+        self.log.info(
+            "export negotiated",
+            size=self.neg.export.size,
+            structured=self.neg.structured,
+            tls=hs.tls_active,
+            flags=_flag_names(self.neg.flags),
+            meta_contexts=sorted(self.neg.meta_contexts.values()),
+        )
+        if self.closing:
+            self._maybe_close()
+        elif hs.leftover:
+            self._receive_requests(hs.leftover)
+
+    async def _start_tls(self) -> None:
+        ctx = self.shared.options.ssl_context
+        assert self.transport is not None and ctx is not None
+        plain = self.transport
+        try:
+            tls = await self.shared.loop.start_tls(
+                plain, self, ctx, server_side=True,
+                ssl_handshake_timeout=self.shared.options.handshake_timeout,
+            )
+        except Exception as e:  # whatever broke, only this connection ends
+            self.log.warning("TLS handshake failed", error=str(e) or type(e).__name__)
+            plain.abort()
+            self.connection_lost(None)
+            return
+        if tls is None:  # closed meanwhile
+            return
+        self.transport = tls
+        obj = tls.get_extra_info("ssl_object")
+        peer = obj.getpeercert() if obj else None  # set when client certificates are checked
+        self.log.info("TLS started", version=obj.version() if obj else None,
+                      cipher=obj.cipher()[0] if obj and obj.cipher() else None,
+                      client=_subject_cn(peer) if peer else None)
+        self.handshake.tls_started()
+
+    def _handshake_timeout(self) -> None:
+        if self.neg is None and self.transport is not None:
+            self.log.warning("negotiation timed out")
+            self.transport.close()
+
+    # --- transmission -----------------------------------------------------------
+
+    def _receive_requests(self, data: bytes) -> None:
+        try:
+            reqs = self.decoder.feed(data)
+        except ProtocolError as e:
+            self.log.warning("protocol error, closing", error=str(e))
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self._backlog.extend(reqs)
+        self._pump()
+
+    def _gated(self) -> bool:
+        """No new work while replies wait for the client or the cap is reached."""
+        return self._write_paused or self.inflight_bytes >= self.shared.options.max_inflight
+
+    def _pump(self) -> None:
+        """Start backlog requests while the gate is open; then decide on reading."""
+        if self._pumping:  # complete() of an inline request, from inside the loop below
+            return
+        self._pumping = True
+        try:
+            while self._backlog and not self._gated():
+                self._start(self._backlog.popleft())
+        finally:
+            self._pumping = False
+        if not self.shared.dispatcher.batching:
+            self.end_batch()
+        self._update_reading()
+        self._maybe_close()
+
+    def _send(self, frames: Frames) -> None:
+        self._out += frames
+        self._out_bytes += sum(len(f) for f in frames)
+        if self._out_bytes >= _REPLY_BATCH or not (
+            self._pumping or self.shared.dispatcher.batching
+        ):
+            self.end_batch()
+
+    def end_batch(self) -> None:
+        """Write the queued replies, in one writev."""
+        if not self._out:
+            return
+        out, self._out, self._out_bytes = self._out, [], 0
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def _start(self, req: Request) -> None:
+        assert self.neg is not None and self.export is not None
+        if self.closing:
+            return
+        self.requests += 1
+        if req.cmd == Cmd.DISC:
+            self.closing = True
+            self._backlog.clear()  # nothing may follow DISC
+            self._update_reading()
+            self._maybe_close()
+            return
+        err = Errno.EINVAL if req.oversized else validate(req, self.neg)
+        if err:
+            self.log.debug(
+                "request refused", cmd=req.cmd, offset=req.offset, length=req.length,
+                error=err.name,
+            )
+            self._send([error_reply(req, self.neg, err)])
+            return
+        if req.cmd == Cmd.READ:
+            req.buffer = self.shared.buffers.get(req.length)
+        self.inflight += 1
+        self.inflight_bytes += _cost(req)
+        self.shared.dispatcher.submit(self, self.export.device, req, self.neg)
+
+    def complete(self, req: Request, result: Result) -> None:
+        """On the loop: a request's device work is over; send its reply."""
+        assert self.neg is not None
+        self.inflight -= 1
+        self.inflight_bytes -= _cost(req)
+        if isinstance(result, OSError):
+            err = errno_to_nbd(result.errno)
+            self.log.warning(
+                "request failed", cmd=_cmd_name(req.cmd), offset=req.offset,
+                length=req.length, error=err.name, reason=result.strerror,
+            )
+            frames: Frames = [error_reply(req, self.neg, err, result.strerror or "")]
+        elif isinstance(result, BaseException):
+            self.log.error(
+                "request crashed", cmd=_cmd_name(req.cmd), offset=req.offset,
+                error=type(result).__name__,
+            )
+            frames = [error_reply(req, self.neg, Errno.EIO, "internal error")]
+        else:
+            frames = result
+        self._send(frames)
+        del frames, result
+        for buf in (req.buffer, req.data):
+            if buf is not None:
+                self.shared.buffers.put(buf)
+        req.buffer = req.data = None
+        self._pump()
+        self._maybe_close()
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        # Decoded requests that wait in the backlog are bounded by one
+        # read's worth of bytes: stop reading until they have started.
+        pause = self.closing or self._gated() or bool(self._backlog)
+        if pause != self._read_paused:
+            self._read_paused = pause
+            if pause:
+                t.pause_reading()
+            else:
+                t.resume_reading()
+
+    def _maybe_close(self) -> None:
+        if self._pumping:
+            return  # the pump decides once its loop is over
+        if self.closing and self.inflight == 0 and self.transport is not None:
+            self.end_batch()
+            self.transport.close()
+
+    def stop(self) -> None:
+        """Server shutdown: take no new requests, close once in flight ones end."""
+        self.closing = True
+        if self.neg is None:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._update_reading()
+        self._maybe_close()
+
+
+def _cmd_name(cmd: int) -> str:
+    return Cmd(cmd).name if cmd in Cmd._value2member_map_ else str(cmd)
+
+
+def _flag_names(flags: TxFlag) -> str:
+    return "|".join(f.name or "" for f in TxFlag if f in flags)
+
+
+def _subject_cn(cert: dict[str, object]) -> str | None:
+    """The common name of a certificate's subject, for the log."""
+    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def _peer_str(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) if peer else "unix"

@@ -1,0 +1,31 @@
+"""How a server process serves its connections: one object, one default each."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from .handshake import TlsMode
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    # Clients served at once; more are refused before the greeting. For the
+    # whole server: each worker process takes its share.
+    max_connections: int = 128
+    # Bytes of requests in flight per connection before reading pauses.
+    max_inflight: int = 64 * MiB
+    # Request buffers one process keeps for reuse.
+    buffer_pool: int = 64 * MiB
+    # I/O threads per process.
+    threads: int = 8
+    tls: TlsMode = TlsMode.OFF
+    ssl_context: ssl.SSLContext | None = None
+    # Seconds a client may take to negotiate (or to finish a TLS handshake).
+    handshake_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.tls is not TlsMode.OFF and self.ssl_context is None:
+            raise ValueError("TLS needs an SSL context")
