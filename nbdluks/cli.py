@@ -1,41 +1,51 @@
-"""Command line: `nbdluks serve` and `nbdluks inspect`."""
+"""Command line: `nbdluks serve` and `nbdluks inspect`.
+
+The options objects are built here, once, from the parsed arguments; every
+default is the options class's own (the help texts show it)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import socket
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import structlog
 
 from . import __version__, serving
 from . import log as logsetup
-from .block.base import BlockDevice
 from .dump import describe, render_text
 from .errors import NbdluksError
 from .luks.errors import Argon2MemoryError, LuksError, WrongKeyError
-from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .nbd.constants import DEFAULT_PORT
 from .nbd.handshake import TlsMode
 from .nbd.listen import Listen, activated, address, bind, cleanup
+from .nbd.options import MiB, ServerOptions
 from .nbd.tls import TlsConfigError, TlsFileMissingError, server_context
-from .opener import KeySource, read_header, unlock, unlock_volume
-from .secrets import KeyFileShortError
-from .serving import ServeConfig
-from .source import (
-    DEFAULT_UPSTREAM_TIMEOUT,
-    SourceError,
-    UpstreamOptions,
-    is_nbd_uri,
-    open_source,
+from .nbd.upstream import UpstreamOptions
+from .opener import (
+    Opened,
+    UnlockOptions,
+    VolumeOptions,
+    open_raw,
+    read_header,
+    unlock,
+    unlock_volume,
 )
+from .secrets import KeyFileShortError
+from .serving import ServeOptions
+from .source import SourceError, open_source
 
 log = structlog.get_logger("nbdluks")
+
+_SERVER = ServerOptions()
+_UPSTREAM = UpstreamOptions()
+_UNLOCK = UnlockOptions()
+# Worker processes by default: one per CPU, up to this many.
+_MAX_DEFAULT_PROCESSES = 8
 
 
 class UsageError(NbdluksError):
@@ -53,6 +63,25 @@ def hint(e: Exception) -> str:
     return ""
 
 
+def _source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sources (a path to a file or block device, or an NBD URI)")
+    g.add_argument("--payload", metavar="SRC", help="the encrypted payload")
+    g.add_argument("--header", metavar="SRC",
+                   help="a detached LUKS header (default: at the start of the payload)")
+    g.add_argument("--raw", metavar="SRC", help="serve a file or block device as it is")
+    g.add_argument("--upstream-timeout", type=float, default=_UPSTREAM.timeout, metavar="S",
+                   help="seconds an upstream NBD server may take to answer before its "
+                   "connection counts as dead and requests fail with EIO "
+                   f"(default {_UPSTREAM.timeout:.0f})")
+    g.add_argument("--upstream-reconnect", type=float, default=_UPSTREAM.reconnect,
+                   metavar="S", help="when an upstream NBD connection dies, keep trying to "
+                   "connect again for S seconds and send its requests again (default "
+                   f"{_UPSTREAM.reconnect:.0f}: fail them with EIO)")
+    g.add_argument("--allow-discards", action="store_true",
+                   help="pass TRIM on to the payload (discarded ranges read back as "
+                   "unpredictable data)")
+
+
 def _listen_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("listening")
     g.add_argument("-k", "--socket", metavar="PATH", help="listen on a unix socket")
@@ -62,41 +91,29 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
                    help='export name (default "")')
     g.add_argument("-D", "--description", default="", help="export description")
     g.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
-    g.add_argument("--max-inflight", type=int, default=64, metavar="MiB",
-                   help="bytes in flight per connection before reading pauses (default 64)")
-    g.add_argument("--max-connections", type=int, default=128, metavar="N",
-                   help="clients served at once; more are refused (default 128; "
-                   "each process takes an equal share)")
-    g.add_argument("--threads", type=int, default=8,
-                   help="I/O threads per process (default 8)")
+    g.add_argument("--max-inflight", type=int, default=_SERVER.max_inflight // MiB,
+                   metavar="MiB", help="bytes in flight per connection before reading "
+                   f"pauses (default {_SERVER.max_inflight // MiB})")
+    g.add_argument("--max-connections", type=int, default=_SERVER.max_connections,
+                   metavar="N", help="clients served at once; more are refused (default "
+                   f"{_SERVER.max_connections}; each process takes an equal share)")
+    g.add_argument("--threads", type=int, default=_SERVER.threads,
+                   help=f"I/O threads per process (default {_SERVER.threads})")
     g.add_argument("--processes", type=int, default=None, metavar="N",
                    help="worker processes sharing the listeners (default: one per CPU, "
-                   "at most 8; 1 = no extra processes)")
+                   f"at most {_MAX_DEFAULT_PROCESSES}; 1 = no extra processes)")
 
 
 def _tls_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TLS (clients use nbds:// URIs)")
-    g.add_argument("--tls", choices=[m.value for m in TlsMode], default="off",
+    g.add_argument("--tls", choices=[m.value for m in TlsMode], default=_SERVER.tls.value,
                    help="off: refuse STARTTLS; on: the client chooses; require: nothing "
-                   "but TLS (default off)")
+                   f"but TLS (default {_SERVER.tls.value})")
     g.add_argument("--tls-certificates", metavar="DIR",
                    help="server-cert.pem and server-key.pem (and ca-cert.pem with "
                    "--tls-verify-peer), as qemu-nbd and nbdkit take them")
     g.add_argument("--tls-verify-peer", action="store_true",
                    help="require a client certificate signed by DIR/ca-cert.pem")
-
-
-def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if args.tls == TlsMode.OFF.value:
-        if args.tls_certificates or args.tls_verify_peer:
-            raise UsageError("--tls-certificates/--tls-verify-peer need --tls on or require")
-        return None
-    if not args.tls_certificates:
-        raise UsageError(f"--tls {args.tls} needs --tls-certificates DIR")
-    try:
-        return server_context(args.tls_certificates, args.tls_verify_peer)
-    except TlsConfigError as e:
-        raise UsageError(f"{e}{hint(e)}") from None
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
@@ -112,21 +129,13 @@ def _key_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--key-file", metavar="F", help="key file: its bytes, exactly")
     x.add_argument("--volume-key-file", metavar="F",
                    help="the volume key itself (checked against the header's digest)")
-    g.add_argument("--keyfile-offset", type=int, default=0, metavar="N",
+    g.add_argument("--keyfile-offset", type=int, default=_UNLOCK.keyfile_offset, metavar="N",
                    help="skip N bytes of the key file")
     g.add_argument("--keyfile-size", type=int, metavar="N", help="read N bytes of the key file")
     g.add_argument("--key-slot", type=int, metavar="N", help="try this key slot only")
-    g.add_argument("--argon2-max-memory", type=int, default=DEFAULT_ARGON2_MAX_KIB,
+    g.add_argument("--argon2-max-memory", type=int, default=_UNLOCK.argon2_max_kib,
                    metavar="KiB", help="refuse Argon2 slots that need more memory "
-                   f"(default {DEFAULT_ARGON2_MAX_KIB} KiB = 4 GiB)")
-
-
-def _keys(args: argparse.Namespace) -> KeySource:
-    return KeySource(
-        passphrase_file=args.passphrase_file, key_file=args.key_file,
-        keyfile_offset=args.keyfile_offset, keyfile_size=args.keyfile_size,
-        volume_key_file=args.volume_key_file, key_slot=args.key_slot,
-    )
+                   f"(default {_UNLOCK.argon2_max_kib} KiB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,22 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a volume over NBD")
-    src = serve.add_argument_group("sources (a path to a file or block device)")
-    src.add_argument("--payload", metavar="SRC", help="the encrypted payload")
-    src.add_argument("--header", metavar="SRC",
-                     help="a detached LUKS header (default: at the start of the payload)")
-    src.add_argument("--raw", metavar="SRC", help="serve a file or block device as it is")
-    src.add_argument("--upstream-timeout", type=float, default=DEFAULT_UPSTREAM_TIMEOUT,
-                     metavar="S", help="seconds an upstream NBD server may take to answer "
-                     "before its connection counts as dead and requests fail with EIO "
-                     f"(default {DEFAULT_UPSTREAM_TIMEOUT:.0f})")
-    src.add_argument("--upstream-reconnect", type=float, default=0.0, metavar="S",
-                     help="when an upstream NBD connection dies, keep trying to connect "
-                     "again for S seconds and send its requests again (default 0: fail them "
-                     "with EIO)")
-    src.add_argument("--allow-discards", action="store_true",
-                     help="pass TRIM on to the payload (discarded ranges read back as "
-                     "unpredictable data)")
+    _source_args(serve)
     _key_args(serve)
     _listen_args(serve)
     _tls_args(serve)
@@ -166,71 +160,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prepare(args: argparse.Namespace) -> tuple[Callable[[], BlockDevice], int]:
-    """Open and check the sources (unlocking a LUKS volume) before anything
-    listens; return a factory of devices for the worker processes and how
-    many processes to run."""
-    uv = None
-    reopen: Callable[[], BlockDevice]
-    upstream = UpstreamOptions(args.upstream_timeout, args.upstream_reconnect)
+# --- options objects, built once ----------------------------------------------
+
+
+def unlock_options(args: argparse.Namespace) -> UnlockOptions:
+    return UnlockOptions(
+        passphrase_file=args.passphrase_file, key_file=args.key_file,
+        keyfile_offset=args.keyfile_offset, keyfile_size=args.keyfile_size,
+        volume_key_file=args.volume_key_file, key_slot=args.key_slot,
+        argon2_max_kib=args.argon2_max_memory,
+    )
+
+
+def volume_options(args: argparse.Namespace) -> VolumeOptions:
+    return VolumeOptions(
+        read_only=args.read_only, allow_discards=args.allow_discards,
+        upstream=UpstreamOptions(timeout=args.upstream_timeout,
+                                 reconnect=args.upstream_reconnect),
+    )
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    if args.max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
+    return ServerOptions(
+        max_connections=args.max_connections, max_inflight=args.max_inflight * MiB,
+        threads=args.threads, tls=TlsMode(args.tls), ssl_context=tls_context(args),
+    )
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.tls == TlsMode.OFF.value:
+        if args.tls_certificates or args.tls_verify_peer:
+            raise UsageError("--tls-certificates/--tls-verify-peer need --tls on or require")
+        return None
+    if not args.tls_certificates:
+        raise UsageError(f"--tls {args.tls} needs --tls-certificates DIR")
+    try:
+        return server_context(args.tls_certificates, args.tls_verify_peer)
+    except TlsConfigError as e:
+        raise UsageError(f"{e}{hint(e)}") from None
+
+
+# --- serve ------------------------------------------------------------------------
+
+
+def open_served(args: argparse.Namespace) -> Opened:
+    """Open and check what is served (unlocking a LUKS volume) before
+    anything listens."""
+    options = volume_options(args)
     if args.raw:
         if args.payload or args.header:
             raise UsageError("--raw cannot be combined with --payload/--header")
-        source = args.raw
-        first: BlockDevice = open_source(source, read_only=args.read_only, upstream=upstream)
+        opened = open_raw(args.raw, options)
+        log.info("source opened", **opened.log_fields())
+        return opened
+    if not args.payload:
+        raise UsageError("nothing to serve: give --payload SRC (LUKS) or --raw SRC")
+    keys = unlock_options(args)
+    if not keys.given():
+        raise UsageError("give one of --passphrase-file, --key-file or --volume-key-file")
+    opened = unlock_volume(args.payload, args.header, keys, options)
+    log.info("volume unlocked", **opened.log_fields())
+    return opened
 
-        def reopen() -> BlockDevice:
-            return open_source(source, read_only=args.read_only, upstream=upstream)
-    else:
-        if not args.payload:
-            raise UsageError("nothing to serve: give --payload SRC (LUKS) or --raw SRC")
-        keys = _keys(args)
-        if not keys.given():
-            raise UsageError("give one of --passphrase-file, --key-file or --volume-key-file")
-        source = args.payload
-        uv = unlock_volume(
-            args.payload, args.header, keys, read_only=args.read_only,
-            allow_discards=args.allow_discards, argon2_max_kib=args.argon2_max_memory,
-            upstream=upstream,
-        )
-        try:
-            first = uv.device()
-        except BaseException:
-            uv.wipe()
-            raise
-        vol = uv.vol
-        log.info(
-            "volume unlocked", luks_version=vol.version, uuid=vol.uuid,
-            cipher=vol.segment.cipher, sector_size=vol.segment.sector_size,
-            keyslot=uv.keyslot, size=first.size, header_copy=vol.copy,
-            cipher_engine=first.cipher.engine,
-        )
-        # Partial-sector writes from different processes take turns.
-        lock = multiprocessing.get_context("fork").Lock()
-        unlocked = uv
 
-        def reopen() -> BlockDevice:
-            return unlocked.device(rmw_lock=lock)
-
-    processes = args.processes or min(os.cpu_count() or 1, 8)
-    if is_nbd_uri(source) and not _upstream_multi_conn(first):
+def process_count(args: argparse.Namespace, opened: Opened) -> int:
+    if not opened.multi_process:
         # One upstream connection per process: a FLUSH on one would not
         # cover another's writes unless the upstream promises multi-conn.
-        processes = 1
-    if processes <= 1:
-        if uv is not None:
-            uv.wipe()
-        return (lambda: first), 1
-    first.close()
-    return reopen, processes
-
-
-def _upstream_multi_conn(dev: BlockDevice) -> bool:
-    from .nbd.constants import TxFlag
-    from .nbd.upstream import NbdDevice
-
-    payload = getattr(dev, "payload", dev)
-    return isinstance(payload, NbdDevice) and bool(payload.client.flags & TxFlag.CAN_MULTI_CONN)
+        return 1
+    return args.processes or min(os.cpu_count() or 1, _MAX_DEFAULT_PROCESSES)
 
 
 def bind_listeners(args: argparse.Namespace) -> list[socket.socket]:
@@ -258,35 +258,36 @@ def bind_listeners(args: argparse.Namespace) -> list[socket.socket]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    if args.max_connections < 1:
-        raise UsageError("--max-connections must be at least 1")
-    ssl_context = tls_context(args)
-    make_device, processes = prepare(args)
-    socks = bind_listeners(args)
+    server = server_options(args)
+    opened = open_served(args)
+    try:
+        opts = ServeOptions(server=server, export_name=args.export_name,
+                            description=args.description, read_only=args.read_only,
+                            processes=process_count(args, opened))
+        socks = bind_listeners(args)
+    except BaseException:
+        opened.wipe()
+        raise
     try:
         log.info("listening", addresses=[address(s) for s in socks], export=args.export_name,
-                 processes=processes, tls=args.tls)
-        cfg = ServeConfig(
-            export_name=args.export_name, description=args.description,
-            read_only=args.read_only, max_inflight=args.max_inflight * 1024 * 1024,
-            threads=args.threads, processes=processes,
-            tls=TlsMode(args.tls), ssl_context=ssl_context,
-            max_connections=args.max_connections,
-        )
-        return serving.serve(make_device, socks, cfg)
+                 processes=opts.processes, tls=args.tls)
+        return serving.serve(opened, socks, opts)
     finally:
         cleanup(socks)
 
 
+# --- inspect ----------------------------------------------------------------------
+
+
 def inspect(args: argparse.Namespace) -> int:
     hdr = open_source(args.source, read_only=True)
+    keys = unlock_options(args)
     with hdr:
         try:
-            vol, prefix = read_header(hdr, args.argon2_max_memory)
+            vol, prefix = read_header(hdr, keys.argon2_max_kib)
         except LuksError as e:
             raise SourceError(f"{args.source}: {e}{hint(e)}") from None
         info = describe(vol)
-        keys = _keys(args)
         status = 0
         if keys.given():
             try:

@@ -1,10 +1,18 @@
-"""Glue between sources and the pure LUKS code: read the header, unlock,
-stack a LuksDevice over the payload."""
+"""Glue between sources and the pure LUKS code: open what is to be served,
+read the header, unlock, stack a LuksDevice over the payload.
+
+Everything here happens before anything listens, so that a wrong key or an
+unusable source ends the program with one line. The result is an `Opened`
+source: it hands out a device per worker process, says whether several
+processes may serve it, describes itself for the log, and wipes the key.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -16,15 +24,17 @@ from .luks.errors import HeaderError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
 from .luks.volume import HEADER_PROBE, Keyslot, Volume
+from .nbd.upstream import UpstreamOptions
 from .secrets import read_secret
-from .source import DEFAULT_UPSTREAM, UpstreamOptions, open_source, read_prefix
+from .source import open_source, read_prefix
 
 log = structlog.get_logger("nbdluks.open")
 
 
-@dataclass
-class KeySource:
-    """Where the secret comes from; never the secret itself."""
+@dataclass(frozen=True)
+class UnlockOptions:
+    """Where the secret comes from (never the secret itself), and what
+    unlocking may cost."""
 
     passphrase_file: str | None = None
     key_file: str | None = None
@@ -32,9 +42,19 @@ class KeySource:
     keyfile_size: int | None = None
     volume_key_file: str | None = None
     key_slot: int | None = None
+    argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
 
     def given(self) -> bool:
         return bool(self.passphrase_file or self.key_file or self.volume_key_file)
+
+
+@dataclass(frozen=True)
+class VolumeOptions:
+    """How the served device is opened."""
+
+    read_only: bool = False
+    allow_discards: bool = False
+    upstream: UpstreamOptions = field(default_factory=UpstreamOptions)
 
 
 def read_header(dev: BlockDevice, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
@@ -48,7 +68,7 @@ def read_header(dev: BlockDevice, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
     return vol, data
 
 
-def unlock(vol: Volume, hdr_dev: BlockDevice, prefix: bytes, keys: KeySource) -> Unlocked:
+def unlock(vol: Volume, hdr_dev: BlockDevice, prefix: bytes, keys: UnlockOptions) -> Unlocked:
     def read_area(slot: Keyslot) -> bytes:
         end = slot.area_offset + slot.area_size
         if end <= len(prefix):
@@ -75,65 +95,115 @@ def unlock(vol: Volume, hdr_dev: BlockDevice, prefix: bytes, keys: KeySource) ->
         wipe(secret)
 
 
-@dataclass
-class UnlockedVolume:
+class Opened:
+    """A source opened and checked before anything listens.
+
+    `device()` first hands out the device that was opened for the check,
+    then opens new ones (one per worker process)."""
+
+    # Whether worker processes, each with its own open, may serve it.
+    multi_process: bool
+
+    def __init__(self, spec: str, options: VolumeOptions, checked: BlockDevice) -> None:
+        self.spec = spec
+        self.options = options
+        self._checked: BlockDevice | None = checked
+        self.multi_process = checked.multi_open
+
+    def device(self) -> BlockDevice:
+        dev, self._checked = self._checked, None
+        return dev if dev is not None else self._open()
+
+    def prepare_processes(self) -> None:
+        """In the parent, before worker processes are forked: they open their own."""
+        if self._checked is not None:
+            self._checked.close()
+            self._checked = None
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"source": self.spec}
+
+    def wipe(self) -> None:
+        """Forget secrets once no more devices will be opened."""
+
+    def _open(self) -> BlockDevice:
+        return open_source(self.spec, read_only=self.options.read_only,
+                           upstream=self.options.upstream)
+
+
+def open_raw(spec: str, options: VolumeOptions) -> Opened:
+    """A file, block device or NBD export served as it is."""
+    dev = open_source(spec, read_only=options.read_only, upstream=options.upstream)
+    return Opened(spec, options, dev)
+
+
+class UnlockedVolume(Opened):
     """A volume whose key is known: builds LuksDevices over its payload."""
 
-    vol: Volume
-    key: bytearray
-    keyslot: int | None
-    payload: str
-    attached: bool
-    read_only: bool = False
-    allow_discards: bool = False
-    upstream: UpstreamOptions = DEFAULT_UPSTREAM
+    def __init__(self, payload: str, options: VolumeOptions, vol: Volume, key: bytearray,
+                 keyslot: int | None, attached: bool) -> None:
+        self.vol = vol
+        self.key = key
+        self.keyslot = keyslot
+        self.attached = attached
+        # Partial-sector writes take turns; across processes once there are some.
+        self._rmw_lock: Any = threading.Lock()
+        try:
+            checked = self._open_device(payload, options)
+        except BaseException:
+            wipe(key)
+            raise
+        super().__init__(payload, options, checked)
+        self.engine = checked.cipher.engine
+        self.size = checked.size
 
-    def device(self, rmw_lock: Any = None) -> LuksDevice:
-        payload_dev = open_source(self.payload, read_only=self.read_only,
-                                  upstream=self.upstream)
+    def prepare_processes(self) -> None:
+        super().prepare_processes()
+        self._rmw_lock = multiprocessing.get_context("fork").Lock()
+
+    def log_fields(self) -> dict[str, Any]:
+        vol = self.vol
+        return {
+            "luks_version": vol.version, "uuid": vol.uuid, "cipher": vol.segment.cipher,
+            "sector_size": vol.segment.sector_size, "keyslot": self.keyslot, "size": self.size,
+            "header_copy": vol.copy, "cipher_engine": self.engine,
+        }
+
+    def wipe(self) -> None:
+        wipe(self.key)
+
+    def _open(self) -> BlockDevice:
+        return self._open_device(self.spec, self.options)
+
+    def _open_device(self, payload: str, options: VolumeOptions) -> LuksDevice:
+        payload_dev = open_source(payload, read_only=options.read_only,
+                                  upstream=options.upstream)
         try:
             return LuksDevice(
-                payload_dev, self.vol, self.key, read_only=self.read_only,
-                allow_discards=self.allow_discards, attached=self.attached, rmw_lock=rmw_lock,
+                payload_dev, self.vol, self.key, read_only=options.read_only,
+                allow_discards=options.allow_discards, attached=self.attached,
+                rmw_lock=self._rmw_lock,
             )
         except BaseException:
             payload_dev.close()
             raise
 
-    def wipe(self) -> None:
-        wipe(self.key)
 
-
-def unlock_volume(
-    payload: str, header_src: str | None, keys: KeySource, *, read_only: bool = False,
-    allow_discards: bool = False, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB,
-    upstream: UpstreamOptions = DEFAULT_UPSTREAM,
-) -> UnlockedVolume:
+def unlock_volume(payload: str, header_src: str | None, keys: UnlockOptions,
+                  options: VolumeOptions) -> UnlockedVolume:
+    """Read the header, unlock it, and check the payload against it."""
     if header_src is not None and _same_source(header_src, payload):
         header_src = None
-    hdr_dev = open_source(header_src or payload, read_only=True, upstream=upstream)
+    hdr_dev = open_source(header_src or payload, read_only=True, upstream=options.upstream)
     try:
-        vol, prefix = read_header(hdr_dev, argon2_max_kib)
+        vol, prefix = read_header(hdr_dev, keys.argon2_max_kib)
         for w in vol.warnings:
             log.warning(w)
         unlocked = unlock(vol, hdr_dev, prefix, keys)
     finally:
         hdr_dev.close()
-    return UnlockedVolume(vol, unlocked.key, unlocked.keyslot, payload,
-                          attached=header_src is None, read_only=read_only,
-                          allow_discards=allow_discards, upstream=upstream)
-
-
-def open_luks(
-    payload: str, header_src: str | None, keys: KeySource, *, read_only: bool = False,
-    allow_discards: bool = False, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB,
-) -> tuple[LuksDevice, Volume, int | None]:
-    uv = unlock_volume(payload, header_src, keys, read_only=read_only,
-                       allow_discards=allow_discards, argon2_max_kib=argon2_max_kib)
-    try:
-        return uv.device(), uv.vol, uv.keyslot
-    finally:
-        uv.wipe()
+    return UnlockedVolume(payload, options, vol, unlocked.key, unlocked.keyslot,
+                          attached=header_src is None)
 
 
 def _same_source(a: str, b: str) -> bool:

@@ -16,19 +16,18 @@ import os
 import selectors
 import signal
 import socket
-import ssl
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Coroutine
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 
 from .block.base import BlockDevice
 from .nbd.commands import Export
-from .nbd.handshake import TlsMode
 from .nbd.options import ServerOptions
 from .nbd.server import NbdServer
+from .opener import Opened
 
 log = structlog.get_logger("nbdluks")
 
@@ -38,17 +37,15 @@ _MAX_QUICK_DEATHS = 3
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-@dataclass
-class ServeConfig:
+@dataclass(frozen=True)
+class ServeOptions:
+    """What is served under which name, by how many processes."""
+
+    server: ServerOptions = field(default_factory=ServerOptions)
     export_name: str = ""
     description: str = ""
     read_only: bool = False
-    max_inflight: int = 64 * 1024 * 1024
-    threads: int = 8
     processes: int = 1
-    tls: TlsMode = TlsMode.OFF
-    ssl_context: ssl.SSLContext | None = None
-    max_connections: int = 128  # for the whole server; each process takes its share
 
 
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:
@@ -69,36 +66,34 @@ def _note_early_stop(_sig: int, _frame: object) -> None:
     _early_stop = True
 
 
-async def _serve(device: BlockDevice, cfg: ServeConfig, socks: list[socket.socket],
-                 chan: socket.socket | None) -> int:
-    export = Export(cfg.export_name, device, cfg.description, cfg.read_only)
+async def _serve(device: BlockDevice, opts: ServeOptions, socks: list[socket.socket],
+                 handoff: socket.socket | None) -> int:
+    export = Export(opts.export_name, device, opts.description, opts.read_only)
     # Connections are handed to the processes in turn, so each gets its share.
-    share = -(-cfg.max_connections // max(1, cfg.processes))
-    opts = ServerOptions(max_connections=share, max_inflight=cfg.max_inflight,
-                         buffer_pool=cfg.max_inflight, threads=cfg.threads, tls=cfg.tls,
-                         ssl_context=cfg.ssl_context)
-    server = NbdServer([export], opts)
-    if chan is not None:
-        server.serve_handoff(chan)
+    share = -(-opts.server.max_connections // max(1, opts.processes))
+    server = NbdServer([export], replace(opts.server, max_connections=share))
+    if handoff is not None:
+        server.serve_handoff(handoff)
     else:
         await server.serve_sockets(socks)
     await server.serve_until_stopped(stop_requested=lambda: _early_stop)
     return 0
 
 
-def run_worker(make_device: Callable[[], BlockDevice], cfg: ServeConfig,
-               socks: list[socket.socket], chan: socket.socket | None = None) -> int:
-    """Serve on listening sockets, or on connections handed over `chan`."""
-    device = make_device()
+def run_worker(device: BlockDevice, opts: ServeOptions, socks: list[socket.socket],
+               handoff: socket.socket | None = None) -> int:
+    """Serve on listening sockets, or on connections handed over `handoff`."""
     with device:
-        return run_loop(_serve(device, cfg, socks, chan))
+        return run_loop(_serve(device, opts, socks, handoff))
 
 
-def serve(make_device: Callable[[], BlockDevice], socks: list[socket.socket],
-          cfg: ServeConfig) -> int:
-    if cfg.processes <= 1:
-        return run_worker(make_device, cfg, socks)
-    return _supervise(make_device, socks, cfg)
+def serve(opened: Opened, socks: list[socket.socket], opts: ServeOptions) -> int:
+    if opts.processes <= 1:
+        device = opened.device()
+        opened.wipe()  # the device has what it needs
+        return run_worker(device, opts, socks)
+    opened.prepare_processes()
+    return _Supervisor(opened, socks, opts).run()
 
 
 class _Supervisor:
@@ -107,12 +102,12 @@ class _Supervisor:
     SCM_RIGHTS), so that a client's connections spread evenly; replaces a
     worker that dies; forwards SIGTERM/SIGINT and waits for the drain."""
 
-    def __init__(self, make_device: Callable[[], BlockDevice], socks: list[socket.socket],
-                 cfg: ServeConfig) -> None:
-        self.make_device = make_device
+    def __init__(self, opened: Opened, socks: list[socket.socket], opts: ServeOptions) -> None:
+        self.opened = opened
         self.socks = socks
-        self.cfg = cfg
-        self.workers: dict[int, tuple[int, socket.socket, float]] = {}  # index -> pid, chan
+        self.opts = opts
+        # index -> pid, handoff socket, start time
+        self.workers: dict[int, tuple[int, socket.socket, float]] = {}
         self.stopping = False
         self.failed = False
         self.quick_deaths = 0
@@ -132,10 +127,10 @@ class _Supervisor:
                 structlog.contextvars.bind_contextvars(worker=index)
                 for sock in self.socks:
                     sock.close()
-                for _, chan, _ in self.workers.values():
-                    chan.close()
+                for _, handoff, _ in self.workers.values():
+                    handoff.close()
                 parent_end.close()
-                code = run_worker(self.make_device, self.cfg, [], child_end)
+                code = run_worker(self.opened.device(), self.opts, [], child_end)
             except BaseException as e:
                 log.error("worker failed", error=str(e), kind=type(e).__name__)
             finally:
@@ -156,9 +151,9 @@ class _Supervisor:
         order = sorted(self.workers)
         for k in range(len(order)):
             index = order[(self.next + k) % len(order)]
-            chan = self.workers[index][1]
+            handoff = self.workers[index][1]
             try:
-                socket.send_fds(chan, [b"c"], [conn.fileno()])
+                socket.send_fds(handoff, [b"c"], [conn.fileno()])
             except OSError:
                 continue  # that worker is going away; try the next
             self.next = (self.next + k + 1) % len(order)
@@ -177,8 +172,8 @@ class _Supervisor:
             index = next((i for i, w in self.workers.items() if w[0] == pid), None)
             if index is None:
                 continue
-            _, chan, started = self.workers.pop(index)
-            chan.close()
+            _, handoff, started = self.workers.pop(index)
+            handoff.close()
             code = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 self.failed |= code != 0
@@ -196,9 +191,9 @@ class _Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
-        for i in range(self.cfg.processes):
+        for i in range(self.opts.processes):
             self.spawn(i)
-        log.info("workers started", processes=self.cfg.processes)
+        log.info("workers started", processes=self.opts.processes)
         sel = selectors.DefaultSelector()
         for sock in self.socks:
             sel.register(sock, selectors.EVENT_READ)
@@ -221,8 +216,3 @@ class _Supervisor:
             self.reap()
         sel.close()
         return 1 if self.failed else 0
-
-
-def _supervise(make_device: Callable[[], BlockDevice], socks: list[socket.socket],
-               cfg: ServeConfig) -> int:
-    return _Supervisor(make_device, socks, cfg).run()

@@ -1,9 +1,8 @@
-"""The anti-forensic splitter of LUKS (AF merge and split)."""
+"""The anti-forensic splitter of LUKS: merging the stripes back into the key."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 
@@ -33,16 +32,3 @@ def merge(material: bytes | bytearray, key_size: int, stripes: int, hash_name: s
         d = _diffuse(_xor(d, material[i * key_size : (i + 1) * key_size]), hash_name)
     last = material[(stripes - 1) * key_size : stripes * key_size]
     return _xor(d, last)
-
-
-def split(key: bytes | bytearray, stripes: int, hash_name: str) -> bytearray:
-    """The inverse of merge, with random stripes (used by tests and key changes)."""
-    key_size = len(key)
-    out = bytearray()
-    d = bytearray(key_size)
-    for _ in range(stripes - 1):
-        stripe = os.urandom(key_size)
-        out += stripe
-        d = _diffuse(_xor(d, stripe), hash_name)
-    out += _xor(d, key)
-    return out

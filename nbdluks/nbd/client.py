@@ -114,8 +114,7 @@ def _recv(chan: Channel, n: int) -> bytes:
 
 
 class NbdClient:
-    def __init__(self, uri: NbdUri, *, connect_timeout: float = 10.0,
-                 request_timeout: float = 60.0) -> None:
+    def __init__(self, uri: NbdUri, *, connect_timeout: float, request_timeout: float) -> None:
         self.uri = uri
         self.request_timeout = request_timeout
         try:

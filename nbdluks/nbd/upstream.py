@@ -1,6 +1,6 @@
 """An export of another NBD server as a BlockDevice.
 
-With `reconnect` seconds, a connection that dies is replaced and the
+With `UpstreamOptions.reconnect` seconds, a connection that dies is replaced and the
 requests that were on it are sent again (reads and writes are idempotent);
 the export must come back with the same size. Writes acknowledged on the
 old connection but not yet flushed may have been lost with the upstream's
@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -24,12 +25,24 @@ from .uri import NbdUri
 log = structlog.get_logger("nbdluks.upstream")
 
 
+@dataclass(frozen=True)
+class UpstreamOptions:
+    """How NBD sources are treated."""
+
+    # Seconds an upstream may take to answer a request before its connection
+    # counts as dead (every request on it then fails with EIO).
+    timeout: float = 60.0
+    # Seconds to keep trying to get a dead connection back (0: fail with EIO).
+    reconnect: float = 0.0
+    # Seconds to wait for a connection (and its negotiation) to be made.
+    connect_timeout: float = 10.0
+
+
 class NbdDevice(BlockDevice):
     def __init__(self, uri: NbdUri, *, read_only: bool = False,
-                 request_timeout: float = 60.0, reconnect: float = 0.0) -> None:
+                 options: UpstreamOptions = UpstreamOptions()) -> None:
         self.uri = uri
-        self._request_timeout = request_timeout
-        self._reconnect = reconnect
+        self.options = options
         self._lock = threading.Lock()
         self._writes = 0  # writes acknowledged so far
         self._flushed = 0  # ... of which a FLUSH covered this many
@@ -37,7 +50,8 @@ class NbdDevice(BlockDevice):
         # After a reconnect window ran out, requests fail at once (after one
         # connection attempt each) instead of each waiting a window again.
         self._gave_up = False
-        self.client = c = NbdClient(uri, request_timeout=request_timeout)
+        self.client = c = NbdClient(uri, request_timeout=options.timeout,
+                                    connect_timeout=options.connect_timeout)
         self.size = c.size
         self.min_block = c.min_block or 1
         self.pref_block = c.pref_block or 4096
@@ -74,10 +88,10 @@ class NbdDevice(BlockDevice):
             try:
                 client.request(cmd, offset, length, flags=flags, data=data, buf=buf)
             except UpstreamLost:
-                if self._reconnect <= 0:
+                if self.options.reconnect <= 0:
                     raise
                 if deadline is None:
-                    deadline = time.monotonic() + (0.0 if self._gave_up else self._reconnect)
+                    deadline = time.monotonic() + (0.0 if self._gave_up else self.options.reconnect)
                 self._replace(client, deadline)
                 continue
             if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not flags & FLAG_FUA:
@@ -91,12 +105,12 @@ class NbdDevice(BlockDevice):
             if self.client is not dead:
                 return
             log.warning("upstream connection lost, reconnecting", uri=str(self.uri),
-                        seconds=self._reconnect)
+                        seconds=self.options.reconnect)
             delay = 0.1
             while True:
-                wait = max(0.1, min(10.0, deadline - time.monotonic()))
+                wait = max(0.1, min(self.options.connect_timeout, deadline - time.monotonic()))
                 try:
-                    new = NbdClient(self.uri, request_timeout=self._request_timeout,
+                    new = NbdClient(self.uri, request_timeout=self.options.timeout,
                                     connect_timeout=wait)
                     break
                 except NbdClientError as e:
@@ -104,7 +118,7 @@ class NbdDevice(BlockDevice):
                     if remaining <= 0:
                         self._gave_up = True
                         raise UpstreamLost(errno.EIO, f"{e} (gave up reconnecting after "
-                                           f"{self._reconnect:.0f} s)") from None
+                                           f"{self.options.reconnect:.0f} s)") from None
                 time.sleep(min(delay, remaining))
                 delay = min(2 * delay, 1.0)
             if new.size != self.size or (self.caps.writable and new.flags & TxFlag.READ_ONLY):

@@ -16,8 +16,9 @@ from nbdluks.block.file import FileDevice
 from nbdluks.luks import header
 from nbdluks.luks.errors import HeaderError, NotLuksError, UnsupportedError
 from nbdluks.luks.volume import HEADER_PROBE
-from nbdluks.opener import KeySource, open_luks, read_header
+from nbdluks.opener import UnlockOptions, read_header
 from tests.conftest import need, pattern
+from tests.luks.opening import open_luks
 from tests.luks.reference import Made, fill, luks_format
 
 MiB = 1 << 20
@@ -69,7 +70,7 @@ def luks2(tmp_path: Path) -> Made:
 
 def open_it(made: Made) -> tuple[Any, Any, Any]:
     return open_luks(str(made.payload), str(made.header_path),
-                     KeySource(key_file=str(made.payload.parent / "vol.pass")), read_only=True)
+                     UnlockOptions(key_file=str(made.payload.parent / "vol.pass")), read_only=True)
 
 
 def test_damaged_primary_opens_through_secondary(luks2: Made) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from nbdluks.luks.errors import WrongKeyError
-from nbdluks.opener import KeySource, open_luks
+from nbdluks.opener import UnlockOptions
 from tests.conftest import need, pattern
+from tests.luks.opening import open_luks
 from tests.luks.reference import Made, fill, luks_format, qemu_luks_create
 
 MiB = 1 << 20
@@ -21,7 +22,8 @@ def _tools() -> None:
     need("cryptsetup")
 
 
-def read_all(made: Made, keys: KeySource, detached: bool | None = None) -> tuple[bytes, int | None]:
+def read_all(made: Made, keys: UnlockOptions, detached: bool | None = None
+             ) -> tuple[bytes, int | None]:
     dev, _vol, slot = open_luks(
         str(made.payload), str(made.header) if made.header else None, keys, read_only=True
     )
@@ -41,12 +43,12 @@ def check_roundtrip(tmp_path: Path, made: Made) -> None:
     fill(made, plain)
     pw = tmp_path / "pw.txt"
     pw.write_bytes(made.passphrase + b"\n")
-    got, slot = read_all(made, KeySource(passphrase_file=str(pw)))
+    got, slot = read_all(made, UnlockOptions(passphrase_file=str(pw)))
     assert got == plain
     assert slot == 0
     vk = tmp_path / "vk.bin"
     vk.write_bytes(made.key)
-    got, slot = read_all(made, KeySource(volume_key_file=str(vk)))
+    got, slot = read_all(made, UnlockOptions(volume_key_file=str(vk)))
     assert got == plain and slot is None
 
 
@@ -111,7 +113,7 @@ def test_key_slots_priorities_and_wrong_passphrase(tmp_path: Path) -> None:
     fill(made, plain)
 
     def slot_for(secret: str, only: int | None = None) -> int | None:
-        return read_all(made, KeySource(key_file=str(tmp_path / secret), key_slot=only))[1]
+        return read_all(made, UnlockOptions(key_file=str(tmp_path / secret), key_slot=only))[1]
 
     assert slot_for("a") == 1  # high priority tried first
     assert slot_for("a", only=0) == 0
@@ -126,7 +128,7 @@ def test_key_slots_priorities_and_wrong_passphrase(tmp_path: Path) -> None:
     vk = tmp_path / "bad.vk"
     vk.write_bytes(bytes(64))
     with pytest.raises(WrongKeyError, match="does not match"):
-        read_all(made, KeySource(volume_key_file=str(vk)))
+        read_all(made, UnlockOptions(volume_key_file=str(vk)))
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -137,11 +139,11 @@ def test_key_file_with_offset_and_size(tmp_path: Path, version: int) -> None:
     kf = str(tmp_path / "vol.pass")
     plain = pattern(MiB, seed=4)
     fill(made, plain)
-    got, slot = read_all(made, KeySource(key_file=kf, keyfile_offset=1000, keyfile_size=333))
+    got, slot = read_all(made, UnlockOptions(key_file=kf, keyfile_offset=1000, keyfile_size=333))
     assert (got, slot) == (plain, 0)
     for off, size in ((1001, 333), (1000, 332), (0, None)):
         with pytest.raises(WrongKeyError):
-            read_all(made, KeySource(key_file=kf, keyfile_offset=off, keyfile_size=size))
+            read_all(made, UnlockOptions(key_file=kf, keyfile_offset=off, keyfile_size=size))
 
 
 def test_luks1_written_by_qemu(tmp_path: Path) -> None:
@@ -161,7 +163,7 @@ def test_luks1_written_by_qemu(tmp_path: Path) -> None:
                         str(plain_path), "--target-image-opts",
                         f"driver=luks,file.filename={img},key-secret=s0"],
                        check=True, capture_output=True)
-        dev, vol, _ = open_luks(str(img), None, KeySource(key_file=str(secret)), read_only=True)
+        dev, vol, _ = open_luks(str(img), None, UnlockOptions(key_file=str(secret)), read_only=True)
         with dev:
             assert vol.version == 1
             buf = bytearray(dev.size)

@@ -15,7 +15,7 @@ import pytest
 from nbdluks.nbd.client import NbdClientError
 from nbdluks.nbd.constants import REQUEST_SIZE, TxFlag
 from nbdluks.nbd.handshake import ExportInfo, Handshake, State
-from nbdluks.nbd.upstream import NbdDevice
+from nbdluks.nbd.upstream import NbdDevice, UpstreamOptions
 from nbdluks.nbd.uri import NbdUri
 from nbdluks.nbd.wire import encode_offset_data_header, encode_offset_hole
 from tests.conftest import need, wait_listening
@@ -157,7 +157,7 @@ def test_a_read_reply_must_cover_the_request(tmp_path: Path, case: str) -> None:
 
     path = tmp_path / "hostile.sock"
     t = _hostile_upstream(path, answer)
-    dev = NbdDevice(NbdUri("", socket=str(path)), request_timeout=10)
+    dev = NbdDevice(NbdUri("", socket=str(path)), options=UpstreamOptions(timeout=10))
     buf = bytearray(b"\xee") * 65536
     try:
         if case == "complete":
