@@ -50,8 +50,26 @@ def parse(data: bytes) -> Volume:
         raise HeaderError(f"LUKS1 key size {key_bytes} is out of range")
     if mk_iter == 0:
         raise HeaderError("LUKS1 digest iterations are zero")
-    slots = []
-    areas: list[tuple[int, int, int]] = []
+    slots = _slots(data, cipher, hname, key_bytes, payload_offset)
+    # Without a payload offset (a detached header) the header ends after the
+    # last key material.
+    end = max((s.area_offset + s.area_size for s in slots), default=PHDR_SIZE)
+    metadata = payload_offset * SECTOR if payload_offset else end
+    segment = Segment(
+        offset=payload_offset * SECTOR, size=None, iv_tweak=0, cipher=cipher, sector_size=SECTOR
+    )
+    digest = Digest(hname, mk_iter, mk_salt, mk_digest, tuple(s.id for s in slots))
+    return Volume(
+        version=1, uuid=_cstr(uuid, "uuid"), segment=segment, keyslots=tuple(slots),
+        digests=(digest,), key_size=key_bytes, metadata_size=metadata, hash_spec=hname,
+    )
+
+
+def _slots(data: bytes, cipher: str, hname: str, key_bytes: int, payload_offset: int
+           ) -> list[Keyslot]:
+    """The active key slots, each checked against the header, the payload
+    and the others."""
+    slots: list[Keyslot] = []
     for i in range(NUM_SLOTS):
         active, iterations, salt, km_offset, stripes = _SLOT.unpack_from(data, 208 + 48 * i)
         if active == SLOT_INACTIVE:
@@ -68,10 +86,9 @@ def parse(data: bytes) -> Volume:
             raise HeaderError(f"LUKS1 key slot {i} material overlaps the header")
         if payload_offset and start + size > payload_offset * SECTOR:
             raise HeaderError(f"LUKS1 key slot {i} material runs into the payload")
-        for j, a_start, a_size in areas:
-            if start < a_start + a_size and a_start < start + size:
-                raise HeaderError(f"LUKS1 key slots {j} and {i} overlap")
-        areas.append((i, start, size))
+        for other in slots:
+            if start < other.area_offset + other.area_size and other.area_offset < start + size:
+                raise HeaderError(f"LUKS1 key slots {other.id} and {i} overlap")
         slots.append(
             Keyslot(
                 id=i, kdf=Pbkdf2(hname, iterations, salt), area_offset=start, area_size=size,
@@ -79,15 +96,4 @@ def parse(data: bytes) -> Volume:
                 stripes=stripes, af_hash=hname,
             )
         )
-    # Without a payload offset (a detached header) the header ends after the
-    # last key material.
-    end = max((s + n for _, s, n in areas), default=PHDR_SIZE)
-    metadata = payload_offset * SECTOR if payload_offset else end
-    segment = Segment(
-        offset=payload_offset * SECTOR, size=None, iv_tweak=0, cipher=cipher, sector_size=SECTOR
-    )
-    digest = Digest(hname, mk_iter, mk_salt, mk_digest, tuple(s.id for s in slots))
-    return Volume(
-        version=1, uuid=_cstr(uuid, "uuid"), segment=segment, keyslots=tuple(slots),
-        digests=(digest,), key_size=key_bytes, metadata_size=metadata, hash_spec=hname,
-    )
+    return slots

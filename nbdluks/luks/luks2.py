@@ -199,13 +199,33 @@ def _kdf(k: dict[str, Any], where: str, argon2_max_kib: int) -> Kdf:
     raise UnsupportedError(f"{where} uses the unsupported KDF {kind!r}")
 
 
+@dataclass(frozen=True)
+class _Config:
+    keyslots_size: int
+    metadata_end: int  # both header copies
+    area_end: int  # ... and the keyslots area after them
+
+
 def _volume(copy: _Copy, argon2_max_kib: int) -> Volume:
     md = copy.metadata
-    config = _obj(md, "config")
-    keyslots_j = _obj(md, "keyslots")
+    config = _config(copy, _obj(md, "config"))
     segments_j = _obj(md, "segments")
-    digests_j = _obj(md, "digests")
     _obj(md, "tokens")
+    seg_id, segment = _segment(segments_j)
+    slots = _keyslots(_obj(md, "keyslots"), config, argon2_max_kib)
+    digests = _digests(_obj(md, "digests"), {s.id for s in slots}, segments_j, seg_id)
+    key_sizes = {s.key_size for s in slots if any(s.id in d.keyslots for d in digests)}
+    if len(key_sizes) > 1:
+        raise HeaderError("keyslots of the segment disagree on the volume key size")
+    return Volume(
+        version=2, uuid=copy.uuid, segment=segment, keyslots=tuple(slots),
+        digests=tuple(digests), key_size=key_sizes.pop() if key_sizes else 0,
+        metadata_size=config.area_end, label=copy.label, subsystem=copy.subsystem,
+        copy=copy.name, seqid=copy.seqid, checksum_alg=copy.checksum_alg, json=md,
+    )
+
+
+def _config(copy: _Copy, config: dict[str, Any]) -> _Config:
     json_size = _u64(config["json_size"], "config.json_size")
     if json_size != copy.hdr_size - 4096:
         raise HeaderError(f"config.json_size {json_size} does not match the header size")
@@ -220,9 +240,10 @@ def _volume(copy: _Copy, argon2_max_kib: int) -> Volume:
             + ", ".join(map(str, mandatory))
         )
     metadata_end = 2 * copy.hdr_size
-    area_end = metadata_end + keyslots_size
+    return _Config(keyslots_size, metadata_end, metadata_end + keyslots_size)
 
-    # segments
+
+def _segment(segments_j: dict[str, Any]) -> tuple[str, Segment]:
     if len(segments_j) != 1:
         raise UnsupportedError(
             f"the volume has {len(segments_j)} segments (reencryption in progress?); "
@@ -238,63 +259,69 @@ def _volume(copy: _Copy, argon2_max_kib: int) -> Volume:
     sector_size = seg["sector_size"]
     if sector_size not in SECTOR_SIZES:
         raise HeaderError(f"segment {seg_id} sector_size {sector_size!r} is invalid")
-    seg_offset = _u64(seg["offset"], "segment offset")
-    if seg_offset % sector_size:
+    offset = _u64(seg["offset"], "segment offset")
+    if offset % sector_size:
         raise HeaderError(f"segment {seg_id} offset is not aligned to its sector size")
     size_s = seg["size"]
-    seg_size = None if size_s == "dynamic" else _u64(size_s, "segment size")
-    if seg_size is not None and seg_size % sector_size:
+    size = None if size_s == "dynamic" else _u64(size_s, "segment size")
+    if size is not None and size % sector_size:
         raise HeaderError(f"segment {seg_id} size is not a multiple of its sector size")
     if not isinstance(seg["encryption"], str):
         raise HeaderError(f"segment {seg_id} encryption is not a string")
-    segment = Segment(
-        offset=seg_offset, size=seg_size, iv_tweak=_u64(seg["iv_tweak"], "segment iv_tweak"),
-        cipher=seg["encryption"], sector_size=sector_size,
-    )
+    return seg_id, Segment(offset=offset, size=size,
+                           iv_tweak=_u64(seg["iv_tweak"], "segment iv_tweak"),
+                           cipher=seg["encryption"], sector_size=sector_size)
 
-    # keyslots
+
+def _keyslots(keyslots_j: dict[str, Any], config: _Config, argon2_max_kib: int
+              ) -> list[Keyslot]:
     slots: list[Keyslot] = []
     for sid, ks in keyslots_j.items():
         if not sid.isdigit() or int(sid) >= MAX_KEYSLOTS:
             raise HeaderError(f"keyslot id {sid!r} is invalid")
         if not isinstance(ks, dict):
             raise HeaderError(f"keyslot {sid} is not an object")
-        where = f"keyslot {sid}"
-        if ks.get("type") != "luks2":
-            raise UnsupportedError(f"{where} has unsupported type {ks.get('type')!r}")
-        area = _obj(ks, "area")
-        if area.get("type") != "raw":
-            raise UnsupportedError(f"{where} area type {area.get('type')!r} is not supported")
-        af = _obj(ks, "af")
-        if af.get("type") != "luks1":
-            raise UnsupportedError(f"{where} AF type {af.get('type')!r} is not supported")
-        key_size = _int(ks["key_size"], f"{where} key_size", 1, 512)
-        stripes = _int(af["stripes"], f"{where} stripes", 1, 4000)
-        a_off = _u64(area["offset"], f"{where} area offset")
-        a_size = _u64(area["size"], f"{where} area size")
-        if a_off < metadata_end or a_off + a_size > area_end:
-            raise HeaderError(f"{where} area lies outside the keyslots area")
-        if a_off % 512 or a_size < key_size * stripes:
-            raise HeaderError(f"{where} area is misaligned or too small for its key material")
+        slot = _keyslot(int(sid), ks, config, argon2_max_kib)
         for other in slots:
-            if a_off < other.area_offset + other.area_size and other.area_offset < a_off + a_size:
+            if (slot.area_offset < other.area_offset + other.area_size
+                    and other.area_offset < slot.area_offset + slot.area_size):
                 raise HeaderError(f"keyslots {other.id} and {sid} overlap")
-        if not isinstance(area["encryption"], str):
-            raise HeaderError(f"{where} area encryption is not a string")
-        priority = ks.get("priority", 1)
-        slots.append(
-            Keyslot(
-                id=int(sid), kdf=_kdf(_obj(ks, "kdf"), f"{where} kdf", argon2_max_kib),
-                area_offset=a_off, area_size=a_size, area_cipher=area["encryption"],
-                area_key_size=_int(area["key_size"], f"{where} area key_size", 1, 512),
-                key_size=key_size, stripes=stripes, af_hash=_hash(af["hash"], f"{where} af hash"),
-                priority=_int(priority, f"{where} priority", 0, 2),
-            )
-        )
-    slots.sort(key=lambda s: s.id)
-    slot_ids = {s.id for s in slots}
+        slots.append(slot)
+    return sorted(slots, key=lambda s: s.id)
 
-    # digests
+
+def _keyslot(sid: int, ks: dict[str, Any], config: _Config, argon2_max_kib: int) -> Keyslot:
+    where = f"keyslot {sid}"
+    if ks.get("type") != "luks2":
+        raise UnsupportedError(f"{where} has unsupported type {ks.get('type')!r}")
+    area = _obj(ks, "area")
+    if area.get("type") != "raw":
+        raise UnsupportedError(f"{where} area type {area.get('type')!r} is not supported")
+    af = _obj(ks, "af")
+    if af.get("type") != "luks1":
+        raise UnsupportedError(f"{where} AF type {af.get('type')!r} is not supported")
+    key_size = _int(ks["key_size"], f"{where} key_size", 1, 512)
+    stripes = _int(af["stripes"], f"{where} stripes", 1, 4000)
+    a_off = _u64(area["offset"], f"{where} area offset")
+    a_size = _u64(area["size"], f"{where} area size")
+    if a_off < config.metadata_end or a_off + a_size > config.area_end:
+        raise HeaderError(f"{where} area lies outside the keyslots area")
+    if a_off % 512 or a_size < key_size * stripes:
+        raise HeaderError(f"{where} area is misaligned or too small for its key material")
+    if not isinstance(area["encryption"], str):
+        raise HeaderError(f"{where} area encryption is not a string")
+    return Keyslot(
+        id=sid, kdf=_kdf(_obj(ks, "kdf"), f"{where} kdf", argon2_max_kib),
+        area_offset=a_off, area_size=a_size, area_cipher=area["encryption"],
+        area_key_size=_int(area["key_size"], f"{where} area key_size", 1, 512),
+        key_size=key_size, stripes=stripes, af_hash=_hash(af["hash"], f"{where} af hash"),
+        priority=_int(ks.get("priority", 1), f"{where} priority", 0, 2),
+    )
+
+
+def _digests(digests_j: dict[str, Any], slot_ids: set[int], segments_j: dict[str, Any],
+             seg_id: str) -> list[Digest]:
+    """The digests that cover the data segment (others are checked, then left)."""
     digests: list[Digest] = []
     for did, d in digests_j.items():
         if not isinstance(d, dict):
@@ -305,11 +332,9 @@ def _volume(copy: _Copy, argon2_max_kib: int) -> Volume:
         segs = d["segments"]
         if not isinstance(refs, list) or not isinstance(segs, list):
             raise HeaderError(f"digest {did} keyslots/segments are not lists")
-        ks_ids = []
         for r in refs:
             if not isinstance(r, str) or not r.isdigit() or int(r) not in slot_ids:
                 raise HeaderError(f"digest {did} names a keyslot {r!r} that does not exist")
-            ks_ids.append(int(r))
         for s in segs:
             if s not in segments_j:
                 raise HeaderError(f"digest {did} names a segment {s!r} that does not exist")
@@ -321,18 +346,9 @@ def _volume(copy: _Copy, argon2_max_kib: int) -> Volume:
                 _int(d["iterations"], f"digest {did} iterations", 1, 2**32 - 1),
                 _b64(d["salt"], f"digest {did} salt"),
                 _b64(d["digest"], f"digest {did} digest"),
-                tuple(ks_ids),
+                tuple(int(r) for r in refs),
             )
         )
     if not digests:
         raise HeaderError("no digest covers the data segment")
-    key_sizes = {s.key_size for s in slots if any(s.id in d.keyslots for d in digests)}
-    if len(key_sizes) > 1:
-        raise HeaderError("keyslots of the segment disagree on the volume key size")
-    key_size = key_sizes.pop() if key_sizes else 0
-    return Volume(
-        version=2, uuid=copy.uuid, segment=segment, keyslots=tuple(slots),
-        digests=tuple(digests), key_size=key_size, metadata_size=area_end,
-        label=copy.label, subsystem=copy.subsystem, copy=copy.name, seqid=copy.seqid,
-        checksum_alg=copy.checksum_alg, json=md,
-    )
+    return digests
