@@ -32,14 +32,29 @@ class KeyFileShortError(SecretError):
 def read_secret(path: str, *, offset: int = 0, size: int | None = None,
                 first_line: bool = False) -> bytearray:
     """Read a secret. `first_line`: a passphrase file, up to its first newline."""
-    limit = MAX_KEYFILE if size is None else size
+    buf = _read(path, offset, MAX_KEYFILE if size is None else size)
+    if first_line:
+        nl = buf.find(b"\n")
+        if nl >= 0:
+            buf[nl:] = b""
+    elif size is not None:
+        if len(buf) < size:
+            n = len(buf)
+            buf[:] = bytes(len(buf))
+            raise KeyFileShortError(path, n, size)
+        buf[size:] = b""
+    elif len(buf) > MAX_KEYFILE:
+        raise SecretError(f"key file {path} is larger than {MAX_KEYFILE} bytes")
+    if not buf:
+        raise SecretError(f"secret file {path} is empty")
+    return buf
+
+
+def _read(path: str, offset: int, limit: int) -> bytearray:
+    """Up to limit + 1 bytes after `offset` (one more tells "too long")."""
     try:
-        if path == "-":
-            fd = sys.stdin.buffer.fileno()
-            close = False
-        else:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            close = True
+        fd = sys.stdin.buffer.fileno() if path == "-" else os.open(path,
+                                                                  os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise SecretError(f"cannot open secret file {path}: {e.strerror}") from None
     buf = bytearray()
@@ -58,20 +73,6 @@ def read_secret(path: str, *, offset: int = 0, size: int | None = None,
     except OSError as e:
         raise SecretError(f"cannot read secret file {path}: {e.strerror}") from None
     finally:
-        if close:
+        if path != "-":
             os.close(fd)
-    if first_line:
-        nl = buf.find(b"\n")
-        if nl >= 0:
-            buf[nl:] = b""
-    elif size is not None:
-        if len(buf) < size:
-            n = len(buf)
-            buf[:] = bytes(len(buf))
-            raise KeyFileShortError(path, n, size)
-        buf[size:] = b""
-    elif len(buf) > MAX_KEYFILE:
-        raise SecretError(f"key file {path} is larger than {MAX_KEYFILE} bytes")
-    if not buf:
-        raise SecretError(f"secret file {path} is empty")
     return buf

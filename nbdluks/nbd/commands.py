@@ -107,16 +107,10 @@ class Export:
 
 def validate(req: Request, neg: Negotiated) -> Errno:
     """Return the error a request gets before any I/O, or Errno.OK."""
-    allowed = _ALLOWED_FLAGS.get(req.cmd)
-    if allowed is None:
-        return Errno.EINVAL
-    flags, tx = req.flags, int(neg.flags)
-    if flags & ~allowed:
-        return Errno.EINVAL
-    if flags:
-        for flag, needs in _FLAG_NEEDS:
-            if flags & flag and not tx & needs:
-                return Errno.EINVAL
+    tx = int(neg.flags)
+    err = _flags_error(req, tx)
+    if err:
+        return err
     # A read-only export does not advertise TRIM or WRITE_ZEROES, but the
     # spec asks for EPERM on any write there, so this check comes first.
     if req.cmd in _WRITES and tx & _READ_ONLY:
@@ -128,9 +122,25 @@ def validate(req: Request, neg: Negotiated) -> Errno:
         return Errno.EINVAL
     if req.cmd in (Cmd.FLUSH, Cmd.DISC):
         return Errno.OK
+    return _range_error(req, neg.export.size)
+
+
+def _flags_error(req: Request, tx: int) -> Errno:
+    """Unknown commands, flags the command does not take, flags not offered."""
+    allowed = _ALLOWED_FLAGS.get(req.cmd)
+    if allowed is None or req.flags & ~allowed:
+        return Errno.EINVAL
+    if req.flags:
+        for flag, needs in _FLAG_NEEDS:
+            if req.flags & flag and not tx & needs:
+                return Errno.EINVAL
+    return Errno.OK
+
+
+def _range_error(req: Request, size: int) -> Errno:
     if req.length == 0:
         return Errno.EINVAL
-    if req.offset + req.length > neg.export.size:
+    if req.offset + req.length > size:
         return Errno.ENOSPC if req.cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
     if req.cmd in (Cmd.READ, Cmd.WRITE) and req.length > MAX_PAYLOAD:
         return Errno.EINVAL

@@ -9,8 +9,9 @@ asks for it) ends the connection.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .constants import (
     BASE_ALLOCATION,
@@ -99,8 +100,6 @@ class Handshake:
         self._meta_export: str | None = None
         self._meta: dict[int, str] = {}
         self.result: Negotiated | None = None
-        # Options the client sent, for logging; never option payloads.
-        self.options_seen: list[int] = []
         # Bytes received after the final option: the first requests.
         self.leftover = b""
         self.close_reason = ""
@@ -128,47 +127,53 @@ class Handshake:
 
     def _run(self) -> None:
         while self.state not in (State.DONE, State.CLOSED, State.TLS_START):
-            if self.state is State.CLIENT_FLAGS:
-                if len(self._buf) < 4:
-                    return
-                flags = decode_client_flags(self._buf)
-                del self._buf[:4]
-                if flags & ~int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES):
-                    raise RemoteProtocolError(f"unknown client flags {flags:#x}")
-                self.fixed_newstyle = bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
-                self.no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
-                self.state = State.OPTIONS
-                continue
-            if self._skip:
-                n = min(self._skip, len(self._buf))
-                del self._buf[:n]
-                self._skip -= n
-                if self._skip:
-                    return
-                continue
-            if len(self._buf) < OPTION_HEADER_SIZE:
+            step = self._client_flags if self.state is State.CLIENT_FLAGS else self._next_option
+            if not step():
                 return
-            option, length = decode_option_header(self._buf)
-            if length > MAX_OPTION_LENGTH:
-                del self._buf[:OPTION_HEADER_SIZE]
-                self.options_seen.append(option)
-                if option == Opt.EXPORT_NAME:
-                    raise RemoteProtocolError("export name too long")
-                self._skip = length
-                self._reply(option, Rep.ERR_TOO_BIG, b"option payload too large")
-                continue
-            if len(self._buf) < OPTION_HEADER_SIZE + length:
-                return
-            payload = bytes(self._buf[OPTION_HEADER_SIZE : OPTION_HEADER_SIZE + length])
-            del self._buf[: OPTION_HEADER_SIZE + length]
-            self.options_seen.append(option)
-            self._option(option, payload)
         if self.state is State.TLS_START and self._buf:
             # The client must wait for the ACK before its TLS ClientHello.
             raise RemoteProtocolError("data after STARTTLS before its reply")
         if self.state is State.DONE:
             self.leftover = bytes(self._buf)
             self._buf.clear()
+
+    def _client_flags(self) -> bool:
+        """Consume the client's flags; False until all 4 bytes are here."""
+        if len(self._buf) < 4:
+            return False
+        flags = decode_client_flags(self._buf)
+        del self._buf[:4]
+        if flags & ~int(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES):
+            raise RemoteProtocolError(f"unknown client flags {flags:#x}")
+        self.fixed_newstyle = bool(flags & HandshakeFlag.FIXED_NEWSTYLE)
+        self.no_zeroes = bool(flags & HandshakeFlag.NO_ZEROES)
+        self.state = State.OPTIONS
+        return True
+
+    def _next_option(self) -> bool:
+        """Consume one option (or skip an oversized one); False when more
+        bytes are needed first."""
+        if self._skip:
+            n = min(self._skip, len(self._buf))
+            del self._buf[:n]
+            self._skip -= n
+            return not self._skip
+        if len(self._buf) < OPTION_HEADER_SIZE:
+            return False
+        option, length = decode_option_header(self._buf)
+        if length > MAX_OPTION_LENGTH:
+            del self._buf[:OPTION_HEADER_SIZE]
+            if option == Opt.EXPORT_NAME:
+                raise RemoteProtocolError("export name too long")
+            self._skip = length
+            self._reply(option, Rep.ERR_TOO_BIG, b"option payload too large")
+            return True
+        if len(self._buf) < OPTION_HEADER_SIZE + length:
+            return False
+        payload = bytes(self._buf[OPTION_HEADER_SIZE : OPTION_HEADER_SIZE + length])
+        del self._buf[: OPTION_HEADER_SIZE + length]
+        self._option(option, payload)
+        return True
 
     def tls_started(self) -> None:
         """The adapter finished the TLS handshake: negotiate afresh over it."""
@@ -199,33 +204,28 @@ class Handshake:
                 raise RemoteProtocolError("EXPORT_NAME without TLS, which this server requires")
             self._error(option, Rep.ERR_TLS_REQD, "this server requires TLS (STARTTLS)")
             return
+        handler = self._handlers.get(option)
         try:
-            if option == Opt.EXPORT_NAME:
-                self._export_name(data)
-            elif option == Opt.ABORT:
-                self._reply(option, Rep.ACK)
-                self.state = State.CLOSED
-                self.close_reason = "client aborted"
-            elif option == Opt.LIST:
-                self._list(data)
-            elif option == Opt.STARTTLS:
-                self._starttls(data)
-            elif option in (Opt.INFO, Opt.GO):
-                self._info_go(option, data)
-            elif option == Opt.STRUCTURED_REPLY:
-                if data:
-                    self._error(option, Rep.ERR_INVALID, "STRUCTURED_REPLY takes no data")
-                else:
-                    self.structured = True
-                    self._reply(option, Rep.ACK)
-            elif option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
-                self._meta_context(option, data)
-            else:
+            if handler is None:
                 self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
+            else:
+                handler(self, option, data)
         except ValueError as e:
             self._error(option, Rep.ERR_INVALID, f"malformed option: {e}")
 
-    def _starttls(self, data: bytes) -> None:
+    def _abort(self, option: int, data: bytes) -> None:
+        self._reply(option, Rep.ACK)
+        self.state = State.CLOSED
+        self.close_reason = "client aborted"
+
+    def _structured_reply(self, option: int, data: bytes) -> None:
+        if data:
+            self._error(option, Rep.ERR_INVALID, "STRUCTURED_REPLY takes no data")
+        else:
+            self.structured = True
+            self._reply(option, Rep.ACK)
+
+    def _starttls(self, option: int, data: bytes) -> None:
         if self.tls is TlsMode.OFF:
             self._error(Opt.STARTTLS, Rep.ERR_POLICY, "TLS is not enabled on this server")
         elif self.tls_active:
@@ -236,7 +236,7 @@ class Handshake:
             self._reply(Opt.STARTTLS, Rep.ACK)
             self.state = State.TLS_START
 
-    def _export_name(self, data: bytes) -> None:
+    def _export_name(self, option: int, data: bytes) -> None:
         try:
             name = data.decode()
         except UnicodeDecodeError as e:
@@ -249,7 +249,7 @@ class Handshake:
         self._out.append(encode_export_name_reply(export.size, flags, self.no_zeroes))
         self._finish(export, flags)
 
-    def _list(self, data: bytes) -> None:
+    def _list(self, option: int, data: bytes) -> None:
         if data:
             self._error(Opt.LIST, Rep.ERR_INVALID, "LIST takes no data")
             return
@@ -308,12 +308,7 @@ class Handshake:
             return
         cur = Cursor(data)
         name = self._read_name(cur)
-        queries = []
-        for _ in range(cur.u32()):
-            n = cur.u32()
-            if n > MAX_STRING:
-                raise ValueError("query too long")
-            queries.append(cur.string(n))
+        queries = [self._read_query(cur) for _ in range(cur.u32())]
         if not cur.at_end():
             raise ValueError("trailing bytes")
         if name not in self._exports:
@@ -324,14 +319,38 @@ class Handshake:
             self._meta = {}
         if not queries and option == Opt.LIST_META_CONTEXT:
             queries = ["base:"]
-        for query in queries:
-            for ctx, ctx_id in META_CONTEXTS.items():
-                if query == ctx or (query == "base:" and ctx.startswith("base:")):
-                    if option == Opt.SET_META_CONTEXT:
-                        if ctx_id in self._meta:
-                            continue
-                        self._meta[ctx_id] = ctx
-                    # LIST replies carry no id: the spec says 0.
-                    reply_id = ctx_id if option == Opt.SET_META_CONTEXT else 0
-                    self._reply(option, Rep.META_CONTEXT, encode_meta_context_reply(reply_id, ctx))
+        for ctx, ctx_id in _matching(queries):
+            if option == Opt.SET_META_CONTEXT:
+                if ctx_id in self._meta:
+                    continue
+                self._meta[ctx_id] = ctx
+            # LIST replies carry no id: the spec says 0.
+            reply_id = ctx_id if option == Opt.SET_META_CONTEXT else 0
+            self._reply(option, Rep.META_CONTEXT, encode_meta_context_reply(reply_id, ctx))
         self._reply(option, Rep.ACK)
+
+    @staticmethod
+    def _read_query(cur: Cursor) -> str:
+        n = cur.u32()
+        if n > MAX_STRING:
+            raise ValueError("query too long")
+        return cur.string(n)
+
+    _handlers: ClassVar[dict[int, Callable[[Handshake, int, bytes], None]]] = {
+        Opt.EXPORT_NAME: _export_name,
+        Opt.ABORT: _abort,
+        Opt.LIST: _list,
+        Opt.STARTTLS: _starttls,
+        Opt.INFO: _info_go,
+        Opt.GO: _info_go,
+        Opt.STRUCTURED_REPLY: _structured_reply,
+        Opt.LIST_META_CONTEXT: _meta_context,
+        Opt.SET_META_CONTEXT: _meta_context,
+    }
+
+
+def _matching(queries: list[str]) -> list[tuple[str, int]]:
+    """The contexts we serve that the queries ask for ("base:" asks for all
+    of the base namespace), in query order."""
+    return [(ctx, ctx_id) for query in queries for ctx, ctx_id in META_CONTEXTS.items()
+            if query == ctx or (query == "base:" and ctx.startswith("base:"))]

@@ -251,56 +251,55 @@ class RequestDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Request]:
         out: list[Request] = []
         view = memoryview(data)
-        while True:
-            if self._skip:
-                n = min(self._skip, len(view))
-                self._skip -= n
-                view = view[n:]
-                if self._skip == 0 and self._pending is not None:
-                    out.append(self._pending)
-                    self._pending = None
-                if not view:
-                    break
-                continue
-            if self._pending is not None and self._pending.data is not None:
-                payload = self._pending.data
-                n = min(len(payload) - self._filled, len(view))
-                payload[self._filled : self._filled + n] = view[:n]
-                self._filled += n
-                view = view[n:]
-                if self._filled == len(payload):
-                    out.append(self._pending)
-                    self._pending = None
-                if not view:
-                    break
-                continue
-            # Header: gather exactly REQUEST_SIZE bytes.
-            if self._buf or len(view) < REQUEST_SIZE:
-                need = REQUEST_SIZE - len(self._buf)
-                self._buf += view[:need]
-                view = view[need:]
-                if len(self._buf) < REQUEST_SIZE:
-                    break
-                header: bytes | memoryview = bytes(self._buf)
-                self._buf.clear()
+        while view:
+            if self._pending is not None:
+                view = self._write_data(self._pending, view, out)
             else:
-                header = view[:REQUEST_SIZE]
-                view = view[REQUEST_SIZE:]
-            req = self._parse(header)
-            if req.cmd == Cmd.WRITE and req.length:
-                self._pending = req
-                if req.length > self._max_payload:
-                    self._skip = req.length
-                else:
-                    req.data = self._alloc(req.length)
-                    self._filled = 0
-            else:
-                if req.cmd == Cmd.WRITE:
-                    req.data = bytearray()
-                out.append(req)
-            if not view:
-                break
+                view = self._header(view, out)
         return out
+
+    def _write_data(self, req: Request, view: memoryview, out: list[Request]) -> memoryview:
+        """Take the pending WRITE's data (or skip it when it is too large)."""
+        if req.data is None:
+            n = min(self._skip, len(view))
+            self._skip -= n
+            done = self._skip == 0
+        else:
+            n = min(len(req.data) - self._filled, len(view))
+            req.data[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            done = self._filled == len(req.data)
+        if done:
+            out.append(req)
+            self._pending = None
+        return view[n:]
+
+    def _header(self, view: memoryview, out: list[Request]) -> memoryview:
+        """Take one request header (gathering exactly REQUEST_SIZE bytes)."""
+        if self._buf or len(view) < REQUEST_SIZE:
+            need = REQUEST_SIZE - len(self._buf)
+            self._buf += view[:need]
+            view = view[need:]
+            if len(self._buf) < REQUEST_SIZE:
+                return view
+            header: bytes | memoryview = bytes(self._buf)
+            self._buf.clear()
+        else:
+            header = view[:REQUEST_SIZE]
+            view = view[REQUEST_SIZE:]
+        req = self._parse(header)
+        if req.cmd == Cmd.WRITE and req.length:
+            self._pending = req
+            if req.length > self._max_payload:
+                self._skip = req.length
+            else:
+                req.data = self._alloc(req.length)
+                self._filled = 0
+        else:
+            if req.cmd == Cmd.WRITE:
+                req.data = bytearray()
+            out.append(req)
+        return view
 
     @staticmethod
     def _parse(header: bytes | memoryview) -> Request:
