@@ -129,7 +129,7 @@ class FileDevice(BlockDevice):
 
     def _read_extents(self, offset: int, length: int) -> list[Extent] | None:
         # SEEK_HOLE scans the page cache of unwritten (preallocated) extents
-        # page by page: ~1 ms over a cached 1 GiB one. Small reads gain
+        # page by page, which is slow over a large cached one. Small reads gain
         # nothing from holes, and slow probes stop probing for a while.
         if length < SPARSE_READ_MIN or time.monotonic() < self._probe_off_until:
             return None

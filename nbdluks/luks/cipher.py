@@ -44,8 +44,9 @@ _S32 = np.uint64(32)
 # From this many units on, the tweak table's first 32 rows are built by
 # doubling (more numpy calls, each cheaper) rather than in one broadcast.
 _DOUBLING_MIN = 64
-# Requests of up to this many units go through EVP (see SectorCipher);
-# measured crossovers with numpy. 2048- and 4096-byte sectors: always.
+# Requests of up to this many units go through EVP (see SectorCipher): the
+# crossovers with numpy that bench.cipher_bench finds. 2048- and 4096-byte
+# sectors: always.
 EVP_MAX_UNITS = {512: 16, 1024: 48}
 EVP_ALWAYS = sys.maxsize
 # Work in pieces of about this size so temporaries stay in the CPU cache.
@@ -164,9 +165,9 @@ class SectorCipher:
         self.sector_size = sector_size
         self.iv_step = sector_size // 512 if iv_step is None else iv_step
         self.blocks = sector_size // 16
-        # AES-XTS one unit at a time through libcrypto's EVP (~1.2 us a
-        # unit plus the AES) beats the numpy pipeline (~25 us fixed, then
-        # ~0.4 us per 512 bytes) for short requests and large sectors.
+        # AES-XTS one unit at a time through libcrypto's EVP costs a call per
+        # unit; the numpy pipeline a large fixed cost, then little per unit:
+        # EVP wins for short requests and for large sectors.
         self._evp: EvpXts | None = None
         if spec.cipher == "aes" and spec.mode == "xts":
             self._evp = evp.load(key)
@@ -261,7 +262,7 @@ class SectorCipher:
         first = min(32, nb)
         if count >= _DOUBLING_MIN:
             # Rows [f, 2f) from rows [0, f) times alpha^f, f = 1, 2, 4, ...:
-            # scalar shifts over contiguous rows run ~3x faster than the
+            # scalar shifts over contiguous rows run faster than the
             # broadcast shifts below, which only win by making fewer calls.
             f = 1
             while f < first:

@@ -1,14 +1,14 @@
 """AES-XTS one data unit at a time through the system's libcrypto (ctypes).
 
-`cryptography` wants a new cipher context for every tweak (~4 us each);
-OpenSSL's EVP interface lets one context take a new tweak per unit for
-~1 us. That beats the numpy pipeline for 4096-byte sectors (2x) and for
-short requests of any sector size, where numpy's fixed cost dominates.
+`cryptography` wants a new cipher context for every tweak, which costs
+more than the AES of a sector; OpenSSL's EVP interface lets one context take
+a new tweak per unit. That beats the numpy pipeline for large sectors and
+for short requests of any sector size, where numpy's fixed cost dominates.
 
 This is an accelerator, never a requirement: without a usable libcrypto,
 `load` returns None and the numpy pipeline does all the work. Functions are
-called through `PyDLL`, which keeps the GIL: a call lasts about a
-microsecond, less than releasing and taking back the GIL would cost.
+called through `PyDLL`, which keeps the GIL: a call is shorter than
+releasing and taking back the GIL would be.
 """
 
 from __future__ import annotations

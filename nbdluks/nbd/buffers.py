@@ -1,9 +1,8 @@
 """Reusable request buffers.
 
-A fresh 256 KiB bytearray costs more than the AES over it: the kernel maps
-and zeroes new pages on first touch and bytearray() zeroes them again
-(measured: a quarter of the server's CPU when reading at 1 GB/s). The pool
-hands out buffers of earlier requests instead.
+A fresh large bytearray costs more than the AES over it: the kernel maps
+and zeroes new pages on first touch and bytearray() zeroes them again. The
+pool hands out buffers of earlier requests instead.
 
 A buffer is taken back only when nothing views it any more: uvloop holds the
 reply's memoryviews until the socket has taken the bytes, and the upstream

@@ -72,10 +72,6 @@ class TlsChannel:
                 self._in.write(data)
         self._flush()
 
-    @property
-    def version(self) -> str | None:
-        return self._obj.version()
-
     def _flush(self) -> None:
         data = self._out.read()
         if data:

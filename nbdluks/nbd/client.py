@@ -129,7 +129,6 @@ class NbdClient:
             raise NbdClientError(f"cannot connect to {uri}: {e.strerror or e}") from None
         self.sock = sock
         self.chan: Channel = PlainChannel(sock)
-        self.tls_version: str | None = None
         try:
             self._negotiate()
         except ssl.SSLCertVerificationError as e:
@@ -214,9 +213,8 @@ class NbdClient:
         if rep != Rep.ACK:
             raise NegotiationRefused("the server refused TLS", rep, data)
         ctx = client_context(self.uri.tls_certificates, self.uri.tls_verify)
-        tls = TlsChannel(self.sock, ctx, self.uri.tls_hostname or self.uri.host or "localhost")
-        self.chan = tls
-        self.tls_version = tls.version
+        self.chan = TlsChannel(self.sock, ctx,
+                               self.uri.tls_hostname or self.uri.host or "localhost")
 
     def _option_reply(self, option: int) -> tuple[int, bytes]:
         opt, rep, length = decode_option_reply_header(_recv(self.chan, OPTION_REPLY_HEADER_SIZE))
