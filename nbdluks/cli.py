@@ -9,13 +9,12 @@ import argparse
 import json
 import os
 import socket
-import ssl
 import sys
 from collections.abc import Sequence
 
 import structlog
 
-from . import __version__, serving
+from . import __version__, serving, signals
 from . import log as logsetup
 from .dump import describe, render_text
 from .errors import NbdluksError
@@ -24,7 +23,7 @@ from .nbd.constants import DEFAULT_PORT
 from .nbd.handshake import TlsMode
 from .nbd.listen import Listen, activated, address, bind, cleanup
 from .nbd.options import MiB, ServerOptions
-from .nbd.tls import TlsConfigError, TlsFileMissingError, server_context
+from .nbd.tls import ServerCredentials, TlsConfigError, TlsFileMissingError
 from .nbd.upstream import UpstreamOptions
 from .opener import (
     Opened,
@@ -185,11 +184,11 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         raise UsageError("--max-connections must be at least 1")
     return ServerOptions(
         max_connections=args.max_connections, max_inflight=args.max_inflight * MiB,
-        threads=args.threads, tls=TlsMode(args.tls), ssl_context=tls_context(args),
+        threads=args.threads, tls=TlsMode(args.tls), credentials=tls_credentials(args),
     )
 
 
-def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+def tls_credentials(args: argparse.Namespace) -> ServerCredentials | None:
     if args.tls == TlsMode.OFF.value:
         if args.tls_certificates or args.tls_verify_peer:
             raise UsageError("--tls-certificates/--tls-verify-peer need --tls on or require")
@@ -197,7 +196,7 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not args.tls_certificates:
         raise UsageError(f"--tls {args.tls} needs --tls-certificates DIR")
     try:
-        return server_context(args.tls_certificates, args.tls_verify_peer)
+        return ServerCredentials(args.tls_certificates, args.tls_verify_peer)
     except TlsConfigError as e:
         raise UsageError(f"{e}{hint(e)}") from None
 
@@ -313,6 +312,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    signals.on_startup()
     parser = build_parser()
     args = parser.parse_args(argv)
     logsetup.setup(args.log_format, args.log_level)
@@ -320,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return inspect(args)
         return serve(args)
+    except signals.Stopped as e:
+        log.info("stopped before serving", signal=e.name)
+        return 0
     except UsageError as e:
         print(f"nbdluks: {e}", file=sys.stderr)
         return 2

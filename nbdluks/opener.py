@@ -9,15 +9,14 @@ processes may serve it, describes itself for the log, and wipes the key.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from .block.base import BlockDevice
+from .block.locks import RangeLock
 from .luks import header
 from .luks.device import LuksDevice
 from .luks.errors import HeaderError
@@ -146,20 +145,18 @@ class UnlockedVolume(Opened):
         self.key = key
         self.keyslot = keyslot
         self.attached = attached
-        # Partial-sector writes take turns; across processes once there are some.
-        self._rmw_lock: Any = threading.Lock()
+        # Partial-sector writes to the same sectors take turns, across worker
+        # processes too (the lock's memfd is inherited over fork).
+        self._rmw_lock = RangeLock()
         try:
             checked = self._open_device(payload, options)
         except BaseException:
             wipe(key)
+            self._rmw_lock.close()
             raise
         super().__init__(payload, options, checked)
         self.engine = checked.cipher.engine
         self.size = checked.size
-
-    def prepare_processes(self) -> None:
-        super().prepare_processes()
-        self._rmw_lock = multiprocessing.get_context("fork").Lock()
 
     def log_fields(self) -> dict[str, Any]:
         vol = self.vol

@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from . import signals
 from .block.base import BlockDevice
 from .nbd.commands import Export
 from .nbd.options import ServerOptions
@@ -34,7 +35,7 @@ log = structlog.get_logger("nbdluks")
 # A worker that dies this soon after starting, this many times, stops the server.
 _QUICK_DEATH = 5.0
 _MAX_QUICK_DEATHS = 3
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_SIGNALS = {*signals.STOP, signal.SIGHUP}
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,6 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(coro)
 
 
-# Set by a signal that reaches a worker before its event loop handles signals.
-_early_stop = False
-
-
-def _note_early_stop(_sig: int, _frame: object) -> None:
-    global _early_stop
-    _early_stop = True
-
-
 async def _serve(device: BlockDevice, opts: ServeOptions, socks: list[socket.socket],
                  handoff: socket.socket | None) -> int:
     export = Export(opts.export_name, device, opts.description, opts.read_only)
@@ -76,13 +68,13 @@ async def _serve(device: BlockDevice, opts: ServeOptions, socks: list[socket.soc
         server.serve_handoff(handoff)
     else:
         await server.serve_sockets(socks)
-    await server.serve_until_stopped(stop_requested=lambda: _early_stop)
-    return 0
+    return await server.serve_until_stopped(stop_requested=signals.stop_requested)
 
 
 def run_worker(device: BlockDevice, opts: ServeOptions, socks: list[socket.socket],
                handoff: socket.socket | None = None) -> int:
     """Serve on listening sockets, or on connections handed over `handoff`."""
+    signals.defer()
     with device:
         return run_loop(_serve(device, opts, socks, handoff))
 
@@ -116,14 +108,14 @@ class _Supervisor:
     def spawn(self, index: int) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Signals wait until the child has its own handlers.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
-                signal.signal(signal.SIGTERM, _note_early_stop)
-                signal.signal(signal.SIGINT, _note_early_stop)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                signals.defer()
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the loop handles it
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 structlog.contextvars.bind_contextvars(worker=index)
                 for sock in self.socks:
                     sock.close()
@@ -137,7 +129,7 @@ class _Supervisor:
                 os._exit(code)
         child_end.close()
         self.workers[index] = (pid, parent_end, time.monotonic())
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
     def on_signal(self, sig: int, _frame: object) -> None:
         if not self.stopping:
@@ -146,6 +138,12 @@ class _Supervisor:
         for pid, _, _ in list(self.workers.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+
+    def on_hup(self, _sig: int, _frame: object) -> None:
+        log.info("SIGHUP received, passing it to the workers")
+        for pid, _, _ in list(self.workers.values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
 
     def hand_over(self, conn: socket.socket) -> None:
         order = sorted(self.workers)
@@ -189,9 +187,12 @@ class _Supervisor:
             self.spawn(index)
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
+        for sig in signals.STOP:
+            signal.signal(sig, self.on_signal)
+        signal.signal(signal.SIGHUP, self.on_hup)
         for i in range(self.opts.processes):
+            if self.stopping:  # a stop during the spawning reaches the workers spawned
+                break
             self.spawn(i)
         log.info("workers started", processes=self.opts.processes)
         sel = selectors.DefaultSelector()

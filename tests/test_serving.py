@@ -116,3 +116,54 @@ def test_process_counts(nbdluks, tmp_path: Path, processes: str) -> None:
     kids = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
     assert len(kids) == (0 if processes == "1" else int(processes))
     assert srv.stop() == 0
+
+
+HAMMER = r"""
+import nbd, sys, time
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+end = time.monotonic() + float(sys.argv[2])
+n = 0
+try:
+    while time.monotonic() < end:  # 512-byte pieces: every write is a read-modify-write
+        h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(512)), (n * 1536) % (1 << 20))
+        n += 1
+        while h.aio_in_flight() > 32:
+            h.poll(-1)
+except nbd.Error:
+    pass  # our worker was killed
+"""
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_worker_killed_during_partial_writes_never_wedges_the_others(
+        nbdluks, tmp_path: Path) -> None:
+    need("cryptsetup", SYSTEM_PYTHON)
+    made = luks_format(tmp_path, sector_size=4096, detached=True, size=MiB)
+    (tmp_path / "pw").write_bytes(made.passphrase)
+    assert made.header
+    srv = nbdluks("--payload", str(made.payload), "--header", str(made.header),
+                  "--passphrase-file", str(tmp_path / "pw"), "--processes", "2")
+    for _round in range(3):
+        hammers = [subprocess.Popen([SYSTEM_PYTHON, "-c", HAMMER, srv.uri, "3"])
+                   for _ in range(4)]
+        time.sleep(0.7)
+        before = children(srv.proc.pid)
+        os.kill(before[0], signal.SIGKILL)  # likely inside a read-modify-write
+        deadline = time.monotonic() + 20
+        while len(set(children(srv.proc.pid)) - set(before)) < 1:
+            assert time.monotonic() < deadline, "no replacement worker"
+            time.sleep(0.05)
+        for h in hammers:
+            h.wait(timeout=60)
+    # every worker still serves partial-sector writes, promptly
+    for _ in range(4):
+        out = run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 100 1000",
+                   "-c", "read -P 0x5a 100 1000", srv.uri], timeout=20).stdout
+        assert "verification failed" not in out
+    assert read_plain(made, 4096)[100:1100] == b"\x5a" * 1000
+    assert srv.stop(timeout=20) == 0

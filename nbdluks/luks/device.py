@@ -9,10 +9,8 @@ can never reach the payload as plaintext.
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
 from ..block.base import BlockDevice, Buffer, Capabilities
+from ..block.locks import RangeLock
 from .cipher import SectorCipher
 from .errors import HeaderError
 from .volume import SECTOR, Volume
@@ -25,7 +23,7 @@ class LuksDevice(BlockDevice):
     def __init__(
         self, payload: BlockDevice, vol: Volume, key: bytes | bytearray, *,
         read_only: bool = False, allow_discards: bool = False, attached: bool = False,
-        rmw_lock: Any = None,
+        rmw_lock: RangeLock | None = None,
     ) -> None:
         seg = vol.segment
         self.payload = payload
@@ -56,7 +54,8 @@ class LuksDevice(BlockDevice):
         self.inline_max = min(payload.inline_max, 16 * 1024)
         self.pref_block = max(4096, ss)
         # Shared by every worker process when there are several.
-        self._rmw = rmw_lock if rmw_lock is not None else threading.Lock()
+        self._own_lock = rmw_lock is None
+        self._rmw = rmw_lock if rmw_lock is not None else RangeLock()
         pc = payload.caps
         writable = pc.writable and not read_only
         self.caps = Capabilities(
@@ -107,7 +106,7 @@ class LuksDevice(BlockDevice):
             return
         # Read-modify-write of the partial sectors at the edges; serialized so
         # two writes into different bytes of one sector both survive.
-        with self._rmw:
+        with self._rmw.hold(start, end - start):
             tmp = bytearray(end - start)
             ss = self.sector_size
             view = memoryview(tmp)
@@ -147,5 +146,11 @@ class LuksDevice(BlockDevice):
         start, end = self._span(offset, length)
         self.payload.cache(self.data_offset + start, end - start)
 
+    def write_may_wait(self, offset: int, length: int) -> bool:
+        start, end = self._span(offset, length)
+        return start != offset or end != offset + length
+
     def close(self) -> None:
+        if self._own_lock:
+            self._rmw.close()
         self.payload.close()

@@ -180,8 +180,9 @@ class Connection(asyncio.Protocol):
             self._receive_requests(hs.leftover)
 
     async def _start_tls(self) -> None:
-        ctx = self.shared.options.ssl_context
-        assert self.transport is not None and ctx is not None
+        creds = self.shared.options.credentials
+        assert self.transport is not None and creds is not None
+        ctx = creds.context
         plain = self.transport
         try:
             tls = await self.shared.loop.start_tls(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass
 
 from .handshake import TlsMode
+from .tls import ServerCredentials
 
 MiB = 1024 * 1024
 
@@ -22,10 +22,10 @@ class ServerOptions:
     # I/O threads per process.
     threads: int = 8
     tls: TlsMode = TlsMode.OFF
-    ssl_context: ssl.SSLContext | None = None
+    credentials: ServerCredentials | None = None
     # Seconds a client may take to negotiate (or to finish a TLS handshake).
     handshake_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.tls is not TlsMode.OFF and self.ssl_context is None:
-            raise ValueError("TLS needs an SSL context")
+        if self.tls is not TlsMode.OFF and self.credentials is None:
+            raise ValueError("TLS needs credentials")

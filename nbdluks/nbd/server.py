@@ -18,6 +18,7 @@ from .commands import Export
 from .connection import Connection, Registry, Shared
 from .dispatch import Dispatcher
 from .options import ServerOptions
+from .tls import TlsConfigError
 
 log = structlog.get_logger("nbdluks.server")
 
@@ -73,20 +74,38 @@ class NbdServer:
 
     async def serve_until_stopped(
         self, drain_timeout: float = 30.0, stop_requested: Callable[[], bool] | None = None
-    ) -> None:
+    ) -> int:
+        """Serve until SIGTERM/SIGINT, then drain; the exit status."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self.loop.add_signal_handler(sig, self._on_signal, sig)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         if stop_requested is not None and stop_requested():
             self._stop.set()  # a signal came before the handlers above
         await self._stop.wait()
-        await self.shutdown(drain_timeout)
+        return await self.shutdown(drain_timeout)
 
     def _on_signal(self, sig: int) -> None:
         log.info("signal received, draining", signal=signal.Signals(sig).name)
         self._stop.set()
 
-    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+    def reload(self) -> None:
+        """SIGHUP: read the TLS certificates again (for new connections)."""
+        creds = self.options.credentials
+        if creds is None:
+            log.info("SIGHUP: nothing to reload (TLS is off)")
+            return
+        try:
+            creds.reload()
+        except TlsConfigError as e:
+            log.error("TLS certificates not reloaded, the old ones stay in use", error=str(e))
+            return
+        log.info("TLS certificates reloaded", directory=creds.cert_dir)
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> int:
+        """Stop listening, drain the connections, flush; 1 if the flush failed."""
+        status = 0
         for srv in self.listeners:
             srv.close()
         conns = list(self.registry.live)
@@ -106,5 +125,7 @@ class NbdServer:
                     await self.dispatcher.call(export.device.flush)
                 except OSError as e:
                     log.error("final flush failed", export=export.name, error=e.strerror)
+                    status = 1
         self.dispatcher.shutdown()
         log.info("server stopped")
+        return status

@@ -42,6 +42,21 @@ def server_context(cert_dir: str, verify_peer: bool = False) -> ssl.SSLContext:
     return ctx
 
 
+class ServerCredentials:
+    """The server's TLS context, read again from its directory on request
+    (SIGHUP): connections made afterwards use the new certificates, those
+    already made keep theirs."""
+
+    def __init__(self, cert_dir: str, verify_peer: bool = False) -> None:
+        self.cert_dir = cert_dir
+        self.verify_peer = verify_peer
+        self.context = server_context(cert_dir, verify_peer)
+
+    def reload(self) -> None:
+        """Replace the context; on failure (TlsConfigError) the old one stays."""
+        self.context = server_context(self.cert_dir, self.verify_peer)
+
+
 def client_context(cert_dir: str | None, verify: bool = True) -> ssl.SSLContext:
     """For upstream connections: the server is checked against
     DIR/ca-cert.pem (the system's CAs without DIR) unless `verify` is off;

@@ -7,10 +7,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,10 +69,13 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_name: x509.Name, cn: str, *, c
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def make_pki(root: Path, ca_name: str = "nbdluks test CA") -> dict[str, Path]:
     """server/: what nbdluks reads; client/: CA and a client certificate (as
     libnbd and qemu read them); anon/: the CA only."""
-    root = tmp_path_factory.mktemp("pki")
-    ca_key, ca_cert = _issue(None, _name("nbdluks test CA"), "nbdluks test CA",  # type: ignore[arg-type]
+    ca_key, ca_cert = _issue(None, _name(ca_name), ca_name,  # type: ignore[arg-type]
                              ca=True)
     srv_key, srv_cert = _issue(ca_key, ca_cert.subject, "localhost", server=True)
     cli_key, cli_cert = _issue(ca_key, ca_cert.subject, "test client")
@@ -266,3 +271,34 @@ def test_unusable_client_certificates_are_a_one_line_error(tmp_path: Path, pki: 
         kit.wait()
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert "cannot use the certificates" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+def test_sighup_reloads_the_certificates(nbdluks: Callable[..., Served], pki: dict,
+                                         disk: tuple[Path, bytes], tmp_path: Path) -> None:
+    need("nbdinfo")
+    img, _ = disk
+    certs = tmp_path / "certs"
+    shutil.copytree(pki["server"], certs)
+    srv = nbdluks("--raw", str(img), "--tls", "require", "--tls-certificates", str(certs),
+                  tcp=True, unix=False)
+    assert "4194304" in run(["nbdinfo", "--size", nbds(srv, pki["anon"])]).stdout
+    (tmp_path / "rotated").mkdir()
+    rotated = make_pki(tmp_path / "rotated", "rotated CA")
+    for name in ("server-cert.pem", "server-key.pem", "ca-cert.pem"):
+        shutil.copy(rotated["server"] / name, certs / name)
+    srv.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "TLS certificates reloaded" not in srv.log_text():
+        assert time.monotonic() < deadline and srv.proc.poll() is None
+        time.sleep(0.05)
+    # new connections get the new certificate: the old CA no longer trusts it
+    assert "4194304" in run(["nbdinfo", "--size", nbds(srv, rotated["anon"])]).stdout
+    assert run(["nbdinfo", nbds(srv, pki["anon"])], check=False).returncode != 0
+    # unusable files: the running certificates stay
+    (certs / "server-key.pem").write_text("not a key")
+    srv.proc.send_signal(signal.SIGHUP)
+    while "TLS certificates not reloaded" not in srv.log_text():
+        assert time.monotonic() < deadline + 10 and srv.proc.poll() is None
+        time.sleep(0.05)
+    assert "4194304" in run(["nbdinfo", "--size", nbds(srv, rotated["anon"])]).stdout
+    assert srv.stop() == 0

@@ -1,0 +1,64 @@
+"""Signals through the server's life.
+
+From the first line of `main` until an event loop takes over, a stop signal
+(SIGTERM, SIGINT) raises `Stopped`, so that a stop while unlocking or
+binding ends the program at once -- also as PID 1 in a container, where a
+signal without a handler is ignored. Just before an event loop starts, stop
+signals only set a flag that the loop looks at once its own handlers are in
+place (`defer`, `stop_requested`). SIGHUP asks for the TLS certificates to
+be read again; until there is a server to reload, it is ignored.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import structlog
+
+log = structlog.get_logger("nbdluks")
+
+STOP = (signal.SIGTERM, signal.SIGINT)
+
+_requested: int | None = None
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal arrived before the server was serving. A subclass of
+    KeyboardInterrupt so that it passes through event loops as ^C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def _raise(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+def _note(signum: int, _frame: object) -> None:
+    global _requested
+    _requested = signum
+
+
+def _ignore_hup(_signum: int, _frame: object) -> None:
+    log.info("SIGHUP ignored: nothing to reload yet")
+
+
+def on_startup() -> None:
+    for sig in STOP:
+        signal.signal(sig, _raise)
+    signal.signal(signal.SIGHUP, _ignore_hup)
+
+
+def defer() -> None:
+    """From here on a stop signal is noted, for `stop_requested`."""
+    for sig in STOP:
+        signal.signal(sig, _note)
+
+
+def stop_requested() -> bool:
+    return _requested is not None
