@@ -25,6 +25,7 @@ from .nbd.listen import Listen, activated, address, bind, cleanup
 from .nbd.options import MiB, ServerOptions
 from .nbd.tls import ServerCredentials, TlsConfigError, TlsFileMissingError
 from .nbd.upstream import UpstreamOptions
+from .nbd.uri import UriError, parse_uri
 from .opener import (
     Opened,
     UnlockOptions,
@@ -34,9 +35,9 @@ from .opener import (
     unlock,
     unlock_volume,
 )
-from .secrets import KeyFileShortError
+from .secrets import MAX_KEYFILE, KeyFileShortError
 from .serving import ServeOptions
-from .source import SourceError, open_source
+from .source import SourceError, is_nbd_uri, open_source
 
 log = structlog.get_logger("nbdluks")
 
@@ -180,8 +181,6 @@ def volume_options(args: argparse.Namespace) -> VolumeOptions:
 
 
 def server_options(args: argparse.Namespace) -> ServerOptions:
-    if args.max_connections < 1:
-        raise UsageError("--max-connections must be at least 1")
     return ServerOptions(
         max_connections=args.max_connections, max_inflight=args.max_inflight * MiB,
         threads=args.threads, tls=TlsMode(args.tls), credentials=tls_credentials(args),
@@ -199,6 +198,55 @@ def tls_credentials(args: argparse.Namespace) -> ServerCredentials | None:
         return ServerCredentials(args.tls_certificates, args.tls_verify_peer)
     except TlsConfigError as e:
         raise UsageError(f"{e}{hint(e)}") from None
+
+
+# --- checks before anything is unlocked ------------------------------------------
+
+# dest: (smallest, largest or None, the flag's name)
+_INT_RANGES: dict[str, tuple[int, int | None, str]] = {
+    "port": (1, 65535, "-p/--port"),
+    "processes": (1, 256, "--processes"),
+    "max_inflight": (1, 1 << 20, "--max-inflight"),
+    "max_connections": (1, 1 << 20, "--max-connections"),
+    "threads": (1, 1024, "--threads"),
+    "keyfile_offset": (0, None, "--keyfile-offset"),
+    "keyfile_size": (1, MAX_KEYFILE, "--keyfile-size"),
+    "key_slot": (0, 31, "--key-slot"),
+    "argon2_max_memory": (8, None, "--argon2-max-memory"),
+}
+# The longest unix socket path (sun_path, with its terminating NUL).
+_MAX_SOCKET_PATH = 107
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values that cannot work: refused before the unlock (exit 2)."""
+    for dest, (lo, hi, flag) in _INT_RANGES.items():
+        value = getattr(args, dest, None)
+        if value is not None and (value < lo or (hi is not None and value > hi)):
+            allowed = f"at least {lo}" if hi is None else f"{lo}..{hi}"
+            raise UsageError(f"{flag} {value}: must be {allowed}")
+    if getattr(args, "upstream_timeout", 1) <= 0:
+        raise UsageError("--upstream-timeout must be more than 0 seconds")
+    if getattr(args, "upstream_reconnect", 0) < 0:
+        raise UsageError("--upstream-reconnect cannot be negative")
+    if args.command == "serve" and args.socket:
+        n = len(os.fsencode(args.socket))
+        if n > _MAX_SOCKET_PATH:
+            raise UsageError(f"-k/--socket: the path is {n} bytes long, at most "
+                             f"{_MAX_SOCKET_PATH} fit in a unix socket address")
+    for flag in ("payload", "header", "raw"):
+        spec = getattr(args, flag, None)
+        if spec and is_nbd_uri(spec):
+            _check_uri(spec)
+
+
+def _check_uri(spec: str) -> None:
+    try:
+        uri = parse_uri(spec)
+    except UriError as e:
+        raise UsageError(str(e)) from None
+    if uri.tls_certificates and not os.path.isdir(uri.tls_certificates):
+        raise UsageError(f"{spec}: tls-certificates={uri.tls_certificates}: no such directory")
 
 
 # --- serve ------------------------------------------------------------------------
@@ -257,6 +305,7 @@ def bind_listeners(args: argparse.Namespace) -> list[socket.socket]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    check_args(args)
     server = server_options(args)
     opened = open_served(args)
     try:
@@ -279,6 +328,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    check_args(args)
     hdr = open_source(args.source, read_only=True)
     keys = unlock_options(args)
     with hdr:

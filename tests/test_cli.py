@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import wait_listening
 
 
 def serve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -24,7 +27,7 @@ def serve(*args: str) -> subprocess.CompletedProcess[str]:
         (("--raw", "/nonexistent/disk.img"), 1, "No such file"),
         (("--payload", "/nonexistent", "--key-file", "/dev/null"), 1, "No such file"),
         (("--raw", "nbd+unix:///?socket=/nonexistent.sock"), 1, "cannot connect"),
-        (("--raw", "nbds://127.0.0.1:1/x?tls-verify-peer=maybe"), 1, "true or false"),
+        (("--raw", "nbds://127.0.0.1:1/x?tls-verify-peer=maybe"), 2, "true or false"),
         # lower layers describe the problem, the CLI names the flag
         (("--raw", "/dev/null", "--tls", "on", "--tls-certificates", "/nonexistent"), 2,
          "server-cert.pem: no such file (see --tls-certificates)"),
@@ -36,6 +39,68 @@ def test_errors_are_one_line(args: tuple[str, ...], code: int, message: str) -> 
     assert message in p.stderr
     assert "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("-p", "70000"), "-p/--port 70000: must be 1..65535"),
+    (("-p", "0"), "-p/--port 0: must be 1..65535"),
+    (("--processes", "0"), "--processes 0: must be 1..256"),
+    (("--processes", "-1"), "--processes -1"),
+    (("--max-inflight", "0"), "--max-inflight 0"),
+    (("--max-inflight", "-1"), "--max-inflight -1"),
+    (("--threads", "0"), "--threads 0"),
+    (("--max-connections", "0"), "--max-connections 0"),
+    (("--upstream-timeout", "0"), "--upstream-timeout must be more than 0"),
+    (("--upstream-reconnect", "-1"), "--upstream-reconnect cannot be negative"),
+    (("--key-slot", "32"), "--key-slot 32: must be 0..31"),
+    (("--keyfile-offset", "-5"), "--keyfile-offset -5"),
+    (("--argon2-max-memory", "0"), "--argon2-max-memory 0"),
+    (("-k", "/tmp/" + "x" * 120), "at most 107 fit"),
+])
+def test_wrong_flag_values_are_refused_before_the_unlock(tmp_path: Path, flags: tuple[str, ...],
+                                                         message: str) -> None:
+    # a passphrase file that blocks: the refusal must come before reading it
+    fifo = tmp_path / "pass.fifo"
+    os.mkfifo(fifo)
+    p = serve("--payload", str(tmp_path / "x.img"), "--passphrase-file", str(fifo), *flags)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not any(tmp_path.glob("*.sock"))
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("nbd://[::1/", "Invalid IPv6 URL"),
+    ("nbd+unix:///", "needs ?socket=PATH"),
+    ("nbds://h/?tls-certificates=/nonexistent/pki", "/nonexistent/pki: no such directory"),
+])
+def test_malformed_sources_are_refused_before_the_unlock(tmp_path: Path, uri: str,
+                                                         message: str) -> None:
+    fifo = tmp_path / "pass.fifo"
+    os.mkfifo(fifo)
+    for args in (("--payload", uri), ("--payload", str(tmp_path / "p"), "--header", uri)):
+        p = serve(*args, "--passphrase-file", str(fifo))
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr
+
+
+def test_a_live_servers_socket_is_never_taken_over(tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4096))
+    sock = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(sock))
+        live.listen()
+        p = serve("--raw", str(disk), "-k", str(sock))
+        assert p.returncode == 2 and "a server is listening there" in p.stderr, p.stderr
+        assert sock.exists()
+    # the listener is gone: a stale file is replaced
+    proc = subprocess.Popen([sys.executable, "-m", "nbdluks", "serve", "--raw", str(disk),
+                             "-k", str(sock)], stderr=subprocess.PIPE)
+    try:
+        wait_listening(proc, str(sock), None, tmp_path / "none")
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
 
 
 def test_port_in_use(tmp_path: Path) -> None:

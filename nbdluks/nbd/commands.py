@@ -34,15 +34,17 @@ from .wire import (
 Frames = list[bytes | memoryview]
 
 # Plain ints only in these tables: they are used on every request.
+# FUA is legal on every command once offered (the spec says a server MUST
+# accept it on READ, FLUSH, CACHE and BLOCK_STATUS); only writes honour it.
 _ALLOWED_FLAGS: dict[int, int] = {
-    Cmd.READ: FLAG_DF,
+    Cmd.READ: FLAG_DF | FLAG_FUA,
     Cmd.WRITE: FLAG_FUA,
     Cmd.DISC: 0,
-    Cmd.FLUSH: 0,
+    Cmd.FLUSH: FLAG_FUA,
     Cmd.TRIM: FLAG_FUA,
-    Cmd.CACHE: 0,
+    Cmd.CACHE: FLAG_FUA,
     Cmd.WRITE_ZEROES: FLAG_FUA | FLAG_NO_HOLE | FLAG_FAST_ZERO,
-    Cmd.BLOCK_STATUS: FLAG_REQ_ONE,
+    Cmd.BLOCK_STATUS: FLAG_REQ_ONE | FLAG_FUA,
 }
 # The transmission flag a client must have seen before using a command.
 _NEEDS: dict[int, int] = {

@@ -10,8 +10,9 @@ SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
 DEFAULT_PORT = 10809
-# Clients may send payloads of this size without asking; we accept exactly that.
-MAX_PAYLOAD = 32 * 1024 * 1024
+# The largest READ or WRITE we take (nbdkit's), advertised in block-size
+# info; memory stays bounded by the in-flight caps, not by this.
+MAX_PAYLOAD = 64 * 1024 * 1024
 # Strings (export names, descriptions, errors) must not exceed this.
 MAX_STRING = 4096
 # Option payloads larger than this are refused without buffering them.

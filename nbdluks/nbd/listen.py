@@ -4,6 +4,7 @@ processes fork, so that they all accept on the same sockets)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -29,6 +30,8 @@ def bind(where: Listen, backlog: int = 128) -> list[socket.socket]:
         path = where.socket_path
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.stat(path).st_mode):
+                if _alive(path):  # never take over a live server's socket
+                    raise OSError(errno.EADDRINUSE, "a server is listening there")
                 os.unlink(path)  # a stale socket of an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -58,6 +61,16 @@ def bind(where: Listen, backlog: int = 128) -> list[socket.socket]:
             s.close()
         raise
     return socks
+
+
+def _alive(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 # The first descriptor systemd passes (sd_listen_fds(3)).

@@ -64,6 +64,8 @@ def client_context(cert_dir: str | None, verify: bool = True) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     d = Path(cert_dir) if cert_dir else None
+    if d is not None and not d.is_dir():
+        raise TlsConfigError(f"{d}: no such directory")
     try:
         if not verify:
             ctx.check_hostname = False

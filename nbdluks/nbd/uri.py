@@ -35,7 +35,10 @@ class NbdUri:
 
 
 def parse_uri(text: str) -> NbdUri:
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as e:  # e.g. an unclosed [IPv6 address
+        raise UriError(f"{text}: {e}") from None
     scheme = parts.scheme
     if scheme not in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
         raise UriError(f"{text}: not an NBD URI (nbd://, nbd+unix://, nbds://, nbds+unix://)")

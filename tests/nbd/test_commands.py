@@ -24,7 +24,7 @@ from nbdluks.nbd.handshake import BASE_ALLOCATION_ID, Negotiated
 from nbdluks.nbd.wire import Request
 from tests.block.memory import MemoryDevice
 
-SIZE = 1 << 20
+SIZE = 1 << 27
 FUA, DF, NO_HOLE, FAST_ZERO, REQ_ONE = (int(f) for f in (
     CmdFlag.FUA, CmdFlag.DF, CmdFlag.NO_HOLE, CmdFlag.FAST_ZERO, CmdFlag.REQ_ONE))
 
@@ -77,7 +77,12 @@ def test_block_size_info_is_capped_at_the_protocol_maximum(dev: MemoryDevice) ->
     (req(Cmd.WRITE_ZEROES, SIZE, 1), Errno.ENOSPC),
     (req(Cmd.READ, 0, 0), Errno.EINVAL),  # zero length
     (req(Cmd.FLUSH, 0, 0), Errno.OK),
-    (req(Cmd.READ, flags=FUA), Errno.EINVAL),  # FUA only on writes
+    (req(Cmd.READ, flags=FUA), Errno.OK),  # FUA is legal everywhere, honoured on writes
+    (req(Cmd.FLUSH, 0, 0, FUA), Errno.OK),
+    (req(Cmd.CACHE, flags=FUA), Errno.OK),
+    (req(Cmd.BLOCK_STATUS, flags=FUA | REQ_ONE), Errno.OK),
+    (req(Cmd.READ, 0, MAX_PAYLOAD), Errno.OK),
+    (req(Cmd.READ, 0, MAX_PAYLOAD + 1), Errno.EINVAL),
     (req(Cmd.WRITE, flags=FUA), Errno.OK),
     (req(Cmd.WRITE, flags=DF), Errno.EINVAL),
     (req(Cmd.READ, flags=DF), Errno.OK),

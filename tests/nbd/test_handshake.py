@@ -52,7 +52,7 @@ def test_go_with_info_requests() -> None:
     assert flags & TxFlag.SEND_DF  # structured replies were negotiated
     assert infos[Info.NAME] == b""
     assert infos[Info.DESCRIPTION] == b"default disk"
-    assert struct.unpack(">III", infos[Info.BLOCK_SIZE]) == (1, 4096, 32 << 20)
+    assert struct.unpack(">III", infos[Info.BLOCK_SIZE]) == (1, 4096, 64 << 20)
     assert rs[-1][1] == Rep.ACK
     assert hs.state is State.DONE
     assert hs.result is not None and hs.result.structured and hs.result.no_zeroes

@@ -98,7 +98,7 @@ def test_nbdinfo_flags_contexts_block_sizes_and_list(nbdluks, disk: Path) -> Non
     assert exp["is_read_only"] is False
     assert exp["block_size_minimum"] == 1
     assert exp["block_size_preferred"] == 4096
-    assert exp["block_size_maximum"] == 32 * MiB
+    assert exp["block_size_maximum"] == 64 * MiB
     listing = run(["nbdinfo", "--list", "--json", srv.uri]).stdout
     exports = json.loads(listing)["exports"]
     assert [(e["export-name"], e.get("export-description", e.get("description")))
