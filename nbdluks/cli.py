@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import socket
-import sys
 from collections.abc import Sequence
 
 import structlog
@@ -18,6 +17,7 @@ from . import __version__, serving, signals
 from . import log as logsetup
 from .dump import describe, render_text
 from .errors import NbdluksError
+from .hardening import harden_process
 from .luks.errors import Argon2MemoryError, LuksError, WrongKeyError
 from .nbd.constants import DEFAULT_PORT
 from .nbd.handshake import TlsMode
@@ -366,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logsetup.setup(args.log_format, args.log_level)
+    log.debug("process hardened", **harden_process())
     try:
         if args.command == "inspect":
             return inspect(args)
@@ -374,11 +375,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("stopped before serving", signal=e.name)
         return 0
     except UsageError as e:
-        print(f"nbdluks: {e}", file=sys.stderr)
+        logsetup.fatal(str(e), 2)
         return 2
     except NbdluksError as e:
-        print(f"nbdluks: {e}{hint(e)}", file=sys.stderr)
+        logsetup.fatal(f"{e}{hint(e)}", 1)
         return 1
     except OSError as e:
-        print(f"nbdluks: {e.filename or 'I/O'}: {e.strerror}", file=sys.stderr)
+        logsetup.fatal(f"{e.filename or 'I/O'}: {e.strerror}", 1)
         return 1

@@ -17,6 +17,7 @@ import structlog
 
 from .block.base import BlockDevice
 from .block.locks import RangeLock
+from .hardening import lock_in_memory
 from .luks import header
 from .luks.device import LuksDevice
 from .luks.errors import HeaderError
@@ -157,6 +158,7 @@ class UnlockedVolume(Opened):
         super().__init__(payload, options, checked)
         self.engine = checked.cipher.engine
         self.size = checked.size
+        self.key_locked = lock_in_memory(key)
 
     def log_fields(self) -> dict[str, Any]:
         vol = self.vol
@@ -164,6 +166,7 @@ class UnlockedVolume(Opened):
             "luks_version": vol.version, "uuid": vol.uuid, "cipher": vol.segment.cipher,
             "sector_size": vol.segment.sector_size, "keyslot": self.keyslot, "size": self.size,
             "header_copy": vol.copy, "cipher_engine": self.engine,
+            "key_locked_in_memory": self.key_locked,
         }
 
     def wipe(self) -> None:

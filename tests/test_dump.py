@@ -167,7 +167,7 @@ def test_bad_input_one_line_error(tmp_path: Path, content: bytes) -> None:
     assert p.returncode != 0
     assert "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert p.stderr.startswith("nbdluks: ")
+    assert json.loads(p.stderr)["event"] == "fatal error"  # stderr is no terminal: JSON
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -1,0 +1,34 @@
+"""Key material stays out of core dumps: the serving processes are not
+dumpable and may not write a core; the volume key is locked in memory where
+the limits allow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import need
+from tests.luks.reference import luks_format
+
+MiB = 1 << 20
+
+
+def test_serving_processes_are_not_dumpable(nbdluks, tmp_path: Path) -> None:
+    need("cryptsetup")
+    made = luks_format(tmp_path, detached=True, size=MiB)
+    assert made.header
+    srv = nbdluks("--payload", str(made.payload), "--header", str(made.header),
+                  "--passphrase-file", str(tmp_path / "vol.pass"), "--processes", "2")
+    pids = [srv.proc.pid, *map(int, Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children")
+                               .read_text().split())]
+    assert len(pids) == 3
+    for pid in pids:  # the parent keeps the key for new workers; the workers use it
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        core = next(line for line in limits.splitlines() if line.startswith("Max core file"))
+        assert core.split()[4:6] == ["0", "0"], core
+    records = [json.loads(line) for line in srv.log_text().splitlines()]
+    hardened = next(r for r in records if r["event"] == "process hardened")
+    assert hardened["dumpable"] == 0 and hardened["core_limit"] == 0
+    unlocked = next(r for r in records if r["event"] == "volume unlocked")
+    assert unlocked["key_locked_in_memory"] is True  # root here: mlock is allowed
+    assert srv.stop() == 0
