@@ -97,6 +97,9 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-connections", type=int, default=_SERVER.max_connections,
                    metavar="N", help="clients served at once; more are refused (default "
                    f"{_SERVER.max_connections}; each process takes an equal share)")
+    g.add_argument("--handshake-limit", type=float, default=_SERVER.handshake_timeout,
+                   metavar="S", help="seconds a client may take to negotiate (default "
+                   f"{_SERVER.handshake_timeout:.0f}); silent connections are closed after it")
     g.add_argument("--threads", type=int, default=_SERVER.threads,
                    help=f"I/O threads per process (default {_SERVER.threads})")
     g.add_argument("--processes", type=int, default=None, metavar="N",
@@ -184,6 +187,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(
         max_connections=args.max_connections, max_inflight=args.max_inflight * MiB,
         threads=args.threads, tls=TlsMode(args.tls), credentials=tls_credentials(args),
+        handshake_timeout=args.handshake_limit,
     )
 
 
@@ -227,6 +231,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} {value}: must be {allowed}")
     if getattr(args, "upstream_timeout", 1) <= 0:
         raise UsageError("--upstream-timeout must be more than 0 seconds")
+    if getattr(args, "handshake_limit", 1) <= 0:
+        raise UsageError("--handshake-limit must be more than 0 seconds")
     if getattr(args, "upstream_reconnect", 0) < 0:
         raise UsageError("--upstream-reconnect cannot be negative")
     if args.command == "serve" and args.socket:

@@ -70,19 +70,24 @@ def test_stop_during_the_unlock_as_pid_1(tmp_path: Path,
     args, _ = waiting_unlock
     log = tmp_path / "log"
     outer = start(args, log, prefix=("unshare", "--pid", "--fork", "--kill-child"))
-    deadline = time.monotonic() + 10
-    inner = None
-    while inner is None:  # the server: PID 1 of the new namespace
-        assert time.monotonic() < deadline
-        kids = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
-        inner = int(kids[0]) if kids else None
-        time.sleep(0.05)
-    time.sleep(1)
-    status = Path(f"/proc/{inner}/status").read_text()
-    assert status.split("NSpid:")[1].split("\n")[0].split()[-1] == "1"
-    os.kill(inner, signal.SIGTERM)
-    assert stopped_within(outer, 10) == 0
-    assert "stopped before serving" in log.read_text()
+    try:
+        deadline = time.monotonic() + 10
+        inner = None
+        while inner is None:  # the server: PID 1 of the new namespace
+            assert time.monotonic() < deadline
+            kids = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
+            inner = int(kids[0]) if kids else None
+            time.sleep(0.05)
+        time.sleep(1)
+        status = Path(f"/proc/{inner}/status").read_text()
+        assert status.split("NSpid:")[1].split("\n")[0].split()[-1] == "1"
+        os.kill(inner, signal.SIGTERM)
+        assert stopped_within(outer, 10) == 0
+        assert "stopped before serving" in log.read_text()
+    finally:
+        if outer.poll() is None:
+            outer.kill()  # --kill-child takes the server along
+            outer.wait()
 
 
 def test_sighup_during_startup_is_ignored(tmp_path: Path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from .constants import Cmd, Errno, TxFlag
 from .dispatch import Dispatcher, Result
 from .handshake import Handshake, Negotiated, State
 from .options import ServerOptions
+from .registry import Registry
 from .wire import ProtocolError, Request, RequestDecoder
 
 log = structlog.get_logger("nbdluks.server")
@@ -32,23 +34,6 @@ _REQUEST_OVERHEAD = 4096
 _REPLY_BATCH = 1024 * 1024
 
 
-class Registry:
-    """The connections one server process holds, up to its limit."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.live: set[Connection] = set()
-
-    def admit(self, conn: Connection) -> bool:
-        if len(self.live) >= self.limit:
-            return False
-        self.live.add(conn)
-        return True
-
-    def release(self, conn: Connection) -> None:
-        self.live.discard(conn)
-
-
 @dataclass(frozen=True)
 class Shared:
     """What the connections of one server process share."""
@@ -58,7 +43,7 @@ class Shared:
     options: ServerOptions
     buffers: BufferPool
     dispatcher: Dispatcher
-    registry: Registry
+    registry: Registry[Connection]
 
 
 def _cost(req: Request) -> int:
@@ -93,6 +78,24 @@ class Connection(asyncio.Protocol):
         self._read_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self.closed = asyncio.Event()
+        self.opened = self.last_active = time.monotonic()
+
+    # --- what the registry asks ------------------------------------------------
+
+    @property
+    def negotiating(self) -> bool:
+        return self.neg is None
+
+    @property
+    def busy(self) -> bool:
+        return self.inflight > 0 or bool(self._backlog)
+
+    def evict(self, reason: str) -> None:
+        """Close this connection to make room for a new one."""
+        self.log.warning("connection closed to make room", reason=reason,
+                         idle=round(time.monotonic() - self.last_active, 1))
+        if self.transport is not None:
+            self.transport.abort()
 
     # --- asyncio callbacks ---------------------------------------------------
 
@@ -104,7 +107,7 @@ class Connection(asyncio.Protocol):
         if not self.shared.registry.admit(self):
             # Each connection may hold max_inflight bytes: a flood of them
             # must not starve the clients already served.
-            self.log.warning("connection refused: too many connections",
+            self.log.warning("connection refused: every slot is busy",
                              limit=self.shared.registry.limit)
             self.closed.set()
             t.abort()  # type: ignore[attr-defined]
@@ -212,6 +215,7 @@ class Connection(asyncio.Protocol):
     # --- transmission -----------------------------------------------------------
 
     def _receive_requests(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         try:
             reqs = self.decoder.feed(data)
         except ProtocolError as e:
@@ -285,6 +289,7 @@ class Connection(asyncio.Protocol):
     def complete(self, req: Request, result: Result) -> None:
         """On the loop: a request's device work is over; send its reply."""
         assert self.neg is not None
+        self.last_active = time.monotonic()
         self.inflight -= 1
         self.inflight_bytes -= _cost(req)
         if isinstance(result, OSError):

@@ -23,8 +23,9 @@ class ServerOptions:
     threads: int = 8
     tls: TlsMode = TlsMode.OFF
     credentials: ServerCredentials | None = None
-    # Seconds a client may take to negotiate (or to finish a TLS handshake).
-    handshake_timeout: float = 30.0
+    # Seconds a client may take to negotiate, TLS handshake included (qemu-nbd's
+    # --handshake-limit).
+    handshake_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.tls is not TlsMode.OFF and self.credentials is None:

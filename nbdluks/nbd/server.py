@@ -15,9 +15,10 @@ import structlog
 
 from .buffers import BufferPool
 from .commands import Export
-from .connection import Connection, Registry, Shared
+from .connection import Connection, Shared
 from .dispatch import Dispatcher
 from .options import ServerOptions
+from .registry import Registry
 from .tls import TlsConfigError
 
 log = structlog.get_logger("nbdluks.server")
@@ -30,7 +31,7 @@ class NbdServer:
         self.options = options
         self.exports = {e.name: e for e in exports}
         self.dispatcher = Dispatcher(loop, options.threads)
-        self.registry = Registry(options.max_connections)
+        self.registry: Registry[Connection] = Registry(options.max_connections)
         self.shared = Shared(loop, self.exports, options, BufferPool(options.buffer_pool),
                              self.dispatcher, self.registry)
         self.listeners: list[asyncio.AbstractServer] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -47,31 +48,45 @@ def test_unread_replies_pause_the_connection(nbdluks, tmp_path: Path) -> None:
     assert srv.stop() == 0
 
 
-def test_connections_beyond_the_limit_are_refused(nbdluks, tmp_path: Path) -> None:
+def test_connections_beyond_the_limit_are_refused_while_all_are_busy(
+        nbdluks, tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(MiB))
     srv = nbdluks("--raw", str(disk), "--processes", "1", "--max-connections", "2")
     assert srv.socket
+    held = [raw_connect(srv.socket), raw_connect(srv.socket)]
+    stop = threading.Event()
 
-    def connect() -> socket.socket:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(10)
-        s.connect(srv.socket)
-        return s
+    def keep_busy() -> None:  # never idle long enough to be closed for a newcomer
+        handle = 0
+        while not stop.is_set():
+            for s in held:
+                handle += 1
+                request(s, 0, handle, 0, 512)
+                assert simple_reply(s) == (0, handle)
+                recv_exact(s, 512)
+            time.sleep(0.02)
 
-    held = [connect(), connect()]
-    for s in held:
-        assert recv_exact(s, 8) == b"NBDMAGIC"
-    extra = connect()
-    assert extra.recv(64) == b""  # closed without a greeting
-    extra.close()
+    pinger = threading.Thread(target=keep_busy)
+    pinger.start()
+    try:
+        time.sleep(0.3)
+        with socket.socket(socket.AF_UNIX) as extra:
+            extra.settimeout(10)
+            extra.connect(srv.socket)
+            assert extra.recv(64) == b""  # closed without a greeting
+    finally:
+        stop.set()
+        pinger.join(10)
     held.pop().close()
     for _ in range(50):  # the server notices the close on its next loop turn
-        s = connect()
-        if s.recv(8) == b"NBDMAGIC":
-            break
-        s.close()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(srv.socket)
+            if s.recv(8) == b"NBDMAGIC":
+                break
         time.sleep(0.1)
     else:
         raise AssertionError("a slot that was freed was not given to a new client")
-    assert "too many connections" in srv.log_text()
+    held[0].close()
+    assert "every slot is busy" in srv.log_text()
