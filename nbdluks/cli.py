@@ -94,6 +94,9 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-inflight", type=int, default=_SERVER.max_inflight // MiB,
                    metavar="MiB", help="bytes in flight per connection before reading "
                    f"pauses (default {_SERVER.max_inflight // MiB})")
+    g.add_argument("--max-memory", type=int, default=_SERVER.max_memory // MiB, metavar="MiB",
+                   help="request data held at once by the whole server before reading "
+                   f"pauses on every connection (default {_SERVER.max_memory // MiB})")
     g.add_argument("--max-connections", type=int, default=_SERVER.max_connections,
                    metavar="N", help="clients served at once; more are refused (default "
                    f"{_SERVER.max_connections}; each process takes an equal share)")
@@ -186,6 +189,7 @@ def volume_options(args: argparse.Namespace) -> VolumeOptions:
 def server_options(args: argparse.Namespace) -> ServerOptions:
     return ServerOptions(
         max_connections=args.max_connections, max_inflight=args.max_inflight * MiB,
+        max_memory=args.max_memory * MiB,
         threads=args.threads, tls=TlsMode(args.tls), credentials=tls_credentials(args),
         handshake_timeout=args.handshake_limit,
     )
@@ -212,6 +216,7 @@ _INT_RANGES: dict[str, tuple[int, int | None, str]] = {
     "processes": (1, 256, "--processes"),
     "max_inflight": (1, 1 << 20, "--max-inflight"),
     "max_connections": (1, 1 << 20, "--max-connections"),
+    "max_memory": (16, 1 << 30, "--max-memory"),
     "threads": (1, 1024, "--threads"),
     "keyfile_offset": (0, None, "--keyfile-offset"),
     "keyfile_size": (1, MAX_KEYFILE, "--keyfile-size"),

@@ -62,8 +62,10 @@ async def _serve(device: BlockDevice, opts: ServeOptions, socks: list[socket.soc
                  handoff: socket.socket | None) -> int:
     export = Export(opts.export_name, device, opts.description, opts.read_only)
     # Connections are handed to the processes in turn, so each gets its share.
-    share = -(-opts.server.max_connections // max(1, opts.processes))
-    server = NbdServer([export], replace(opts.server, max_connections=share))
+    n = max(1, opts.processes)
+    server = NbdServer([export], replace(
+        opts.server, max_connections=-(-opts.server.max_connections // n),
+        max_memory=opts.server.max_memory // n))
     if handoff is not None:
         server.serve_handoff(handoff)
     else:

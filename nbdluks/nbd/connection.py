@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from .buffers import BufferPool
+from .buffers import BufferPool, MemoryBudget, size_class
 from .commands import Export, Frames, errno_to_nbd, error_reply, validate
 from .constants import Cmd, Errno, TxFlag
 from .dispatch import Dispatcher, Result
@@ -42,6 +42,7 @@ class Shared:
     exports: Mapping[str, Export]
     options: ServerOptions
     buffers: BufferPool
+    budget: MemoryBudget
     dispatcher: Dispatcher
     registry: Registry[Connection]
 
@@ -62,7 +63,7 @@ class Connection(asyncio.Protocol):
         self._tls_task: asyncio.Task[None] | None = None
         self.neg: Negotiated | None = None
         self.export: Export | None = None
-        self.decoder = RequestDecoder(alloc=shared.buffers.get)
+        self.decoder = RequestDecoder(alloc=self._alloc_data)
         self.inflight_bytes = 0
         self.inflight = 0
         self._backlog: collections.deque[Request] = collections.deque()
@@ -72,6 +73,9 @@ class Connection(asyncio.Protocol):
         # cost more than the work of a small request.
         self._out: Frames = []
         self._out_bytes = 0
+        # Read buffers whose replies the transport still holds, charged to
+        # the budget until it has sent them.
+        self._unsent = 0
         self.requests = 0
         self.closing = False  # DISC seen or server stopping: no new requests
         self._write_paused = False
@@ -123,6 +127,7 @@ class Connection(asyncio.Protocol):
         if self._timer:
             self._timer.cancel()
         self.shared.registry.release(self)
+        self._release_all()
         self.log.info(
             "connection closed", requests=self.requests, error=str(exc) if exc else None
         )
@@ -134,6 +139,7 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._release_unsent()  # below the low-water mark: as good as sent
         self._pump()
 
     def data_received(self, data: bytes) -> None:
@@ -230,13 +236,57 @@ class Connection(asyncio.Protocol):
         """No new work while replies wait for the client or the cap is reached."""
         return self._write_paused or self.inflight_bytes >= self.shared.options.max_inflight
 
+    def _may_start(self, req: Request) -> bool:
+        if self._gated():
+            return False
+        if req.cmd == Cmd.READ and not self.shared.budget.allows(size_class(req.length)):
+            self.shared.budget.wait(self._wake)
+            return False
+        return True
+
+    def _wake(self) -> None:
+        self.shared.loop.call_soon(self._pump)
+
+    # --- the memory budget ----------------------------------------------------------
+
+    def _alloc_data(self, n: int) -> bytearray:
+        """A WRITE's data buffer (the decoder asks as its header arrives)."""
+        self.shared.budget.charge(n)
+        return self.shared.buffers.get(n)
+
+    def _give_back(self, req: Request) -> None:
+        """A request is over: its buffers go back to the pool, a write's data
+        off the budget (a read's buffer when its reply has left)."""
+        if req.data is not None:
+            self.shared.budget.release(len(req.data))
+            self.shared.buffers.put(req.data)
+        if req.buffer is not None:
+            self._unsent += len(req.buffer)
+            self.shared.buffers.put(req.buffer)
+        req.buffer = req.data = None
+
+    def _release_unsent(self) -> None:
+        if self._unsent:
+            n, self._unsent = self._unsent, 0
+            self.shared.budget.release(n)
+
+    def _release_all(self) -> None:
+        """The connection is gone: nothing it holds will be sent."""
+        for req in self._backlog:
+            self._give_back(req)
+        self._backlog.clear()
+        pending = self.decoder.abandon()
+        if pending is not None:
+            self.shared.budget.release(len(pending))
+        self._release_unsent()
+
     def _pump(self) -> None:
         """Start backlog requests while the gate is open; then decide on reading."""
         if self._pumping:  # complete() of an inline request, from inside the loop below
             return
         self._pumping = True
         try:
-            while self._backlog and not self._gated():
+            while self._backlog and self._may_start(self._backlog[0]):
                 self._start(self._backlog.popleft())
         finally:
             self._pumping = False
@@ -258,8 +308,14 @@ class Connection(asyncio.Protocol):
         if not self._out:
             return
         out, self._out, self._out_bytes = self._out, [], 0
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.writelines(out)
+            del out
+            if t.get_write_buffer_size() == 0:
+                self._release_unsent()
+        else:
+            self._release_unsent()
 
     def _start(self, req: Request) -> None:
         assert self.neg is not None and self.export is not None
@@ -268,7 +324,9 @@ class Connection(asyncio.Protocol):
         self.requests += 1
         if req.cmd == Cmd.DISC:
             self.closing = True
-            self._backlog.clear()  # nothing may follow DISC
+            for later in self._backlog:  # nothing may follow DISC
+                self._give_back(later)
+            self._backlog.clear()
             self._update_reading()
             self._maybe_close()
             return
@@ -279,9 +337,11 @@ class Connection(asyncio.Protocol):
                 error=err.name,
             )
             self._send([error_reply(req, self.neg, err)])
+            self._give_back(req)
             return
         if req.cmd == Cmd.READ:
-            req.buffer = self.shared.buffers.get(req.length)
+            req.buffer = self.shared.buffers.get_at_least(req.length)
+            self.shared.budget.charge(len(req.buffer))
         self.inflight += 1
         self.inflight_bytes += _cost(req)
         self.shared.dispatcher.submit(self, self.export.device, req, self.neg)
@@ -309,10 +369,9 @@ class Connection(asyncio.Protocol):
             frames = result
         self._send(frames)
         del frames, result
-        for buf in (req.buffer, req.data):
-            if buf is not None:
-                self.shared.buffers.put(buf)
-        req.buffer = req.data = None
+        self._give_back(req)
+        if self.closed.is_set():
+            self._release_unsent()
         self._pump()
         self._maybe_close()
 
@@ -321,8 +380,14 @@ class Connection(asyncio.Protocol):
         if t is None or t.is_closing():
             return
         # Decoded requests that wait in the backlog are bounded by one
-        # read's worth of bytes: stop reading until they have started.
-        pause = self.closing or self._gated() or bool(self._backlog)
+        # read's worth of bytes: stop reading until they have started. With
+        # the budget spent, stop too, unless a WRITE's data is half in (it
+        # is paid for, and must arrive for anything to move).
+        budget = self.shared.budget
+        pause = (self.closing or self._gated() or bool(self._backlog)
+                 or (budget.full and not self.decoder.mid_write))
+        if pause and budget.full:
+            budget.wait(self._wake)
         if pause != self._read_paused:
             self._read_paused = pause
             if pause:

@@ -17,8 +17,11 @@ class ServerOptions:
     max_connections: int = 128
     # Bytes of requests in flight per connection before reading pauses.
     max_inflight: int = 64 * MiB
-    # Request buffers one process keeps for reuse.
-    buffer_pool: int = 64 * MiB
+    # Bytes of request data held at once (reads until their reply has left,
+    # writes until written); past it, reading pauses on every connection.
+    # For the whole server: each worker process takes its share, and keeps
+    # up to half of its share as reusable buffers.
+    max_memory: int = 256 * MiB
     # I/O threads per process.
     threads: int = 8
     tls: TlsMode = TlsMode.OFF

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 import structlog
 
-from .buffers import BufferPool
+from .buffers import BufferPool, MemoryBudget
 from .commands import Export
 from .connection import Connection, Shared
 from .dispatch import Dispatcher
@@ -32,8 +32,8 @@ class NbdServer:
         self.exports = {e.name: e for e in exports}
         self.dispatcher = Dispatcher(loop, options.threads)
         self.registry: Registry[Connection] = Registry(options.max_connections)
-        self.shared = Shared(loop, self.exports, options, BufferPool(options.buffer_pool),
-                             self.dispatcher, self.registry)
+        self.shared = Shared(loop, self.exports, options, BufferPool(options.max_memory // 2),
+                             MemoryBudget(options.max_memory), self.dispatcher, self.registry)
         self.listeners: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
 

@@ -248,6 +248,16 @@ class RequestDecoder:
         self._filled = 0
         self._skip = 0
 
+    @property
+    def mid_write(self) -> bool:
+        """A WRITE's data is partly in."""
+        return self._pending is not None
+
+    def abandon(self) -> bytearray | None:
+        """The stream ends: the buffer of a WRITE whose data never all came."""
+        req, self._pending = self._pending, None
+        return req.data if req is not None else None
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Request]:
         out: list[Request] = []
         view = memoryview(data)

@@ -90,3 +90,27 @@ def test_connections_beyond_the_limit_are_refused_while_all_are_busy(
         raise AssertionError("a slot that was freed was not given to a new client")
     held[0].close()
     assert "every slot is busy" in srv.log_text()
+
+
+def test_slow_readers_share_one_memory_budget(nbdluks, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\x44" * (64 * MiB))
+    srv = nbdluks("--raw", str(disk), "--processes", "1")  # the default budget: 256 MiB
+    assert srv.socket
+    base = rss_mib(srv.proc.pid)
+    conns = [raw_connect(srv.socket) for _ in range(32)]
+    for s in conns:  # 32 readers x 4 x 32 MiB, none of them reading
+        s.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, (i % 2) * 32 * MiB,
+                                       32 * MiB) for i in range(4)))
+    time.sleep(4)
+    grown = rss_mib(srv.proc.pid) - base
+    print(f"RSS grew by {grown:.0f} MiB")
+    # without a budget each connection held 64 MiB: ~2 GiB here
+    assert grown < 500, f"{grown:.0f} MiB held for 32 clients that read nothing"
+    for s in conns[:2]:  # readers that catch up are served in full
+        for _ in range(4):
+            err, _handle = simple_reply(s)
+            assert err == 0 and recv_exact(s, 32 * MiB)[:4] == b"\x44" * 4
+    for s in conns:
+        s.close()
+    assert srv.stop() == 0
