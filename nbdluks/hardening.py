@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
+import signal
 from typing import Any
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_GET_DUMPABLE = 3
 
@@ -37,3 +40,11 @@ def lock_in_memory(buf: bytearray) -> bool:
         return False
     address = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
     return bool(_libc.mlock(address, len(buf)) == 0)
+
+
+def stop_with_parent(parent: int) -> None:
+    """A worker gets SIGTERM (and drains) when its supervisor dies, even
+    by SIGKILL: no orphan keeps the key or the payload open."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)

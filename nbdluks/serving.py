@@ -25,6 +25,7 @@ import structlog
 
 from . import signals
 from .block.base import BlockDevice
+from .hardening import stop_with_parent
 from .nbd.commands import Export
 from .nbd.options import ServerOptions
 from .nbd.server import NbdServer
@@ -111,11 +112,13 @@ class _Supervisor:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Signals wait until the child has its own handlers.
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 signals.defer()
+                stop_with_parent(parent)
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the loop handles it
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 structlog.contextvars.bind_contextvars(worker=index)

@@ -85,6 +85,23 @@ def wait_listening(proc: subprocess.Popen[bytes], sock: str | None, port: int | 
     raise AssertionError(f"server did not start listening:\n{log.read_text()}")
 
 
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_children(pid: int, n: int, timeout: float = 20) -> list[int]:
+    """The worker processes of a server, once there are `n` (the parent
+    listens before it forks them)."""
+    deadline = time.monotonic() + timeout
+    while len(kids := children(pid)) != n:
+        assert time.monotonic() < deadline, f"{len(kids)} worker processes, not {n}"
+        time.sleep(0.05)
+    return kids
+
+
 @pytest.fixture
 def nbdluks(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     """Start `nbdluks serve ARGS` on a unix socket (and a TCP port if tcp=True)."""

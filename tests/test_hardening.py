@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import need
+from tests.conftest import need, wait_children
 from tests.luks.reference import luks_format
 
 MiB = 1 << 20
@@ -19,9 +19,7 @@ def test_serving_processes_are_not_dumpable(nbdluks, tmp_path: Path) -> None:
     assert made.header
     srv = nbdluks("--payload", str(made.payload), "--header", str(made.header),
                   "--passphrase-file", str(tmp_path / "vol.pass"), "--processes", "2")
-    pids = [srv.proc.pid, *map(int, Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children")
-                               .read_text().split())]
-    assert len(pids) == 3
+    pids = [srv.proc.pid, *wait_children(srv.proc.pid, 2)]
     for pid in pids:  # the parent keeps the key for new workers; the workers use it
         limits = Path(f"/proc/{pid}/limits").read_text()
         core = next(line for line in limits.splitlines() if line.startswith("Max core file"))

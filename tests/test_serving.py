@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SYSTEM_PYTHON, need, pattern, run
+from tests.conftest import SYSTEM_PYTHON, children, need, pattern, run, wait_children
 from tests.luks.reference import fill, luks_format, read_plain
 
 MiB = 1 << 20
@@ -84,14 +84,12 @@ def test_dead_worker_is_replaced(nbdluks, tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\x11" * MiB)
     srv = nbdluks("--raw", str(disk), "--processes", "2")
-    kids = [int(p) for p in Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children")
-            .read_text().split()]
-    assert len(kids) == 2
+    kids = wait_children(srv.proc.pid, 2)
     os.kill(kids[0], signal.SIGKILL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        now = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
-        if len(now) == 2 and str(kids[0]) not in now:
+        now = children(srv.proc.pid)
+        if len(now) == 2 and kids[0] not in now:
             break
         time.sleep(0.1)
     else:
@@ -113,8 +111,7 @@ def test_process_counts(nbdluks, tmp_path: Path, processes: str) -> None:
     out = tmp_path / "out"
     run(["nbdcopy", "-C", "4", srv.uri, str(out)])
     assert out.read_bytes() == data
-    kids = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
-    assert len(kids) == (0 if processes == "1" else int(processes))
+    wait_children(srv.proc.pid, 0 if processes == "1" else int(processes))
     assert srv.stop() == 0
 
 
@@ -136,10 +133,6 @@ except nbd.Error:
 """
 
 
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_worker_killed_during_partial_writes_never_wedges_the_others(
         nbdluks, tmp_path: Path) -> None:
     need("cryptsetup", SYSTEM_PYTHON)
@@ -152,7 +145,7 @@ def test_worker_killed_during_partial_writes_never_wedges_the_others(
         hammers = [subprocess.Popen([SYSTEM_PYTHON, "-c", HAMMER, srv.uri, "3"])
                    for _ in range(4)]
         time.sleep(0.7)
-        before = children(srv.proc.pid)
+        before = wait_children(srv.proc.pid, 2)
         os.kill(before[0], signal.SIGKILL)  # likely inside a read-modify-write
         deadline = time.monotonic() + 20
         while len(set(children(srv.proc.pid)) - set(before)) < 1:
@@ -167,3 +160,23 @@ def test_worker_killed_during_partial_writes_never_wedges_the_others(
         assert "verification failed" not in out
     assert read_plain(made, 4096)[100:1100] == b"\x5a" * 1000
     assert srv.stop(timeout=20) == 0
+
+
+def test_workers_stop_when_their_supervisor_is_killed(nbdluks, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(MiB))
+    srv = nbdluks("--raw", str(disk), "--processes", "2")
+    workers = wait_children(srv.proc.pid, 2)
+    srv.proc.kill()
+    srv.proc.wait()
+    deadline = time.monotonic() + 15
+    while any(running(w) for w in workers):
+        assert time.monotonic() < deadline, "orphaned workers kept running"
+        time.sleep(0.1)
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

@@ -72,6 +72,14 @@ class UpstreamLost(OSError):
     """EIO because the connection died (or timed out), not because the
     upstream answered with an error: the request may be retried elsewhere."""
 
+    sent = True  # the request may have reached the upstream
+
+
+class UpstreamDown(UpstreamLost):
+    """The connection was dead already: the request was never sent."""
+
+    sent = False
+
 
 @dataclass
 class _Pending:
@@ -233,7 +241,7 @@ class NbdClient:
         p = _Pending(cmd, offset, buf)
         with self._lock:
             if self._dead:
-                raise UpstreamLost(errno.EIO, f"upstream {self.uri}: {self._dead}")
+                raise UpstreamDown(errno.EIO, f"upstream {self.uri}: {self._dead}")
             handle = next(self._handles)
             self._pending[handle] = p
         try:

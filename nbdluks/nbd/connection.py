@@ -11,7 +11,7 @@ import collections
 import itertools
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -22,6 +22,7 @@ from .dispatch import Dispatcher, Result
 from .handshake import Handshake, Negotiated, State
 from .options import ServerOptions
 from .registry import Registry
+from .throttle import Throttle
 from .wire import ProtocolError, Request, RequestDecoder
 
 log = structlog.get_logger("nbdluks.server")
@@ -45,6 +46,7 @@ class Shared:
     budget: MemoryBudget
     dispatcher: Dispatcher
     registry: Registry[Connection]
+    throttle: Throttle = field(default_factory=Throttle)
 
 
 def _cost(req: Request) -> int:
@@ -77,6 +79,7 @@ class Connection(asyncio.Protocol):
         # the budget until it has sent them.
         self._unsent = 0
         self.requests = 0
+        self.failures = 0  # requests answered with an error by the device
         self.closing = False  # DISC seen or server stopping: no new requests
         self._write_paused = False
         self._read_paused = False
@@ -129,7 +132,8 @@ class Connection(asyncio.Protocol):
         self.shared.registry.release(self)
         self._release_all()
         self.log.info(
-            "connection closed", requests=self.requests, error=str(exc) if exc else None
+            "connection closed", requests=self.requests, failed=self.failures,
+            error=str(exc) if exc else None
         )
         self.closed.set()
 
@@ -354,10 +358,14 @@ class Connection(asyncio.Protocol):
         self.inflight_bytes -= _cost(req)
         if isinstance(result, OSError):
             err = errno_to_nbd(result.errno)
-            self.log.warning(
-                "request failed", cmd=_cmd_name(req.cmd), offset=req.offset,
-                length=req.length, error=err.name, reason=result.strerror,
-            )
+            self.failures += 1
+            held_back = self.shared.throttle.admit((req.cmd, err))
+            if held_back is not None:
+                self.log.warning(
+                    "request failed", cmd=_cmd_name(req.cmd), offset=req.offset,
+                    length=req.length, error=err.name, reason=result.strerror,
+                    held_back=held_back,
+                )
             frames: Frames = [error_reply(req, self.neg, err, result.strerror or "")]
         elif isinstance(result, BaseException):
             self.log.error(

@@ -1,11 +1,13 @@
 """An export of another NBD server as a BlockDevice.
 
-With `UpstreamOptions.reconnect` seconds, a connection that dies is replaced and the
-requests that were on it are sent again (reads and writes are idempotent);
-the export must come back with the same size. Writes acknowledged on the
-old connection but not yet flushed may have been lost with the upstream's
-cache, so the next FLUSH after such a reconnect fails with EIO once, as
-Linux reports a lost writeback to the next fsync.
+A connection that dies is replaced in the background, with backoff, until
+the upstream is back; meanwhile requests fail with EIO, or wait up to
+`UpstreamOptions.reconnect` seconds for the new connection and are sent
+again (reads and writes are idempotent). The export must come back with the
+same size. Writes acknowledged on the old connection but not yet flushed
+may have been lost with the upstream's cache, so the next FLUSH after such a
+reconnect fails with EIO once, as Linux reports a lost writeback to the next
+fsync.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from .constants import FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE, Cmd, TxFlag
 from .uri import NbdUri
 
 log = structlog.get_logger("nbdluks.upstream")
+
+# Seconds between attempts to reconnect: doubling from the first to the last.
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 5.0
+# How long a request waits for the attempt it asked for before it fails.
+_GRACE = 0.5
+# While unreachable, one log line every this many attempts.
+_LOG_EVERY = 12
 
 
 @dataclass(frozen=True)
@@ -43,13 +53,19 @@ class NbdDevice(BlockDevice):
                  options: UpstreamOptions = UpstreamOptions()) -> None:
         self.uri = uri
         self.options = options
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._writes = 0  # writes acknowledged so far
         self._flushed = 0  # ... of which a FLUSH covered this many
         self._durability_lost = False
-        # After a reconnect window ran out, requests fail at once (after one
-        # connection attempt each) instead of each waiting a window again.
+        # While the connection is down a thread makes a new one (never more
+        # than one thread). After a reconnect window ran out, requests fail at
+        # once instead of each waiting a window again; so they do while the
+        # export came back as another one.
+        self._reconnecting = False
         self._gave_up = False
+        self._different = False
+        self._closed = threading.Event()
+        self._poke = threading.Event()
         self.client = c = NbdClient(uri, request_timeout=options.timeout,
                                     connect_timeout=options.connect_timeout)
         self.size = c.size
@@ -87,50 +103,85 @@ class NbdDevice(BlockDevice):
             client = self.client
             try:
                 client.request(cmd, offset, length, flags=flags, data=data, buf=buf)
-            except UpstreamLost:
-                if self.options.reconnect <= 0:
-                    raise
+            except UpstreamLost as e:
+                self._start_reconnecting(client)
                 if deadline is None:
-                    deadline = time.monotonic() + (0.0 if self._gave_up else self.options.reconnect)
-                self._replace(client, deadline)
+                    window = 0.0 if self._gave_up else self.options.reconnect
+                    deadline = time.monotonic() + window
+                # Sent again only within the window (0: only what never left).
+                resend = not e.sent or time.monotonic() < deadline
+                if not (resend and self._await_new(client, deadline)):
+                    if self.options.reconnect > 0:
+                        self._gave_up = True  # until it is back, fail at once
+                    raise UpstreamLost(errno.EIO, f"{e.strerror} (reconnecting)") from None
                 continue
             if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and not flags & FLAG_FUA:
-                with self._lock:
+                with self._cond:
                     self._writes += 1
             return
 
-    def _replace(self, dead: NbdClient, deadline: float) -> None:
-        """Connect again (one thread does it, the others wait and retry)."""
-        with self._lock:
-            if self.client is not dead:
+    def _start_reconnecting(self, dead: NbdClient) -> None:
+        with self._cond:
+            if self.client is not dead or self._reconnecting or self._closed.is_set():
                 return
-            log.warning("upstream connection lost, reconnecting", uri=str(self.uri),
-                        seconds=self.options.reconnect)
-            delay = 0.1
-            while True:
-                wait = max(0.1, min(self.options.connect_timeout, deadline - time.monotonic()))
-                try:
-                    new = NbdClient(self.uri, request_timeout=self.options.timeout,
-                                    connect_timeout=wait)
+            self._reconnecting = True
+        threading.Thread(target=self._reconnect, args=(dead,), name="nbd-reconnect",
+                         daemon=True).start()
+
+    def _await_new(self, dead: NbdClient, deadline: float) -> bool:
+        """Wait until a new connection replaced `dead`, or the deadline (at
+        least the time one attempt may take, which this asks for now)."""
+        self._poke.set()
+        end = max(deadline, time.monotonic() + _GRACE)
+        with self._cond:
+            while self.client is dead:
+                remaining = end - time.monotonic()
+                if remaining <= 0 or self._different:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def _reconnect(self, dead: NbdClient) -> None:
+        """In the background: connect again, with backoff, until it works."""
+        log.warning("upstream connection lost, reconnecting", uri=str(self.uri),
+                    wait=self.options.reconnect)
+        delay, attempts, since = _BACKOFF_MIN, 0, time.monotonic()
+        while not self._closed.is_set():
+            # Backoff, cut short by a request that wants an attempt now, but
+            # never more than one attempt per _BACKOFF_MIN.
+            if attempts:
+                self._poke.wait(delay)
+                if self._closed.wait(_BACKOFF_MIN):
                     break
-                except NbdClientError as e:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        self._gave_up = True
-                        raise UpstreamLost(errno.EIO, f"{e} (gave up reconnecting after "
-                                           f"{self.options.reconnect:.0f} s)") from None
-                time.sleep(min(delay, remaining))
-                delay = min(2 * delay, 1.0)
+            self._poke.clear()
+            attempts += 1
+            delay = min(2 * delay, _BACKOFF_MAX)
+            try:
+                new = NbdClient(self.uri, request_timeout=self.options.timeout,
+                                connect_timeout=self.options.connect_timeout)
+            except NbdClientError as e:
+                if attempts % _LOG_EVERY == 0:
+                    log.warning("upstream still unreachable", uri=str(self.uri), error=str(e),
+                                attempts=attempts, seconds=round(time.monotonic() - since))
+                continue
             if new.size != self.size or (self.caps.writable and new.flags & TxFlag.READ_ONLY):
                 new.close()
-                raise UpstreamLost(errno.EIO, f"upstream {self.uri} came back as a different "
-                                   f"export (size {new.size}, was {self.size})")
-            if self._writes > self._flushed:
-                self._durability_lost = True
-            self.client = new
-            self._gave_up = False
-        log.warning("upstream reconnected", uri=str(self.uri))
-        dead.close()
+                if not self._different:
+                    log.error("upstream came back as a different export", uri=str(self.uri),
+                              size=new.size, was=self.size)
+                with self._cond:
+                    self._different = True
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                if self._writes > self._flushed:
+                    self._durability_lost = True
+                self.client = new
+                self._gave_up = self._different = self._reconnecting = False
+                self._cond.notify_all()
+            log.warning("upstream reconnected", uri=str(self.uri), attempts=attempts)
+            dead.close()
+            return
 
     def _pread_into(self, buf: memoryview, offset: int) -> None:
         for o, n in self._pieces(offset, len(buf)):
@@ -143,10 +194,10 @@ class NbdDevice(BlockDevice):
             self._call(Cmd.WRITE, o, n, flags=flags, data=view[o - offset : o - offset + n])
 
     def _flush(self) -> None:
-        with self._lock:
+        with self._cond:
             covered = self._writes
         self._call(Cmd.FLUSH, 0, 0)
-        with self._lock:
+        with self._cond:
             self._flushed = max(self._flushed, covered)
             lost, self._durability_lost = self._durability_lost, False
         if lost:
@@ -170,4 +221,6 @@ class NbdDevice(BlockDevice):
             self._call(Cmd.CACHE, o, n)
 
     def close(self) -> None:
+        self._closed.set()
+        self._poke.set()
         self.client.close()

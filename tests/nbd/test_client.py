@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import socket
 import struct
 import subprocess
@@ -18,7 +19,7 @@ from nbdluks.nbd.handshake import ExportInfo, Handshake, State
 from nbdluks.nbd.upstream import NbdDevice, UpstreamOptions
 from nbdluks.nbd.uri import NbdUri
 from nbdluks.nbd.wire import encode_offset_data_header, encode_offset_hole
-from tests.conftest import need, wait_listening
+from tests.conftest import SYSTEM_PYTHON, libnbd, need, wait_listening
 
 MiB = 1 << 20
 
@@ -171,3 +172,27 @@ def test_a_read_reply_must_cover_the_request(tmp_path: Path, case: str) -> None:
     finally:
         dev.close()
     t.join(5)
+
+
+def test_failing_requests_do_not_flood_the_log(nbdkit, nbdluks) -> None:  # type: ignore[no-untyped-def]
+    need(SYSTEM_PYTHON)
+    uri = nbdkit("--filter=error", "memory", "1M", "error-pread=EIO", "error-pread-rate=1")
+    srv = nbdluks("--raw", str(uri), "--processes", "1")
+    script = r"""
+h.connect_uri(sys.argv[1])
+failed = 0
+for i in range(500):
+    try:
+        h.pread(512, 0)
+    except nbd.Error:
+        failed += 1
+print(failed)
+"""
+    assert libnbd(script, srv.uri).strip() == "500"
+    assert srv.stop() == 0
+    lines = [json.loads(x) for x in srv.log_text().splitlines()]
+    failures = [r for r in lines if r["event"] == "request failed"]
+    assert 1 <= len(failures) <= 20, len(failures)  # about one a second
+    assert len(failures) + sum(r["held_back"] for r in failures) <= 500
+    closed = [r for r in lines if r["event"] == "connection closed" and r["requests"] >= 500]
+    assert [r["failed"] for r in closed] == [500]  # every one counted
