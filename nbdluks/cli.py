@@ -373,7 +373,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signals.on_startup()
+    signals.on_startup()  # again: main may be called without nbdluks.entry
     parser = build_parser()
     args = parser.parse_args(argv)
     logsetup.setup(args.log_format, args.log_level)

@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import signal
 
-import structlog
-
-log = structlog.get_logger("nbdluks")
-
 STOP = (signal.SIGTERM, signal.SIGINT)
 
 _requested: int | None = None
@@ -45,7 +41,9 @@ def _note(signum: int, _frame: object) -> None:
 
 
 def _ignore_hup(_signum: int, _frame: object) -> None:
-    log.info("SIGHUP ignored: nothing to reload yet")
+    import structlog  # not before it is needed: this module loads first
+
+    structlog.get_logger("nbdluks").info("SIGHUP ignored: nothing to reload yet")
 
 
 def on_startup() -> None:

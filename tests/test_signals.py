@@ -22,7 +22,18 @@ MiB = 1 << 20
 def start(args: list[str], log: Path, prefix: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     with open(log, "wb") as f:
         return subprocess.Popen([*prefix, sys.executable, "-m", "nbdluks", "serve", *args,
-                                 "--log-format", "json"], stdout=f, stderr=subprocess.STDOUT)
+                                 "--log-format", "json", "--log-level", "debug"],
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def started(proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until the program runs its own code (its first log line): a
+    signal before that meets the interpreter, not nbdluks."""
+    deadline = time.monotonic() + 30
+    while "process hardened" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    time.sleep(0.3)  # and on to the blocking open of the passphrase FIFO
 
 
 def stopped_within(proc: subprocess.Popen[bytes], seconds: float) -> int:
@@ -54,7 +65,7 @@ def test_stop_during_the_unlock(tmp_path: Path, waiting_unlock: tuple[list[str],
     args, _ = waiting_unlock
     log = tmp_path / "log"
     proc = start(args, log)
-    time.sleep(1)  # blocked opening the FIFO
+    started(proc, log)  # then blocked opening the FIFO
     assert proc.poll() is None
     proc.send_signal(sig)
     assert stopped_within(proc, 10) == 0
@@ -78,7 +89,7 @@ def test_stop_during_the_unlock_as_pid_1(tmp_path: Path,
             kids = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
             inner = int(kids[0]) if kids else None
             time.sleep(0.05)
-        time.sleep(1)
+        started(outer, log)
         status = Path(f"/proc/{inner}/status").read_text()
         assert status.split("NSpid:")[1].split("\n")[0].split()[-1] == "1"
         os.kill(inner, signal.SIGTERM)
@@ -97,7 +108,7 @@ def test_sighup_during_startup_is_ignored(tmp_path: Path,
     log = tmp_path / "log"
     proc = start(args, log)
     try:
-        time.sleep(1)
+        started(proc, log)
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)
         assert proc.poll() is None

@@ -174,6 +174,9 @@ class NbdDevice(BlockDevice):
                     self._cond.notify_all()
                 continue
             with self._cond:
+                if self._closed.is_set():  # closed while we connected
+                    new.close()
+                    return
                 if self._writes > self._flushed:
                     self._durability_lost = True
                 self.client = new
