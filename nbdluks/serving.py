@@ -71,7 +71,8 @@ async def _serve(device: BlockDevice, opts: ServeOptions, socks: list[socket.soc
         server.serve_handoff(handoff)
     else:
         await server.serve_sockets(socks)
-    return await server.serve_until_stopped(stop_requested=signals.stop_requested)
+    return await server.serve_until_stopped(stop_requested=signals.stop_requested,
+                                            reload_requested=signals.reload_requested)
 
 
 def run_worker(device: BlockDevice, opts: ServeOptions, socks: list[socket.socket],
@@ -119,7 +120,6 @@ class _Supervisor:
             try:
                 signals.defer()
                 stop_with_parent(parent)
-                signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the loop handles it
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 structlog.contextvars.bind_contextvars(worker=index)
                 for sock in self.socks:

@@ -5,8 +5,9 @@ From the first line of `main` until an event loop takes over, a stop signal
 binding ends the program at once -- also as PID 1 in a container, where a
 signal without a handler is ignored. Just before an event loop starts, stop
 signals only set a flag that the loop looks at once its own handlers are in
-place (`defer`, `stop_requested`). SIGHUP asks for the TLS certificates to
-be read again; until there is a server to reload, it is ignored.
+place (`defer`, `stop_requested`, `reload_requested`). SIGHUP asks for the
+TLS certificates to be read again; until there is a server to reload, it is
+ignored.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 STOP = (signal.SIGTERM, signal.SIGINT)
 
 _requested: int | None = None
+_reload = False
 
 
 class Stopped(KeyboardInterrupt):
@@ -40,6 +42,11 @@ def _note(signum: int, _frame: object) -> None:
     _requested = signum
 
 
+def _note_hup(_signum: int, _frame: object) -> None:
+    global _reload
+    _reload = True
+
+
 def _ignore_hup(_signum: int, _frame: object) -> None:
     import structlog  # not before it is needed: this module loads first
 
@@ -53,10 +60,16 @@ def on_startup() -> None:
 
 
 def defer() -> None:
-    """From here on a stop signal is noted, for `stop_requested`."""
+    """From here on a stop signal is noted, for `stop_requested`, and SIGHUP
+    for `reload_requested` (a server that starts must not miss either)."""
     for sig in STOP:
         signal.signal(sig, _note)
+    signal.signal(signal.SIGHUP, _note_hup)
 
 
 def stop_requested() -> bool:
     return _requested is not None
+
+
+def reload_requested() -> bool:
+    return _reload

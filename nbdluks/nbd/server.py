@@ -74,7 +74,8 @@ class NbdServer:
         self.loop.add_reader(handoff.fileno(), receive)
 
     async def serve_until_stopped(
-        self, drain_timeout: float = 30.0, stop_requested: Callable[[], bool] | None = None
+        self, drain_timeout: float = 30.0, stop_requested: Callable[[], bool] | None = None,
+        reload_requested: Callable[[], bool] | None = None,
     ) -> int:
         """Serve until SIGTERM/SIGINT, then drain; the exit status."""
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,8 +83,11 @@ class NbdServer:
                 self.loop.add_signal_handler(sig, self._on_signal, sig)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        # Signals that came before the handlers above
         if stop_requested is not None and stop_requested():
-            self._stop.set()  # a signal came before the handlers above
+            self._stop.set()
+        if reload_requested is not None and reload_requested():
+            self.reload()
         await self._stop.wait()
         return await self.shutdown(drain_timeout)
 
