@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from . import __version__, serving, signals
+from . import __version__, readiness, serving, signals
 from . import log as logsetup
 from .dump import describe, render_text
 from .errors import NbdluksError
@@ -35,6 +35,7 @@ from .opener import (
     unlock,
     unlock_volume,
 )
+from .probe import probe
 from .secrets import MAX_KEYFILE, KeyFileShortError
 from .serving import ServeOptions
 from .source import SourceError, is_nbd_uri, open_source
@@ -91,6 +92,10 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
                    help='export name (default "")')
     g.add_argument("-D", "--description", default="", help="export description")
     g.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
+    g.add_argument("--print-uri", action="store_true",
+                   help="once listening, print each listener's NBD URI on stdout")
+    g.add_argument("--pid-file", metavar="F",
+                   help="write the server's pid to F once listening (removed at exit)")
     g.add_argument("--max-inflight", type=int, default=_SERVER.max_inflight // MiB,
                    metavar="MiB", help="bytes in flight per connection before reading "
                    f"pauses (default {_SERVER.max_inflight // MiB})")
@@ -157,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     _listen_args(serve)
     _tls_args(serve)
     _log_args(serve)
+
+    prb = sub.add_parser("probe", help="check that an NBD export serves (exit 0) or not (1)")
+    prb.add_argument("uri", metavar="URI", help="nbd://, nbd+unix://, nbds://, nbds+unix://")
+    prb.add_argument("--read", action="store_true", help="also read the first block")
+    prb.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                     help="seconds for the connection and for each answer (default 5)")
+    _log_args(prb)
 
     insp = sub.add_parser("inspect", help="show a LUKS header (and test a key)")
     insp.add_argument("source", metavar="SRC", help="header or volume: file or block device")
@@ -328,11 +340,39 @@ def serve(args: argparse.Namespace) -> int:
         opened.wipe()
         raise
     try:
-        log.info("listening", addresses=[address(s) for s in socks], export=args.export_name,
-                 processes=opts.processes, tls=args.tls)
+        announce(args, socks, opts)
         return serving.serve(opened, socks, opts)
     finally:
+        if args.pid_file:
+            readiness.remove_pid_file(args.pid_file)
         cleanup(socks)
+
+
+def announce(args: argparse.Namespace, socks: list[socket.socket], opts: ServeOptions) -> None:
+    """Listening, with the key unlocked: say so, to people and to supervisors.
+    (Connections made now wait in the listen queue until a worker takes them.)"""
+    log.info("listening", addresses=[address(s) for s in socks], export=args.export_name,
+             processes=opts.processes, tls=args.tls)
+    if args.print_uri:
+        tls = opts.server.tls is TlsMode.REQUIRE
+        print("\n".join(readiness.uris(socks, args.export_name, tls)), flush=True)
+    if args.pid_file:
+        readiness.write_pid_file(args.pid_file)
+    readiness.notify("READY=1", f"MAINPID={os.getpid()}",
+                     f"STATUS=serving export {args.export_name!r} on "
+                     + ", ".join(address(s) for s in socks))
+
+
+def probe_command(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be more than 0 seconds")
+    try:
+        uri = parse_uri(args.uri)
+    except UriError as e:
+        raise UsageError(str(e)) from None
+    ok, line = probe(uri, read=args.read, timeout=args.timeout)
+    print(line)
+    return 0 if ok else 1
 
 
 # --- inspect ----------------------------------------------------------------------
@@ -381,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return inspect(args)
+        if args.command == "probe":
+            return probe_command(args)
         return serve(args)
     except signals.Stopped as e:
         log.info("stopped before serving", signal=e.name)

@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from . import signals
+from . import readiness, signals
 from .block.base import BlockDevice
 from .hardening import stop_with_parent
 from .nbd.commands import Export
@@ -71,8 +71,11 @@ async def _serve(device: BlockDevice, opts: ServeOptions, socks: list[socket.soc
         server.serve_handoff(handoff)
     else:
         await server.serve_sockets(socks)
+    # The main process tells systemd; workers have a parent that does.
+    on_stop = None if handoff is not None else lambda: readiness.notify("STOPPING=1")
     return await server.serve_until_stopped(stop_requested=signals.stop_requested,
-                                            reload_requested=signals.reload_requested)
+                                            reload_requested=signals.reload_requested,
+                                            on_stop=on_stop)
 
 
 def run_worker(device: BlockDevice, opts: ServeOptions, socks: list[socket.socket],
@@ -139,6 +142,7 @@ class _Supervisor:
     def on_signal(self, sig: int, _frame: object) -> None:
         if not self.stopping:
             log.info("signal received, stopping workers", signal=signal.Signals(sig).name)
+            readiness.notify("STOPPING=1")
         self.stopping = True
         for pid, _, _ in list(self.workers.values()):
             with contextlib.suppress(ProcessLookupError):

@@ -80,6 +80,7 @@ class Connection(asyncio.Protocol):
         self._unsent = 0
         self.requests = 0
         self.failures = 0  # requests answered with an error by the device
+        self.bytes_read = self.bytes_written = 0
         self.closing = False  # DISC seen or server stopping: no new requests
         self._write_paused = False
         self._read_paused = False
@@ -119,7 +120,7 @@ class Connection(asyncio.Protocol):
             self.closed.set()
             t.abort()  # type: ignore[attr-defined]
             return
-        self.log.info("connection opened")
+        self.log.debug("connection opened")
         t.write(self.handshake.data_to_send())  # type: ignore[attr-defined]
         self._timer = self.shared.loop.call_later(self.shared.options.handshake_timeout,
                                                   self._handshake_timeout)
@@ -131,10 +132,12 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
         self.shared.registry.release(self)
         self._release_all()
-        self.log.info(
-            "connection closed", requests=self.requests, failed=self.failures,
-            error=str(exc) if exc else None
-        )
+        # A connection that only negotiated (a probe, a health check) is noise.
+        report = self.log.info if self.requests else self.log.debug
+        report("connection closed", requests=self.requests, failed=self.failures,
+               bytes_read=self.bytes_read, bytes_written=self.bytes_written,
+               seconds=round(time.monotonic() - self.opened, 3),
+               error=str(exc) if exc else None)
         self.closed.set()
 
     def pause_writing(self) -> None:
@@ -162,7 +165,7 @@ class Connection(asyncio.Protocol):
         if out:
             self.transport.write(out)
         if hs.state is State.CLOSED:
-            self.log.info("negotiation ended", reason=hs.close_reason)
+            self.log.debug("negotiation ended", reason=hs.close_reason)
             self.transport.close()
         elif hs.state is State.TLS_START:
             # Not one more byte for the option parser: the next ones are TLS.
@@ -179,7 +182,7 @@ class Connection(asyncio.Protocol):
         self.neg = hs.result
         self.export = self.shared.exports[self.neg.export.name]
         self.log = self.log.bind(export=self.neg.export.name)
-        self.log.info(
+        self.log.debug(
             "export negotiated",
             size=self.neg.export.size,
             structured=self.neg.structured,
@@ -325,7 +328,6 @@ class Connection(asyncio.Protocol):
         assert self.neg is not None and self.export is not None
         if self.closing:
             return
-        self.requests += 1
         if req.cmd == Cmd.DISC:
             self.closing = True
             for later in self._backlog:  # nothing may follow DISC
@@ -334,6 +336,7 @@ class Connection(asyncio.Protocol):
             self._update_reading()
             self._maybe_close()
             return
+        self.requests += 1
         err = Errno.EINVAL if req.oversized else validate(req, self.neg)
         if err:
             self.log.debug(
@@ -375,6 +378,10 @@ class Connection(asyncio.Protocol):
             frames = [error_reply(req, self.neg, Errno.EIO, "internal error")]
         else:
             frames = result
+            if req.cmd == Cmd.READ:
+                self.bytes_read += req.length
+            elif req.cmd == Cmd.WRITE:
+                self.bytes_written += req.length
         self._send(frames)
         del frames, result
         self._give_back(req)

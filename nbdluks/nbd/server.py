@@ -76,6 +76,7 @@ class NbdServer:
     async def serve_until_stopped(
         self, drain_timeout: float = 30.0, stop_requested: Callable[[], bool] | None = None,
         reload_requested: Callable[[], bool] | None = None,
+        on_stop: Callable[[], object] | None = None,
     ) -> int:
         """Serve until SIGTERM/SIGINT, then drain; the exit status."""
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,6 +90,8 @@ class NbdServer:
         if reload_requested is not None and reload_requested():
             self.reload()
         await self._stop.wait()
+        if on_stop is not None:
+            on_stop()
         return await self.shutdown(drain_timeout)
 
     def _on_signal(self, sig: int) -> None:

@@ -302,3 +302,20 @@ def test_sighup_reloads_the_certificates(nbdluks: Callable[..., Served], pki: di
         time.sleep(0.05)
     assert "4194304" in run(["nbdinfo", "--size", nbds(srv, rotated["anon"])]).stdout
     assert srv.stop() == 0
+
+
+def test_probe_over_tls(nbdluks: Callable[..., Served], pki: dict,
+                        disk: tuple[Path, bytes], tmp_path: Path) -> None:
+    img, _ = disk
+    srv = nbdluks("--raw", str(img), "--tls", "require", "--tls-certificates",
+                  str(pki["server"]), tcp=True, unix=False)
+    probe = [sys.executable, "-m", "nbdluks", "probe", "--read"]
+    up = run([*probe, nbds(srv, pki["anon"])])
+    assert up.stdout.startswith("up: nbds://") and "read=4096" in up.stdout
+    down = run([*probe, srv.tcp_uri], check=False)  # in the clear: refused
+    assert down.returncode == 1 and down.stdout.startswith("down:")
+    other_root = tmp_path / "other"
+    other_root.mkdir()
+    other = make_pki(other_root, "another CA")  # a CA that did not sign the server
+    untrusted = run([*probe, nbds(srv, other["anon"])], check=False)
+    assert untrusted.returncode == 1 and "not trusted" in untrusted.stdout
