@@ -5,13 +5,18 @@ they give are valid for nbdluks' own argument parser."""
 from __future__ import annotations
 
 import json
-import re
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from nbdluks.cli import build_parser
+from tests.conftest import free_port, need, run, wait_listening
+from tests.luks.reference import luks_format
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,20 +59,68 @@ def test_compose_file_is_valid_and_uses_a_secret_file() -> None:
     assert (ROOT / svc["build"]).is_dir()
 
 
-def test_systemd_unit_command_parses() -> None:
-    unit = (ROOT / "deploy" / "nbdluks.service").read_text().replace("\\\n", " ")
-    m = re.search(r"^ExecStart=(\S+) (.*)$", unit, re.M)
-    assert m
-    args = build_parser().parse_args(m.group(2).split())
-    assert args.command == "serve" and args.passphrase_file
+def unit(name: str) -> dict[str, list[str]]:
+    """The settings of a systemd unit file (continuation lines joined)."""
+    out: dict[str, list[str]] = {}
+    for line in (ROOT / "deploy" / name).read_text().replace("\\\n", " ").splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(" ".join(value.split()))
+    return out
 
 
-def test_socket_unit_listens_on_the_service_port() -> None:
-    sock = (ROOT / "deploy" / "nbdluks.socket").read_text()
-    m = re.search(r"^ListenStream=(.+)$", sock, re.M)
-    unit = (ROOT / "deploy" / "nbdluks.service").read_text()
-    port = re.search(r"--port (\d+)", unit)
-    assert m and port and m.group(1).endswith(":" + port.group(1))
+@pytest.mark.parametrize("name", ["nbdluks.service", "nbdluks@.service"])
+def test_systemd_units_parse_and_take_the_passphrase_as_a_credential(name: str) -> None:
+    u = unit(name)
+    assert u["Type"] == ["notify"] and u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert u["LoadCredential"][0].startswith("passphrase:")
+    words = u["ExecStart"][0].split()[1:]
+    args = build_parser().parse_args([w for w in words if w != "$OPTIONS"])
+    assert args.command == "serve"
+    assert args.passphrase_file == "${CREDENTIALS_DIRECTORY}/passphrase"
+    assert not (args.bind or args.port or args.socket)  # the socket unit may pass one
+
+
+def test_socket_unit_and_service_work_together_as_shipped(tmp_path: Path) -> None:
+    """Run the service's ExecStart as systemd would behind nbdluks.socket:
+    systemd-socket-activate passes the listener, the credential directory
+    holds the passphrase, NOTIFY_SOCKET gets READY=1."""
+    need("systemd-socket-activate", "cryptsetup", "nbdinfo")
+    made = luks_format(tmp_path, detached=True, size=1 << 20)
+    assert made.header
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "passphrase").write_bytes(made.passphrase + b"\n")
+    service, socket_unit = unit("nbdluks.service"), unit("nbdluks.socket")
+    port = free_port()
+    listen = socket_unit["ListenStream"][0].replace(":10809", f":{port}")
+    exec_start = (service["ExecStart"][0]
+                  .replace("/usr/local/bin/nbdluks", f"{sys.executable} -m nbdluks")
+                  .replace("/srv/nbdluks/payload.img", str(made.payload))
+                  .replace("/srv/nbdluks/header.img", str(made.header))
+                  .replace("${CREDENTIALS_DIRECTORY}", str(creds)))
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(notify))
+        systemd.settimeout(60)
+        log = open(tmp_path / "log", "wb")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(["systemd-socket-activate", "-l", listen,
+                                 "-E", f"NOTIFY_SOCKET={notify}", *exec_start.split()],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_listening(proc, None, port, tmp_path / "log")
+            # the first connection starts the service; it is served once unlocked
+            uri = f"nbd://127.0.0.1:{port}/"
+            assert run(["nbdinfo", "--size", uri], timeout=60).stdout.strip() == str(1 << 20)
+            assert "READY=1" in systemd.recv(4096).decode().splitlines()
+            proc.send_signal(signal.SIGTERM)
+            assert systemd.recv(4096) == b"STOPPING=1"
+            assert proc.wait(30) == 0
+        finally:
+            log.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.parametrize("script", ["scripts/test", "scripts/serve-demo", "scripts/setup",
