@@ -27,6 +27,7 @@ from .nbd.tls import ServerCredentials, TlsConfigError, TlsFileMissingError
 from .nbd.upstream import UpstreamOptions
 from .nbd.uri import UriError, parse_uri
 from .opener import (
+    NewlineKeyError,
     Opened,
     UnlockOptions,
     VolumeOptions,
@@ -61,6 +62,12 @@ def hint(e: Exception) -> str:
         return " (see --keyfile-size)"
     if isinstance(e, TlsFileMissingError):
         return " (see --tls-certificates)"
+    if isinstance(e, NewlineKeyError):
+        if e.kept:
+            return (" (the key file ends in a newline, which --key-file keeps as part of "
+                    "the key: for a passphrase typed into a file, try --passphrase-file)")
+        return (" (--passphrase-file drops the newline that ends the file's line: for a "
+                "volume made with cryptsetup --key-file on this file, use --key-file)")
     return ""
 
 
@@ -395,7 +402,7 @@ def inspect(args: argparse.Namespace) -> int:
                 unlocked.wipe()
                 info["key_check"] = {"ok": True, "keyslot": unlocked.keyslot}
             except WrongKeyError as e:
-                info["key_check"] = {"ok": False, "reason": str(e)}
+                info["key_check"] = {"ok": False, "reason": f"{e}{hint(e)}"}
                 status = 1
     if args.json:
         print(json.dumps(info, indent=2))

@@ -20,12 +20,12 @@ from .block.locks import RangeLock
 from .hardening import lock_in_memory
 from .luks import header
 from .luks.device import LuksDevice
-from .luks.errors import HeaderError
+from .luks.errors import HeaderError, WrongKeyError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
 from .luks.volume import HEADER_PROBE, Keyslot, Volume
 from .nbd.upstream import UpstreamOptions
-from .secrets import read_secret
+from .secrets import ends_in_newline, read_secret
 from .source import open_source, read_prefix
 
 log = structlog.get_logger("nbdluks.open")
@@ -46,6 +46,15 @@ class UnlockOptions:
 
     def given(self) -> bool:
         return bool(self.passphrase_file or self.key_file or self.volume_key_file)
+
+
+class NewlineKeyError(WrongKeyError):
+    """No key slot opened, and the secret's file ends in a newline: kept as
+    part of the key (a key file), or dropped (a passphrase file's line)."""
+
+    def __init__(self, message: str, *, kept: bool) -> None:
+        super().__init__(message)
+        self.kept = kept
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,11 @@ def unlock(vol: Volume, hdr_dev: BlockDevice, prefix: bytes, keys: UnlockOptions
         raise ValueError("no key source given")
     try:
         return unlock_with_passphrase(vol, secret, read_area, keys.key_slot)
+    except WrongKeyError as e:
+        source = keys.key_file or keys.passphrase_file
+        if source and type(e) is WrongKeyError and ends_in_newline(source):
+            raise NewlineKeyError(str(e), kept=bool(keys.key_file)) from None
+        raise
     finally:
         wipe(secret)
 

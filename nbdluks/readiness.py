@@ -1,5 +1,5 @@
-"""Telling the world the server is ready: the URIs it serves (--print-uri,
-as nbdkit prints them), a pid file, and systemd's notification socket
+"""Telling the world the server is ready: the URIs it serves (printed as
+nbdkit prints them), a pid file, and systemd's notification socket
 (READY=1, STATUS=, STOPPING=1 on $NOTIFY_SOCKET, as sd_notify(3) sends)."""
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import termios
 
 from .errors import NbdluksError
 
@@ -50,8 +51,47 @@ def read_secret(path: str, *, offset: int = 0, size: int | None = None,
     return buf
 
 
+def ends_in_newline(path: str) -> bool:
+    """Whether a secret file (not standard input) ends in a newline."""
+    if path == "-":
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except OSError:
+        return False
+
+
+def _prompt(limit: int) -> bytearray:
+    """A passphrase typed on the terminal, not echoed (as cryptsetup asks)."""
+    fd = sys.stdin.fileno()
+    old = termios.tcgetattr(fd)
+    quiet = list(old)
+    quiet[3] &= ~termios.ECHO
+    buf = bytearray()
+    try:
+        # Echo off first, then the prompt: what is typed after it is never shown.
+        termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)
+        os.write(2, b"Enter passphrase: ")
+        while len(buf) <= limit:
+            c = os.read(fd, 1)
+            if not c or c == b"\n":
+                break
+            buf += c
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+        os.write(2, b"\n")
+    return buf
+
+
 def _read(path: str, offset: int, limit: int) -> bytearray:
     """Up to limit + 1 bytes after `offset` (one more tells "too long")."""
+    if path == "-" and offset == 0 and sys.stdin.isatty():
+        return _prompt(limit)
     try:
         fd = sys.stdin.buffer.fileno() if path == "-" else os.open(path,
                                                                   os.O_RDONLY | os.O_CLOEXEC)

@@ -173,3 +173,53 @@ def test_bad_input_one_line_error(tmp_path: Path, content: bytes) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     p = nbdluks(str(tmp_path / "nope"))
     assert p.returncode != 0 and "No such file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_newline_at_the_end_of_the_secret_file_is_named(tmp_path: Path) -> None:
+    # made by `cryptsetup --key-file` on a file with a newline: the newline is key
+    made = luks_format(tmp_path, detached=True, size=MiB, passphrase=b"secret\n")
+    assert made.header
+    f = tmp_path / "vol.pass"
+    p = nbdluks(str(made.header), "--passphrase-file", str(f))
+    assert p.returncode == 1
+    assert "drops the newline" in p.stdout and "use --key-file" in p.stdout
+    assert nbdluks(str(made.header), "--key-file", str(f)).returncode == 0
+    # made from a passphrase, opened with a key file that has a newline
+    other = tmp_path / "o"
+    other.mkdir()
+    made2 = luks_format(other, detached=True, size=MiB, passphrase=b"secret")
+    assert made2.header
+    typed = tmp_path / "typed.txt"
+    typed.write_bytes(b"secret\n")
+    p = nbdluks(str(made2.header), "--key-file", str(typed))
+    assert p.returncode == 1 and "try --passphrase-file" in p.stdout
+    assert nbdluks(str(made2.header), "--passphrase-file", str(typed)).returncode == 0
+
+
+def test_passphrase_from_a_terminal_is_prompted_without_echo(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    made = luks_format(tmp_path, detached=True, size=MiB, passphrase=b"tty secret")
+    assert made.header
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: nbdluks with the pty as its terminal
+        os.execv(sys.executable, [sys.executable, "-m", "nbdluks", "inspect", str(made.header),
+                                  "--passphrase-file", "-", "--log-format", "console"])
+    out = b""
+    while b"passphrase" not in out:
+        out += os.read(fd, 1024)
+    os.write(fd, b"tty secret\n")
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "Enter passphrase" in text and "Key OK" in text
+    assert "tty secret" not in text  # never echoed

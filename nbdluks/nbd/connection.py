@@ -17,7 +17,7 @@ import structlog
 
 from .buffers import BufferPool, MemoryBudget, size_class
 from .commands import Export, Frames, errno_to_nbd, error_reply, validate
-from .constants import Cmd, Errno, TxFlag
+from .constants import Cmd, Errno, cmd_name, flag_names
 from .dispatch import Dispatcher, Result
 from .handshake import Handshake, Negotiated, State
 from .options import ServerOptions
@@ -187,7 +187,7 @@ class Connection(asyncio.Protocol):
             size=self.neg.export.size,
             structured=self.neg.structured,
             tls=hs.tls_active,
-            flags=_flag_names(self.neg.flags),
+            flags=flag_names(self.neg.flags),
             meta_contexts=sorted(self.neg.meta_contexts.values()),
         )
         if self.closing:
@@ -365,14 +365,14 @@ class Connection(asyncio.Protocol):
             held_back = self.shared.throttle.admit((req.cmd, err))
             if held_back is not None:
                 self.log.warning(
-                    "request failed", cmd=_cmd_name(req.cmd), offset=req.offset,
+                    "request failed", cmd=cmd_name(req.cmd), offset=req.offset,
                     length=req.length, error=err.name, reason=result.strerror,
                     held_back=held_back,
                 )
             frames: Frames = [error_reply(req, self.neg, err, result.strerror or "")]
         elif isinstance(result, BaseException):
             self.log.error(
-                "request crashed", cmd=_cmd_name(req.cmd), offset=req.offset,
+                "request crashed", cmd=cmd_name(req.cmd), offset=req.offset,
                 error=type(result).__name__,
             )
             frames = [error_reply(req, self.neg, Errno.EIO, "internal error")]
@@ -426,14 +426,6 @@ class Connection(asyncio.Protocol):
             return
         self._update_reading()
         self._maybe_close()
-
-
-def _cmd_name(cmd: int) -> str:
-    return Cmd(cmd).name if cmd in Cmd._value2member_map_ else str(cmd)
-
-
-def _flag_names(flags: TxFlag) -> str:
-    return "|".join(f.name or "" for f in TxFlag if f in flags)
 
 
 def _subject_cn(cert: dict[str, object]) -> str | None:

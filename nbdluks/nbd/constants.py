@@ -140,3 +140,13 @@ class Errno(IntEnum):
     EOVERFLOW = 75
     ENOTSUP = 95
     ESHUTDOWN = 108
+
+
+def cmd_name(cmd: int) -> str:
+    """For logs: a command's name, or its number when unknown."""
+    return Cmd(cmd).name if cmd in Cmd._value2member_map_ else str(cmd)
+
+
+def flag_names(flags: TxFlag) -> str:
+    """For logs: transmission flags as NAME|NAME."""
+    return "|".join(f.name or "" for f in TxFlag if f in flags)
