@@ -100,8 +100,11 @@ class Connection(asyncio.Protocol):
 
     def evict(self, reason: str) -> None:
         """Close this connection to make room for a new one."""
-        self.log.warning("connection closed to make room", reason=reason,
-                         idle=round(time.monotonic() - self.last_active, 1))
+        held_back = self.shared.throttle.admit(("evicted", reason))
+        if held_back is not None:  # a flood would make one line per connection
+            self.log.warning("connection closed to make room", reason=reason,
+                             idle=round(time.monotonic() - self.last_active, 1),
+                             held_back=held_back)
         if self.transport is not None:
             self.transport.abort()
 
@@ -115,8 +118,10 @@ class Connection(asyncio.Protocol):
         if not self.shared.registry.admit(self):
             # Each connection may hold max_inflight bytes: a flood of them
             # must not starve the clients already served.
-            self.log.warning("connection refused: every slot is busy",
-                             limit=self.shared.registry.limit)
+            held_back = self.shared.throttle.admit(("refused",))
+            if held_back is not None:
+                self.log.warning("connection refused: every slot is busy",
+                                 limit=self.shared.registry.limit, held_back=held_back)
             self.closed.set()
             t.abort()  # type: ignore[attr-defined]
             return
