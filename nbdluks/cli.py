@@ -6,6 +6,7 @@ default is the options class's own (the help texts show it)."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import socket
@@ -355,11 +356,21 @@ def serve(args: argparse.Namespace) -> int:
         cleanup(socks)
 
 
+def _loopback(sock: socket.socket) -> bool:
+    if sock.family == socket.AF_UNIX:
+        return True
+    return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+
+
 def announce(args: argparse.Namespace, socks: list[socket.socket], opts: ServeOptions) -> None:
     """Listening, with the key unlocked: say so, to people and to supervisors.
     (Connections made now wait in the listen queue until a worker takes them.)"""
     log.info("listening", addresses=[address(s) for s in socks], export=args.export_name,
              processes=opts.processes, tls=args.tls)
+    exposed = [address(s) for s in socks if not _loopback(s)]
+    if exposed and opts.server.tls is not TlsMode.REQUIRE:
+        log.warning("serving the decrypted volume in plaintext beyond this host",
+                    addresses=exposed, tls=args.tls)
     if args.print_uri:
         tls = opts.server.tls is TlsMode.REQUIRE
         print("\n".join(readiness.uris(socks, args.export_name, tls)), flush=True)

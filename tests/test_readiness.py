@@ -63,3 +63,20 @@ def test_an_unwritable_pid_file_is_a_one_line_error(tmp_path: Path) -> None:
     assert p.stderr.strip().splitlines()[-1] == (
         "nbdluks: cannot write the pid file /nonexistent/x.pid: No such file or directory")
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_plaintext_beyond_loopback_is_warned_about(nbdluks, tmp_path: Path) -> None:
+    from nbdluks.cli import _loopback
+
+    # decided per listener (bound, never listening: nothing leaves this host)
+    with socket.socket() as wide, socket.socket() as local, \
+            socket.socket(socket.AF_UNIX) as unix:
+        wide.bind(("0.0.0.0", 0))
+        local.bind(("127.0.0.1", 0))
+        unix.bind(str(tmp_path / "u.sock"))
+        assert not _loopback(wide) and _loopback(local) and _loopback(unix)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4096))
+    srv = nbdluks("--raw", str(disk), tcp=True)  # loopback and a unix socket
+    assert srv.stop() == 0
+    assert "beyond this host" not in srv.log_text()
