@@ -136,8 +136,11 @@ def _tls_args(p: argparse.ArgumentParser) -> None:
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    g = p.add_argument_group("logging (structlog on stderr; secrets never appear)")
+    g.add_argument("--log-format", choices=("auto", "console", "json"), default="auto",
+                   help="auto: console on a terminal, JSON otherwise (default auto)")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   default="info", help="default info")
 
 
 def _key_args(p: argparse.ArgumentParser) -> None:
@@ -157,6 +160,17 @@ def _key_args(p: argparse.ArgumentParser) -> None:
                    f"(default {_UNLOCK.argon2_max_kib} KiB)")
 
 
+_SERVE_EPILOG = """\
+sources: a file or block device path, or an NBD URI: nbd://HOST[:PORT]/EXPORT,
+  nbd+unix:///EXPORT?socket=PATH, and over TLS nbds://... or nbds+unix://...
+  with tls-certificates=DIR, tls-verify-peer=false, tls-hostname=NAME.
+signals: SIGTERM/SIGINT drain and exit; SIGHUP re-reads the TLS certificates.
+exit status: 0 stopped cleanly (or by a signal before serving), 1 a runtime
+  failure (wrong key, unusable header or source, final flush failed),
+  2 a usage error (a flag value that cannot work).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbdluks", description="Serve the decrypted contents of a LUKS volume over NBD."
@@ -164,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nbdluks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve a volume over NBD")
+    serve = sub.add_parser(
+        "serve", help="serve a volume over NBD", epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     _source_args(serve)
     _key_args(serve)
     _listen_args(serve)

@@ -122,5 +122,7 @@ def test_version_and_help() -> None:
     helptext = subprocess.run([sys.executable, "-m", "nbdluks", "serve", "--help"],
                               capture_output=True, text=True, check=True).stdout
     for opt in ("--payload", "--header", "--passphrase-file", "--key-file", "--volume-key-file",
-                "--allow-discards", "--processes"):
+                "--allow-discards", "--processes", "--max-memory", "--handshake-limit",
+                "--print-uri", "--pid-file", "--log-format", "exit status", "nbd+unix://",
+                "SIGHUP"):
         assert opt in helptext
