@@ -1,0 +1,149 @@
+"""The command line's arguments: every option with its help text. The
+defaults shown are the options classes' own."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import __version__
+from .nbd.constants import DEFAULT_PORT
+from .nbd.handshake import TlsMode
+from .nbd.options import MiB, ServerOptions
+from .nbd.upstream import UpstreamOptions
+from .opener import UnlockOptions
+
+_SERVER = ServerOptions()
+_UPSTREAM = UpstreamOptions()
+_UNLOCK = UnlockOptions()
+# Worker processes by default: one per CPU, up to this many.
+MAX_DEFAULT_PROCESSES = 8
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sources (a path to a file or block device, or an NBD URI)")
+    g.add_argument("--payload", metavar="SRC", help="the encrypted payload")
+    g.add_argument("--header", metavar="SRC",
+                   help="a detached LUKS header (default: at the start of the payload)")
+    g.add_argument("--raw", metavar="SRC", help="serve a file or block device as it is")
+    g.add_argument("--upstream-timeout", type=float, default=_UPSTREAM.timeout, metavar="S",
+                   help="seconds an upstream NBD server may take to answer before its "
+                   "connection counts as dead and requests fail with EIO "
+                   f"(default {_UPSTREAM.timeout:.0f})")
+    g.add_argument("--upstream-reconnect", type=float, default=_UPSTREAM.reconnect,
+                   metavar="S", help="when an upstream NBD connection dies, keep trying to "
+                   "connect again for S seconds and send its requests again (default "
+                   f"{_UPSTREAM.reconnect:.0f}: fail them with EIO)")
+    g.add_argument("--allow-discards", action="store_true",
+                   help="pass TRIM on to the payload (discarded ranges read back as "
+                   "unpredictable data)")
+
+
+def _listen_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("listening")
+    g.add_argument("-k", "--socket", metavar="PATH", help="listen on a unix socket")
+    g.add_argument("-b", "--bind", metavar="ADDR", help="TCP address (default 127.0.0.1)")
+    g.add_argument("-p", "--port", type=int, help=f"TCP port (default {DEFAULT_PORT})")
+    g.add_argument("-x", "--export-name", default="", metavar="NAME",
+                   help='export name (default "")')
+    g.add_argument("-D", "--description", default="", help="export description")
+    g.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
+    g.add_argument("--print-uri", action="store_true",
+                   help="once listening, print each listener's NBD URI on stdout")
+    g.add_argument("--pid-file", metavar="F",
+                   help="write the server's pid to F once listening (removed at exit)")
+    g.add_argument("--max-inflight", type=int, default=_SERVER.max_inflight // MiB,
+                   metavar="MiB", help="bytes in flight per connection before reading "
+                   f"pauses (default {_SERVER.max_inflight // MiB})")
+    g.add_argument("--max-memory", type=int, default=_SERVER.max_memory // MiB, metavar="MiB",
+                   help="request data held at once by the whole server before reading "
+                   f"pauses on every connection (default {_SERVER.max_memory // MiB})")
+    g.add_argument("--max-connections", type=int, default=_SERVER.max_connections,
+                   metavar="N", help="clients served at once; more are refused (default "
+                   f"{_SERVER.max_connections}; each process takes an equal share)")
+    g.add_argument("--handshake-limit", type=float, default=_SERVER.handshake_timeout,
+                   metavar="S", help="seconds a client may take to negotiate (default "
+                   f"{_SERVER.handshake_timeout:.0f}); silent connections are closed after it")
+    g.add_argument("--threads", type=int, default=_SERVER.threads,
+                   help=f"I/O threads per process (default {_SERVER.threads})")
+    g.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="worker processes sharing the listeners (default: one per CPU, "
+                   f"at most {MAX_DEFAULT_PROCESSES}; 1 = no extra processes)")
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS (clients use nbds:// URIs)")
+    g.add_argument("--tls", choices=[m.value for m in TlsMode], default=_SERVER.tls.value,
+                   help="off: refuse STARTTLS; on: the client chooses; require: nothing "
+                   f"but TLS (default {_SERVER.tls.value})")
+    g.add_argument("--tls-certificates", metavar="DIR",
+                   help="server-cert.pem and server-key.pem (and ca-cert.pem with "
+                   "--tls-verify-peer), as qemu-nbd and nbdkit take them")
+    g.add_argument("--tls-verify-peer", action="store_true",
+                   help="require a client certificate signed by DIR/ca-cert.pem")
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging (structlog on stderr; secrets never appear)")
+    g.add_argument("--log-format", choices=("auto", "console", "json"), default="auto",
+                   help="auto: console on a terminal, JSON otherwise (default auto)")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   default="info", help="default info")
+
+
+def _key_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("unlocking (secrets come from files: a path, /dev/fd/N or -)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--passphrase-file", metavar="F",
+                   help="passphrase: the file's first line, without its newline")
+    x.add_argument("--key-file", metavar="F", help="key file: its bytes, exactly")
+    x.add_argument("--volume-key-file", metavar="F",
+                   help="the volume key itself (checked against the header's digest)")
+    g.add_argument("--keyfile-offset", type=int, default=_UNLOCK.keyfile_offset, metavar="N",
+                   help="skip N bytes of the key file")
+    g.add_argument("--keyfile-size", type=int, metavar="N", help="read N bytes of the key file")
+    g.add_argument("--key-slot", type=int, metavar="N", help="try this key slot only")
+    g.add_argument("--argon2-max-memory", type=int, default=_UNLOCK.argon2_max_kib,
+                   metavar="KiB", help="refuse Argon2 slots that need more memory "
+                   f"(default {_UNLOCK.argon2_max_kib} KiB)")
+
+
+_SERVE_EPILOG = """\
+sources: a file or block device path, or an NBD URI: nbd://HOST[:PORT]/EXPORT,
+  nbd+unix:///EXPORT?socket=PATH, and over TLS nbds://... or nbds+unix://...
+  with tls-certificates=DIR, tls-verify-peer=false, tls-hostname=NAME.
+signals: SIGTERM/SIGINT drain and exit; SIGHUP re-reads the TLS certificates.
+exit status: 0 stopped cleanly (or by a signal before serving), 1 a runtime
+  failure (wrong key, unusable header or source, final flush failed),
+  2 a usage error (a flag value that cannot work).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbdluks", description="Serve the decrypted contents of a LUKS volume over NBD."
+    )
+    parser.add_argument("--version", action="version", version=f"nbdluks {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve", help="serve a volume over NBD", epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _source_args(serve)
+    _key_args(serve)
+    _listen_args(serve)
+    _tls_args(serve)
+    _log_args(serve)
+
+    prb = sub.add_parser("probe", help="check that an NBD export serves (exit 0) or not (1)")
+    prb.add_argument("uri", metavar="URI", help="nbd://, nbd+unix://, nbds://, nbds+unix://")
+    prb.add_argument("--read", action="store_true", help="also read the first block")
+    prb.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                     help="seconds for the connection and for each answer (default 5)")
+    _log_args(prb)
+
+    insp = sub.add_parser("inspect", help="show a LUKS header (and test a key)")
+    insp.add_argument("source", metavar="SRC", help="header or volume: file or block device")
+    insp.add_argument("--json", action="store_true", help="machine-readable output")
+    _key_args(insp)
+    _log_args(insp)
+    return parser
