@@ -138,6 +138,9 @@ class _Supervisor:
         child_end.close()
         self.workers[index] = (pid, parent_end, time.monotonic())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        if self.stopping:  # the stop came before the fork: this one was not told
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def on_signal(self, sig: int, _frame: object) -> None:
         if not self.stopping:
