@@ -139,23 +139,22 @@ class _Supervisor:
         self.workers[index] = (pid, parent_end, time.monotonic())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         if self.stopping:  # the stop came before the fork: this one was not told
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+            _tell(pid, signal.SIGTERM)
 
     def on_signal(self, sig: int, _frame: object) -> None:
         if not self.stopping:
             log.info("signal received, stopping workers", signal=signal.Signals(sig).name)
             readiness.notify("STOPPING=1")
         self.stopping = True
-        for pid, _, _ in list(self.workers.values()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        self._tell_workers(signal.SIGTERM)
 
     def on_hup(self, _sig: int, _frame: object) -> None:
         log.info("SIGHUP received, passing it to the workers")
+        self._tell_workers(signal.SIGHUP)
+
+    def _tell_workers(self, sig: int) -> None:
         for pid, _, _ in list(self.workers.values()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGHUP)
+            _tell(pid, sig)
 
     def hand_over(self, conn: socket.socket) -> None:
         order = sorted(self.workers)
@@ -229,3 +228,9 @@ class _Supervisor:
             self.reap()
         sel.close()
         return 1 if self.failed else 0
+
+
+def _tell(pid: int, sig: int) -> None:
+    """Signal a worker that may have just died."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)

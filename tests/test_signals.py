@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import need, run, wait_listening
+from tests.conftest import children, need, run, wait_listening
 from tests.luks.reference import luks_format
 
 MiB = 1 << 20
@@ -86,8 +86,8 @@ def test_stop_during_the_unlock_as_pid_1(tmp_path: Path,
         inner = None
         while inner is None:  # the server: PID 1 of the new namespace
             assert time.monotonic() < deadline
-            kids = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
-            inner = int(kids[0]) if kids else None
+            kids = children(outer.pid)
+            inner = kids[0] if kids else None
             time.sleep(0.05)
         started(outer, log)
         status = Path(f"/proc/{inner}/status").read_text()
