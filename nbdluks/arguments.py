@@ -51,6 +51,10 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
                    help="once listening, print each listener's NBD URI on stdout")
     g.add_argument("--pid-file", metavar="F",
                    help="write the server's pid to F once listening (removed at exit)")
+    g.add_argument("--metrics", metavar="[ADDR:]PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics and a health "
+                   "check at /healthz (200 serving, 503 stopping or upstream down); "
+                   "ADDR defaults to 127.0.0.1")
     g.add_argument("--max-inflight", type=int, default=_SERVER.max_inflight // MiB,
                    metavar="MiB", help="bytes in flight per connection before reading "
                    f"pauses (default {_SERVER.max_inflight // MiB})")

@@ -217,25 +217,49 @@ def bind_listeners(args: argparse.Namespace) -> list[socket.socket]:
     return socks
 
 
+def metrics_address(value: str) -> Listen:
+    """--metrics [ADDR:]PORT, ADDR possibly an [IPv6] literal."""
+    host, _, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--metrics {value}: give [ADDR:]PORT with a port of 1..65535")
+    return Listen(host=host, port=int(port))
+
+
+def bind_metrics(args: argparse.Namespace) -> list[socket.socket]:
+    if not args.metrics:
+        return []
+    where = metrics_address(args.metrics)
+    try:
+        return bind(where)
+    except OSError as e:
+        raise UsageError(f"--metrics: cannot listen on {where}: {e.strerror}") from None
+
+
 def serve(args: argparse.Namespace) -> int:
     check_args(args)
     server = server_options(args)
+    if args.metrics:
+        metrics_address(args.metrics)  # a wrong value is refused before the unlock
     opened = open_served(args)
+    socks: list[socket.socket] = []
     try:
         opts = ServeOptions(server=server, export_name=args.export_name,
                             description=args.description, read_only=args.read_only,
                             processes=process_count(args, opened))
         socks = bind_listeners(args)
+        http = bind_metrics(args)
     except BaseException:
+        cleanup(socks)
         opened.wipe()
         raise
     try:
-        announce(args, socks, opts)
-        return serving.serve(opened, socks, opts)
+        announce(args, socks, opts, http)
+        return serving.serve(opened, socks, opts, http)
     finally:
         if args.pid_file:
             readiness.remove_pid_file(args.pid_file)
-        cleanup(socks)
+        cleanup(socks + http)
 
 
 def _loopback(sock: socket.socket) -> bool:
@@ -244,11 +268,13 @@ def _loopback(sock: socket.socket) -> bool:
     return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
 
 
-def announce(args: argparse.Namespace, socks: list[socket.socket], opts: ServeOptions) -> None:
+def announce(args: argparse.Namespace, socks: list[socket.socket], opts: ServeOptions,
+             http: list[socket.socket]) -> None:
     """Listening, with the key unlocked: say so, to people and to supervisors.
     (Connections made now wait in the listen queue until a worker takes them.)"""
     log.info("listening", addresses=[address(s) for s in socks], export=args.export_name,
-             processes=opts.processes, tls=args.tls)
+             processes=opts.processes, tls=args.tls,
+             metrics=[f"http://{address(s)}/metrics" for s in http] or None)
     exposed = [address(s) for s in socks if not _loopback(s)]
     if exposed and opts.server.tls is not TlsMode.REQUIRE:
         log.warning("serving the decrypted volume in plaintext beyond this host",

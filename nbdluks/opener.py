@@ -10,6 +10,7 @@ processes may serve it, describes itself for the log, and wipes the key.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from .luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_ke
 from .luks.volume import HEADER_PROBE, Keyslot, Volume
 from .nbd.upstream import UpstreamOptions
 from .secrets import ends_in_newline, read_secret
-from .source import open_source, read_prefix
+from .source import is_nbd_uri, open_source, read_prefix
 
 log = structlog.get_logger("nbdluks.open")
 
@@ -117,6 +118,9 @@ class Opened:
 
     # Whether worker processes, each with its own open, may serve it.
     multi_process: bool
+    # Seconds the unlock took (None: nothing was unlocked).
+    unlock_seconds: float | None = None
+    role = "raw"  # what the source is, in metrics
 
     def __init__(self, spec: str, options: VolumeOptions, checked: BlockDevice) -> None:
         self.spec = spec
@@ -127,6 +131,15 @@ class Opened:
     def device(self) -> BlockDevice:
         dev, self._checked = self._checked, None
         return dev if dev is not None else self._open()
+
+    @property
+    def watched_upstream(self) -> str | None:
+        """The role of the source when it is an NBD export (its connection is watched)."""
+        return self.role if is_nbd_uri(self.spec) else None
+
+    def upstream(self, dev: BlockDevice) -> BlockDevice:
+        """The device that `device()` returned reads and writes through."""
+        return dev
 
     def prepare_processes(self) -> None:
         """In the parent, before worker processes are forked: they open their own."""
@@ -153,6 +166,8 @@ def open_raw(spec: str, options: VolumeOptions) -> Opened:
 
 class UnlockedVolume(Opened):
     """A volume whose key is known: builds LuksDevices over its payload."""
+
+    role = "payload"
 
     def __init__(self, payload: str, options: VolumeOptions, vol: Volume, key: bytearray,
                  keyslot: int | None, attached: bool) -> None:
@@ -186,6 +201,10 @@ class UnlockedVolume(Opened):
     def wipe(self) -> None:
         wipe(self.key)
 
+    def upstream(self, dev: BlockDevice) -> BlockDevice:
+        assert isinstance(dev, LuksDevice)
+        return dev.payload
+
     def _open(self) -> BlockDevice:
         return self._open_device(self.spec, self.options)
 
@@ -213,11 +232,15 @@ def unlock_volume(payload: str, header_src: str | None, keys: UnlockOptions,
         vol, prefix = read_header(hdr_dev, keys.argon2_max_kib)
         for w in vol.warnings:
             log.warning(w)
+        started = time.monotonic()
         unlocked = unlock(vol, hdr_dev, prefix, keys)
+        took = time.monotonic() - started
     finally:
         hdr_dev.close()
-    return UnlockedVolume(payload, options, vol, unlocked.key, unlocked.keyslot,
-                          attached=header_src is None)
+    opened = UnlockedVolume(payload, options, vol, unlocked.key, unlocked.keyslot,
+                            attached=header_src is None)
+    opened.unlock_seconds = took
+    return opened
 
 
 def _same_source(a: str, b: str) -> bool:

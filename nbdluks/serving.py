@@ -23,12 +23,15 @@ from typing import Any
 
 import structlog
 
-from . import readiness, signals
+from . import monitor, readiness, signals
 from .block.base import BlockDevice
 from .hardening import stop_with_parent
+from .monitor import Monitor
 from .nbd.commands import Export
 from .nbd.options import ServerOptions
 from .nbd.server import NbdServer
+from .nbd.stats import StatsTable
+from .nbd.upstream import NbdDevice
 from .opener import Opened
 
 log = structlog.get_logger("nbdluks")
@@ -59,40 +62,71 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(coro)
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What the processes count into, and who answers /metrics and /healthz."""
+
+    table: StatsTable
+    monitor: Monitor | None = None
+    http: list[socket.socket] = field(default_factory=list)  # listening for HTTP
+
+
 async def _serve(device: BlockDevice, opts: ServeOptions, socks: list[socket.socket],
-                 handoff: socket.socket | None) -> int:
+                 handoff: socket.socket | None, obs: Observed, index: int) -> int:
     export = Export(opts.export_name, device, opts.description, opts.read_only)
     # Connections are handed to the processes in turn, so each gets its share.
     n = max(1, opts.processes)
     server = NbdServer([export], replace(
         opts.server, max_connections=-(-opts.server.max_connections // n),
-        max_memory=opts.server.max_memory // n))
+        max_memory=opts.server.max_memory // n), stats=obs.table.slot(index))
+    mon = obs.monitor
+
+    def serving() -> bool:
+        return not server.stopping
+
+    http: list[asyncio.Server] = []
     if handoff is not None:
-        server.serve_handoff(handoff)
+        others = {} if mon is None else {b"m": lambda sock: server.loop.create_task(
+            monitor.answer_accepted(mon, serving, sock))}
+        server.serve_handoff(handoff, others)
     else:
         await server.serve_sockets(socks)
+        if mon is not None:
+            http = [await monitor.listen(mon, serving, sock) for sock in obs.http]
     # The main process tells systemd; workers have a parent that does.
     on_stop = None if handoff is not None else lambda: readiness.notify("STOPPING=1")
-    return await server.serve_until_stopped(stop_requested=signals.stop_requested,
-                                            reload_requested=signals.reload_requested,
-                                            on_stop=on_stop)
+    status = await server.serve_until_stopped(stop_requested=signals.stop_requested,
+                                              reload_requested=signals.reload_requested,
+                                              on_stop=on_stop)
+    for srv in http:
+        srv.close()
+    return status
 
 
-def run_worker(device: BlockDevice, opts: ServeOptions, socks: list[socket.socket],
-               handoff: socket.socket | None = None) -> int:
+def run_worker(opened: Opened, opts: ServeOptions, socks: list[socket.socket],
+               obs: Observed, index: int = 0, handoff: socket.socket | None = None) -> int:
     """Serve on listening sockets, or on connections handed over `handoff`."""
     signals.defer()
-    with device:
-        return run_loop(_serve(device, opts, socks, handoff))
-
-
-def serve(opened: Opened, socks: list[socket.socket], opts: ServeOptions) -> int:
+    device = opened.device()
+    watched = opened.upstream(device)
+    if isinstance(watched, NbdDevice):
+        watched.watch(obs.table.slot(index).upstream)
     if opts.processes <= 1:
-        device = opened.device()
         opened.wipe()  # the device has what it needs
-        return run_worker(device, opts, socks)
+    with device:
+        return run_loop(_serve(device, opts, socks, handoff, obs, index))
+
+
+def serve(opened: Opened, socks: list[socket.socket], opts: ServeOptions,
+          http: list[socket.socket] | None = None) -> int:
+    table = StatsTable(max(1, opts.processes))
+    monitor_ = (Monitor(table, opened.unlock_seconds, opened.watched_upstream)
+                if http else None)
+    obs = Observed(table, monitor_, http or [])
+    if opts.processes <= 1:
+        return run_worker(opened, opts, socks, obs)
     opened.prepare_processes()
-    return _Supervisor(opened, socks, opts).run()
+    return _Supervisor(opened, socks, opts, obs).run()
 
 
 class _Supervisor:
@@ -101,10 +135,12 @@ class _Supervisor:
     SCM_RIGHTS), so that a client's connections spread evenly; replaces a
     worker that dies; forwards SIGTERM/SIGINT and waits for the drain."""
 
-    def __init__(self, opened: Opened, socks: list[socket.socket], opts: ServeOptions) -> None:
+    def __init__(self, opened: Opened, socks: list[socket.socket], opts: ServeOptions,
+                 obs: Observed) -> None:
         self.opened = opened
         self.socks = socks
         self.opts = opts
+        self.obs = obs
         # index -> pid, handoff socket, start time
         self.workers: dict[int, tuple[int, socket.socket, float]] = {}
         self.stopping = False
@@ -125,12 +161,12 @@ class _Supervisor:
                 stop_with_parent(parent)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 structlog.contextvars.bind_contextvars(worker=index)
-                for sock in self.socks:
+                for sock in [*self.socks, *self.obs.http]:
                     sock.close()
                 for _, handoff, _ in self.workers.values():
                     handoff.close()
                 parent_end.close()
-                code = run_worker(self.opened.device(), self.opts, [], child_end)
+                code = run_worker(self.opened, self.opts, [], self.obs, index, child_end)
             except BaseException as e:
                 log.error("worker failed", error=str(e), kind=type(e).__name__)
             finally:
@@ -156,13 +192,24 @@ class _Supervisor:
         for pid, _, _ in list(self.workers.values()):
             _tell(pid, sig)
 
-    def hand_over(self, conn: socket.socket) -> None:
+    def accept(self, listener: socket.socket, tag: bytes) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept failed", error=e.strerror)
+                return
+            self.hand_over(conn, tag)
+
+    def hand_over(self, conn: socket.socket, tag: bytes) -> None:
         order = sorted(self.workers)
         for k in range(len(order)):
             index = order[(self.next + k) % len(order)]
             handoff = self.workers[index][1]
             try:
-                socket.send_fds(handoff, [b"c"], [conn.fileno()])
+                socket.send_fds(handoff, [tag], [conn.fileno()])
             except OSError:
                 continue  # that worker is going away; try the next
             self.next = (self.next + k + 1) % len(order)
@@ -183,6 +230,7 @@ class _Supervisor:
                 continue
             _, handoff, started = self.workers.pop(index)
             handoff.close()
+            self.obs.table.process_gone(index)
             code = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 self.failed |= code != 0
@@ -208,23 +256,16 @@ class _Supervisor:
         log.info("workers started", processes=self.opts.processes)
         sel = selectors.DefaultSelector()
         for sock in self.socks:
-            sel.register(sock, selectors.EVENT_READ)
+            sel.register(sock, selectors.EVENT_READ, b"c")
+        for sock in self.obs.http:
+            sel.register(sock, selectors.EVENT_READ, b"m")
         while self.workers:
             if self.stopping and sel.get_map():
-                for sock in self.socks:
+                for sock in [*self.socks, *self.obs.http]:
                     sel.unregister(sock)
             for key, _ in sel.select(timeout=0.2):
-                listener = key.fileobj
-                assert isinstance(listener, socket.socket)
-                while True:
-                    try:
-                        conn, _ = listener.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError as e:
-                        log.warning("accept failed", error=e.strerror)
-                        break
-                    self.hand_over(conn)
+                assert isinstance(key.fileobj, socket.socket)
+                self.accept(key.fileobj, key.data)
             self.reap()
         sel.close()
         return 1 if self.failed else 0

@@ -56,6 +56,10 @@ def test_errors_are_one_line(args: tuple[str, ...], code: int, message: str) -> 
     (("--keyfile-offset", "-5"), "--keyfile-offset -5"),
     (("--argon2-max-memory", "0"), "--argon2-max-memory 0"),
     (("-k", "/tmp/" + "x" * 120), "at most 107 fit"),
+    (("--metrics", "abc"), "--metrics abc: give [ADDR:]PORT with a port of 1..65535"),
+    (("--metrics", "0"), "--metrics 0: give [ADDR:]PORT"),
+    (("--metrics", "127.0.0.1:70000"), "--metrics 127.0.0.1:70000: give"),
+    (("--metrics", "[::1]:"), "--metrics [::1]:: give"),
 ])
 def test_wrong_flag_values_are_refused_before_the_unlock(tmp_path: Path, flags: tuple[str, ...],
                                                          message: str) -> None:
@@ -113,6 +117,19 @@ def test_port_in_use(tmp_path: Path) -> None:
         p = serve("--raw", str(disk), "-p", str(port), "--log-format", "json")
     assert p.returncode == 2
     assert "cannot listen on 127.0.0.1:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_metrics_port_in_use(tmp_path: Path) -> None:
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(4096))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = serve("--raw", str(disk), "-k", str(tmp_path / "s.sock"), "--metrics", str(port))
+    assert p.returncode == 2
+    assert f"--metrics: cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr
+    assert not (tmp_path / "s.sock").exists()  # the NBD listener was cleaned up
 
 
 def test_version_and_help() -> None:

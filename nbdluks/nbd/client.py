@@ -15,6 +15,7 @@ import itertools
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,8 +123,11 @@ def _recv(chan: Channel, n: int) -> bytes:
 
 
 class NbdClient:
-    def __init__(self, uri: NbdUri, *, connect_timeout: float, request_timeout: float) -> None:
+    def __init__(self, uri: NbdUri, *, connect_timeout: float, request_timeout: float,
+                 on_lost: Callable[[NbdClient], object] | None = None) -> None:
         self.uri = uri
+        self._on_lost = on_lost  # told once when the connection dies, unless closed
+        self._closing = False
         self.request_timeout = request_timeout
         try:
             if uri.socket:
@@ -263,7 +267,8 @@ class NbdClient:
     def _fail(self, reason: str) -> None:
         """Mark the connection dead and fail every waiter with EIO."""
         with self._lock:
-            if self._dead is None:
+            first = self._dead is None
+            if first:
                 self._dead = reason
             pending = list(self._pending.values())
             self._pending.clear()
@@ -273,6 +278,8 @@ class NbdClient:
             p.message = f"upstream {self.uri}: {self._dead}"
             p.done.set()
         self.chan.shutdown()
+        if first and not self._closing and self._on_lost is not None:
+            self._on_lost(self)
 
     def _read_loop(self) -> None:
         try:
@@ -336,6 +343,7 @@ class NbdClient:
     def close(self) -> None:
         with self._lock:
             alive = self._dead is None
+            self._closing = True
         if alive:
             try:
                 with self._send_lock:

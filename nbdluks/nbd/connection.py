@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from . import stats
 from .buffers import BufferPool, MemoryBudget, size_class
 from .commands import Export, Frames, errno_to_nbd, error_reply, validate
 from .constants import Cmd, Errno, cmd_name, flag_names
@@ -22,7 +23,9 @@ from .dispatch import Dispatcher, Result
 from .handshake import Handshake, Negotiated, State
 from .options import ServerOptions
 from .registry import Registry
+from .stats import Stats, StatsTable
 from .throttle import Throttle
+from .tls import peer_str, subject_cn
 from .wire import ProtocolError, Request, RequestDecoder
 
 log = structlog.get_logger("nbdluks.server")
@@ -47,6 +50,7 @@ class Shared:
     dispatcher: Dispatcher
     registry: Registry[Connection]
     throttle: Throttle = field(default_factory=Throttle)
+    stats: Stats = field(default_factory=lambda: StatsTable().slot(0))
 
 
 def _cost(req: Request) -> int:
@@ -100,6 +104,7 @@ class Connection(asyncio.Protocol):
 
     def evict(self, reason: str) -> None:
         """Close this connection to make room for a new one."""
+        self.shared.stats.add(stats.EVICTED)
         held_back = self.shared.throttle.admit(("evicted", reason))
         if held_back is not None:  # a flood would make one line per connection
             self.log.warning("connection closed to make room", reason=reason,
@@ -114,10 +119,11 @@ class Connection(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport.
         self.transport = t = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or transport.get_extra_info("sockname")
-        self.log = self.log.bind(peer=_peer_str(peer))
+        self.log = self.log.bind(peer=peer_str(peer))
         if not self.shared.registry.admit(self):
             # Each connection may hold max_inflight bytes: a flood of them
             # must not starve the clients already served.
+            self.shared.stats.add(stats.REFUSED)
             held_back = self.shared.throttle.admit(("refused",))
             if held_back is not None:
                 self.log.warning("connection refused: every slot is busy",
@@ -125,6 +131,7 @@ class Connection(asyncio.Protocol):
             self.closed.set()
             t.abort()  # type: ignore[attr-defined]
             return
+        self.shared.stats.opened()
         self.log.debug("connection opened")
         t.write(self.handshake.data_to_send())  # type: ignore[attr-defined]
         self._timer = self.shared.loop.call_later(self.shared.options.handshake_timeout,
@@ -136,6 +143,7 @@ class Connection(asyncio.Protocol):
         if self._timer:
             self._timer.cancel()
         self.shared.registry.release(self)
+        self.shared.stats.closed()
         self._release_all()
         # A connection that only negotiated (a probe, a health check) is noise.
         report = self.log.info if self.requests else self.log.debug
@@ -222,7 +230,7 @@ class Connection(asyncio.Protocol):
         peer = obj.getpeercert() if obj else None  # set when client certificates are checked
         self.log.info("TLS started", version=obj.version() if obj else None,
                       cipher=obj.cipher()[0] if obj and obj.cipher() else None,
-                      client=_subject_cn(peer) if peer else None)
+                      client=subject_cn(peer) if peer else None)
         self.handshake.tls_started()
 
     def _handshake_timeout(self) -> None:
@@ -342,8 +350,10 @@ class Connection(asyncio.Protocol):
             self._maybe_close()
             return
         self.requests += 1
+        req.started = time.monotonic_ns()
         err = Errno.EINVAL if req.oversized else validate(req, self.neg)
         if err:
+            self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started)
             self.log.debug(
                 "request refused", cmd=req.cmd, offset=req.offset, length=req.length,
                 error=err.name,
@@ -364,6 +374,7 @@ class Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.inflight -= 1
         self.inflight_bytes -= _cost(req)
+        err = Errno.OK
         if isinstance(result, OSError):
             err = errno_to_nbd(result.errno)
             self.failures += 1
@@ -380,13 +391,17 @@ class Connection(asyncio.Protocol):
                 "request crashed", cmd=cmd_name(req.cmd), offset=req.offset,
                 error=type(result).__name__,
             )
-            frames = [error_reply(req, self.neg, Errno.EIO, "internal error")]
+            err = Errno.EIO
+            frames = [error_reply(req, self.neg, err, "internal error")]
         else:
             frames = result
             if req.cmd == Cmd.READ:
                 self.bytes_read += req.length
+                self.shared.stats.add(stats.BYTES_READ, req.length)
             elif req.cmd == Cmd.WRITE:
                 self.bytes_written += req.length
+                self.shared.stats.add(stats.BYTES_WRITTEN, req.length)
+        self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started)
         self._send(frames)
         del frames, result
         self._give_back(req)
@@ -432,17 +447,3 @@ class Connection(asyncio.Protocol):
         self._update_reading()
         self._maybe_close()
 
-
-def _subject_cn(cert: dict[str, object]) -> str | None:
-    """The common name of a certificate's subject, for the log."""
-    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
-
-
-def _peer_str(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer) if peer else "unix"

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import structlog
 
@@ -19,13 +20,15 @@ from .connection import Connection, Shared
 from .dispatch import Dispatcher
 from .options import ServerOptions
 from .registry import Registry
+from .stats import Stats, StatsTable
 from .tls import TlsConfigError
 
 log = structlog.get_logger("nbdluks.server")
 
 
 class NbdServer:
-    def __init__(self, exports: Iterable[Export], options: ServerOptions) -> None:
+    def __init__(self, exports: Iterable[Export], options: ServerOptions,
+                 stats: Stats | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.options = options
@@ -33,9 +36,14 @@ class NbdServer:
         self.dispatcher = Dispatcher(loop, options.threads)
         self.registry: Registry[Connection] = Registry(options.max_connections)
         self.shared = Shared(loop, self.exports, options, BufferPool(options.max_memory // 2),
-                             MemoryBudget(options.max_memory), self.dispatcher, self.registry)
+                             MemoryBudget(options.max_memory), self.dispatcher, self.registry,
+                             stats=stats or StatsTable().slot(0))
         self.listeners: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def _connection(self) -> Connection:
         return Connection(self.shared)
@@ -49,9 +57,13 @@ class NbdServer:
                 srv = await self.loop.create_server(self._connection, sock=sock)
             self.listeners.append(srv)
 
-    def serve_handoff(self, handoff: socket.socket) -> None:
-        """Serve connections a parent process accepted and passes over `handoff`."""
+    def serve_handoff(self, handoff: socket.socket,
+                      others: Mapping[bytes, Callable[[socket.socket], object]] | None = None,
+                      ) -> None:
+        """Serve connections a parent process accepted and passes over `handoff`:
+        each comes with a tag byte, b"c" for NBD, else a key of `others`."""
         handoff.setblocking(False)
+        others = others or {}
 
         def receive() -> None:
             try:
@@ -64,9 +76,15 @@ class NbdServer:
                 self.loop.remove_reader(handoff.fileno())
                 self._stop.set()
                 return
-            for fd in fds:
+            for fd in fds[len(msg):]:  # never sent so; not ours to keep
+                os.close(fd)
+            for tag, fd in zip(msg, fds, strict=False):
                 sock = socket.socket(fileno=fd)
                 sock.setblocking(False)
+                other = others.get(bytes([tag]))
+                if other is not None:
+                    other(sock)
+                    continue
                 self.loop.create_task(
                     self.loop.connect_accepted_socket(self._connection, sock)
                 )

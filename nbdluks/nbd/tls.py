@@ -83,3 +83,19 @@ def client_context(cert_dir: str | None, verify: bool = True) -> ssl.SSLContext:
 
 def _why(e: OSError) -> str:
     return str(getattr(e, "reason", None) or e.strerror or type(e).__name__)
+
+
+def subject_cn(cert: dict[str, object]) -> str | None:
+    """The common name of a certificate's subject, for the log."""
+    for rdn in cert.get("subject", ()):  # type: ignore[attr-defined]
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def peer_str(peer: object) -> str:
+    """A connection's peer address, for the log."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) if peer else "unix"

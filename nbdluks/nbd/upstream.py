@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -66,8 +67,8 @@ class NbdDevice(BlockDevice):
         self._different = False
         self._closed = threading.Event()
         self._poke = threading.Event()
-        self.client = c = NbdClient(uri, request_timeout=options.timeout,
-                                    connect_timeout=options.connect_timeout)
+        self._report: Callable[[bool], object] = lambda up: None
+        self.client = c = self._connect()
         self.size = c.size
         self.min_block = c.min_block or 1
         self.pref_block = c.pref_block or 4096
@@ -89,6 +90,17 @@ class NbdDevice(BlockDevice):
         # Our processes each open their own connection: only an upstream that
         # promises multi-conn makes a FLUSH on one cover the others' writes.
         self.multi_open = bool(f & TxFlag.CAN_MULTI_CONN)
+
+    def _connect(self) -> NbdClient:
+        # A connection that dies while no request waits on it is replaced too.
+        return NbdClient(self.uri, request_timeout=self.options.timeout,
+                         connect_timeout=self.options.connect_timeout,
+                         on_lost=self._start_reconnecting)
+
+    def watch(self, report: Callable[[bool], object]) -> None:
+        """Call `report(up)` now and whenever the connection goes or comes back."""
+        self._report = report
+        report(not self._reconnecting)
 
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
         step = self.max_block
@@ -122,9 +134,11 @@ class NbdDevice(BlockDevice):
 
     def _start_reconnecting(self, dead: NbdClient) -> None:
         with self._cond:
-            if self.client is not dead or self._reconnecting or self._closed.is_set():
+            if (getattr(self, "client", None) is not dead or self._reconnecting
+                    or self._closed.is_set()):
                 return
             self._reconnecting = True
+        self._report(False)
         threading.Thread(target=self._reconnect, args=(dead,), name="nbd-reconnect",
                          daemon=True).start()
 
@@ -157,8 +171,7 @@ class NbdDevice(BlockDevice):
             attempts += 1
             delay = min(2 * delay, _BACKOFF_MAX)
             try:
-                new = NbdClient(self.uri, request_timeout=self.options.timeout,
-                                connect_timeout=self.options.connect_timeout)
+                new = self._connect()
             except NbdClientError as e:
                 if attempts % _LOG_EVERY == 0:
                     log.warning("upstream still unreachable", uri=str(self.uri), error=str(e),
@@ -182,6 +195,7 @@ class NbdDevice(BlockDevice):
                 self.client = new
                 self._gave_up = self._different = self._reconnecting = False
                 self._cond.notify_all()
+            self._report(True)
             log.warning("upstream reconnected", uri=str(self.uri), attempts=attempts)
             dead.close()
             return

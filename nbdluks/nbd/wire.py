@@ -221,6 +221,8 @@ class Request:
     data: bytearray | None = None
     # READ only: where the server puts the data (from its buffer pool).
     buffer: bytearray | None = None
+    # time.monotonic_ns() when the server started it
+    started: int = 0
 
     @property
     def oversized(self) -> bool:

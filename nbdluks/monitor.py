@@ -1,0 +1,179 @@
+"""Prometheus metrics and a health check over HTTP: GET /metrics, GET /healthz.
+
+Every server process counts in its own slot of a StatsTable (nbd/stats.py);
+whichever process answers adds up all the slots, so the figures are exact
+for the whole server. With worker processes, the parent hands each HTTP
+connection to a worker as it does NBD connections (serving.py): one small
+asyncio responder serves both layouts. `respond` is the sans-IO part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import __version__
+from .nbd import stats
+from .nbd.stats import COMMANDS, Totals
+
+# A request head larger than this, or slower than this, is dropped.
+_MAX_HEAD = 8192
+_TIMEOUT = 5.0
+_SERVED = [c for c in COMMANDS if c != "DISC"]  # DISC is not a request with a reply
+
+
+@dataclass(frozen=True)
+class Monitor:
+    table: stats.StatsTable
+    unlock_seconds: float | None = None
+    upstream: str | None = None  # the role of the NBD source watched ("payload")
+
+    def health(self, serving: bool) -> tuple[bool, str]:
+        if not serving:
+            return False, "stopping"
+        if self.upstream is not None and self.table.totals().upstream == stats.UPSTREAM_DOWN:
+            return False, f"upstream {self.upstream} down"
+        return True, "ok"
+
+    def render(self) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        t = self.table.totals()
+        out = _Text()
+        out.family("build_info", "gauge", "nbdluks version", [({"version": __version__}, 1)])
+        out.family("requests_total", "counter", "requests answered, by command",
+                   [({"command": c.lower()}, t.requests(COMMANDS.index(c))) for c in _SERVED])
+        out.family("request_errors_total", "counter", "requests answered with an error",
+                   [({"command": c.lower(), "errno": e.name}, n)
+                    for c in _SERVED for e, n in t.errors(COMMANDS.index(c))])
+        out.family("bytes_total", "counter", "data bytes read and written by clients",
+                   [({"direction": "read"}, t[stats.BYTES_READ]),
+                    ({"direction": "write"}, t[stats.BYTES_WRITTEN])])
+        out.histogram(t)
+        out.family("connections_active", "gauge", "client connections open",
+                   [({}, t[stats.CONNECTIONS])])
+        out.family("connections_total", "counter", "client connections accepted",
+                   [({}, t[stats.CONNECTIONS_TOTAL])])
+        out.family("connections_refused_total", "counter",
+                   "connections refused because every slot was busy", [({}, t[stats.REFUSED])])
+        out.family("connections_evicted_total", "counter",
+                   "idle or negotiating connections closed to make room",
+                   [({}, t[stats.EVICTED])])
+        if self.upstream is not None:
+            up = t.upstream
+            out.family("upstream_up", "gauge", "1 while the NBD source is connected",
+                       [({"source": self.upstream}, int(up != stats.UPSTREAM_DOWN))])
+            out.family("upstream_reconnects_total", "counter",
+                       "connections to the NBD source made again after one was lost",
+                       [({"source": self.upstream}, t[stats.RECONNECTS])])
+        if self.unlock_seconds is not None:
+            out.family("unlock_seconds", "gauge", "seconds the key slot took to open",
+                       [({}, round(self.unlock_seconds, 6))])
+        return out.text()
+
+
+class _Text:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str,
+               samples: list[tuple[dict[str, str], float]]) -> None:
+        name = "nbdluks_" + name
+        self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        self.lines += [f"{name}{_labels(labels)} {value}" for labels, value in samples]
+
+    def histogram(self, t: Totals) -> None:
+        name = "nbdluks_request_duration_seconds"
+        self.lines += [f"# HELP {name} time from a request's start to its reply, by command",
+                       f"# TYPE {name} histogram"]
+        for c in _SERVED:
+            counts, sum_ns = t.latency(COMMANDS.index(c))
+            cmd = c.lower()
+            for le, n in zip([*map(repr, stats.BUCKETS), "+Inf"], counts, strict=True):
+                self.lines.append(f'{name}_bucket{{command="{cmd}",le="{le}"}} {n}')
+            self.lines.append(f'{name}_sum{{command="{cmd}"}} {sum_ns / 1e9}')
+            self.lines.append(f'{name}_count{{command="{cmd}"}} {counts[-1]}')
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    esc = {k: v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+           for k, v in labels.items()}
+    return "{" + ",".join(f'{k}="{v}"' for k, v in esc.items()) + "}"
+
+
+def respond(monitor: Monitor, head: bytes, serving: bool) -> bytes:
+    """The whole HTTP response to a request head."""
+    try:
+        method, target, _ = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
+    except (UnicodeDecodeError, ValueError):
+        return _response(400, "bad request\n")
+    if method not in ("GET", "HEAD"):
+        return _response(405, "only GET\n", extra="Allow: GET, HEAD\r\n")
+    path = target.split("?", 1)[0]
+    if path == "/metrics":
+        body = monitor.render()
+        status = 200
+        ctype = "text/plain; version=0.0.4; charset=utf-8"
+    elif path == "/healthz":
+        ok, why = monitor.health(serving)
+        status, body, ctype = (200 if ok else 503), why + "\n", "text/plain; charset=utf-8"
+    else:
+        return _response(404, "try /metrics or /healthz\n")
+    return _response(status, body, ctype, head_only=method == "HEAD")
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            503: "Service Unavailable"}
+
+
+def _response(status: int, body: str, ctype: str = "text/plain; charset=utf-8",
+              extra: str = "", head_only: bool = False) -> bytes:
+    data = body.encode()
+    head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(data)}\r\n{extra}Connection: close\r\n\r\n").encode()
+    return head if head_only else head + data
+
+
+# --- the asyncio adapter ------------------------------------------------------
+
+
+async def _answer(monitor: Monitor, serving: Callable[[], bool],
+                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
+        writer.write(respond(monitor, head, serving()))
+        await asyncio.wait_for(writer.drain(), _TIMEOUT)
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+            ConnectionError):
+        pass  # a client that went away, or never asked
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def listen(monitor: Monitor, serving: Callable[[], bool],
+                 sock: socket.socket) -> asyncio.Server:
+    """Answer on a listening socket."""
+    async def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _answer(monitor, serving, r, w)
+
+    return await asyncio.start_server(on_client, sock=sock, limit=_MAX_HEAD)
+
+
+async def answer_accepted(monitor: Monitor, serving: Callable[[], bool],
+                          sock: socket.socket) -> None:
+    """Answer a connection another process accepted."""
+    try:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=_MAX_HEAD)
+    except OSError:
+        sock.close()
+        return
+    await _answer(monitor, serving, reader, writer)

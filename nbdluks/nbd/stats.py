@@ -1,0 +1,147 @@
+"""Counters of a server, in shared memory: one process reports exact totals
+for all the worker processes it forked.
+
+The memory is an anonymous shared mapping made before the fork, one slot of
+8-byte cells per process. A process writes only its own slot (from its event
+loop; an upstream's reconnect thread writes only the upstream cells), readers
+add the slots up. Aligned 8-byte cells are loaded and stored whole on the
+platforms we run on, so a reader sees a cell's old or its new value. Per
+request this costs four cell updates and a bisect, well under a microsecond.
+"""
+
+from __future__ import annotations
+
+import mmap
+from bisect import bisect_left
+from dataclasses import dataclass
+
+from .constants import Cmd, Errno
+
+# Request latency histogram bounds, seconds (Prometheus `le`).
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+           0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BOUNDS_NS = tuple(round(b * 1e9) for b in BUCKETS)
+# Commands by their code; one more row for codes no command has.
+COMMANDS = [c.name for c in Cmd] + ["unknown"]
+ERRNOS = [e for e in Errno if e is not Errno.OK]
+_ERR_INDEX = {int(e): i for i, e in enumerate(ERRNOS)}
+_NCMD, _NERR, _NBUCKET = len(COMMANDS), len(ERRNOS), len(BUCKETS) + 1
+
+# Upstream states
+UPSTREAM_NONE, UPSTREAM_UP, UPSTREAM_DOWN = 0, 1, 2
+
+# Cell offsets within a slot
+REQUESTS = 0
+ERRORS = REQUESTS + _NCMD
+LATENCY = ERRORS + _NCMD * _NERR  # _NBUCKET counts per command, not cumulative
+LATENCY_SUM_NS = LATENCY + _NCMD * _NBUCKET
+BYTES_READ = LATENCY_SUM_NS + _NCMD
+BYTES_WRITTEN = BYTES_READ + 1
+CONNECTIONS = BYTES_WRITTEN + 1  # open now (a gauge)
+CONNECTIONS_TOTAL = CONNECTIONS + 1
+REFUSED = CONNECTIONS_TOTAL + 1
+EVICTED = REFUSED + 1
+UPSTREAM = EVICTED + 1  # the payload's upstream state (a gauge)
+RECONNECTS = UPSTREAM + 1
+_CELLS = RECONNECTS + 1
+_GAUGES = (CONNECTIONS, UPSTREAM)
+
+
+class Stats:
+    """The counters of one process: its slot of a StatsTable."""
+
+    __slots__ = ("_c",)
+
+    def __init__(self, cells: memoryview) -> None:
+        self._c = cells
+
+    def request(self, cmd: int, err: int, ns: int) -> None:
+        """A request answered after `ns` nanoseconds, with NBD error `err` (0: none)."""
+        c = self._c
+        k = cmd if cmd < _NCMD - 1 else _NCMD - 1
+        c[REQUESTS + k] += 1
+        if err:
+            c[ERRORS + k * _NERR + _ERR_INDEX.get(err, _ERR_INDEX[Errno.EIO])] += 1
+        c[LATENCY + k * _NBUCKET + bisect_left(_BOUNDS_NS, ns)] += 1
+        c[LATENCY_SUM_NS + k] += ns
+
+    def opened(self) -> None:
+        self._c[CONNECTIONS] += 1
+        self._c[CONNECTIONS_TOTAL] += 1
+
+    def closed(self) -> None:
+        self._c[CONNECTIONS] -= 1
+
+    def add(self, cell: int, n: int = 1) -> None:
+        self._c[cell] += n
+
+    def set(self, cell: int, value: int) -> None:
+        self._c[cell] = value
+
+    def upstream(self, up: bool) -> None:
+        """The payload's upstream connection came (back) or went."""
+        c = self._c
+        if up and c[UPSTREAM] == UPSTREAM_DOWN:
+            c[RECONNECTS] += 1
+        c[UPSTREAM] = UPSTREAM_UP if up else UPSTREAM_DOWN
+
+
+@dataclass(frozen=True)
+class Totals:
+    """All slots added up; gauges of slots whose process is gone are zero."""
+
+    cells: list[int]
+    upstream_states: list[int]  # one per slot
+
+    def __getitem__(self, cell: int) -> int:
+        return self.cells[cell]
+
+    def requests(self, k: int) -> int:
+        return self.cells[REQUESTS + k]
+
+    def errors(self, k: int) -> list[tuple[Errno, int]]:
+        base = ERRORS + k * _NERR
+        return [(e, self.cells[base + i]) for i, e in enumerate(ERRNOS) if self.cells[base + i]]
+
+    def latency(self, k: int) -> tuple[list[int], int]:
+        """Cumulative bucket counts (the last is +Inf) and the sum, ns."""
+        out, total = [], 0
+        for n in self.cells[LATENCY + k * _NBUCKET : LATENCY + (k + 1) * _NBUCKET]:
+            total += n
+            out.append(total)
+        return out, self.cells[LATENCY_SUM_NS + k]
+
+    @property
+    def upstream(self) -> int | None:
+        """UPSTREAM_UP/DOWN over every process that has one (DOWN if any is);
+        None when no process serves an upstream."""
+        known = [s for s in self.upstream_states if s != UPSTREAM_NONE]
+        if not known:
+            return None
+        return UPSTREAM_DOWN if UPSTREAM_DOWN in known else UPSTREAM_UP
+
+
+class StatsTable:
+    """Slots for `processes` processes, shared with the children forked later."""
+
+    def __init__(self, processes: int = 1) -> None:
+        self.processes = processes
+        self._mem = mmap.mmap(-1, processes * _CELLS * 8)  # MAP_SHARED | MAP_ANONYMOUS
+        self._cells = memoryview(self._mem).cast("Q")
+
+    def slot(self, index: int) -> Stats:
+        return Stats(self._cells[index * _CELLS : (index + 1) * _CELLS])
+
+    def process_gone(self, index: int) -> None:
+        """A slot's process died: what it had open is not open any more."""
+        for cell in _GAUGES:
+            self._cells[index * _CELLS + cell] = 0
+
+    def totals(self) -> Totals:
+        cells = [0] * _CELLS
+        snapshot = self._cells.tolist()
+        for i in range(self.processes):
+            for j, v in enumerate(snapshot[i * _CELLS : (i + 1) * _CELLS]):
+                cells[j] += v
+        states = [snapshot[i * _CELLS + UPSTREAM] for i in range(self.processes)]
+        return Totals(cells, states)
