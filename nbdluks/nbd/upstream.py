@@ -12,6 +12,7 @@ fsync.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import threading
 import time
@@ -68,6 +69,8 @@ class NbdDevice(BlockDevice):
         self._closed = threading.Event()
         self._poke = threading.Event()
         self._report: Callable[[bool], object] = lambda up: None
+        # The reconnecting thread logs with the opener's context (its worker).
+        self._context = contextvars.copy_context()
         self.client = c = self._connect()
         self.size = c.size
         self.min_block = c.min_block or 1
@@ -139,8 +142,8 @@ class NbdDevice(BlockDevice):
                 return
             self._reconnecting = True
         self._report(False)
-        threading.Thread(target=self._reconnect, args=(dead,), name="nbd-reconnect",
-                         daemon=True).start()
+        threading.Thread(target=self._context.copy().run, args=(self._reconnect, dead),
+                         name="nbd-reconnect", daemon=True).start()
 
     def _await_new(self, dead: NbdClient, deadline: float) -> bool:
         """Wait until a new connection replaced `dead`, or the deadline (at
