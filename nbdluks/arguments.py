@@ -22,8 +22,11 @@ MAX_DEFAULT_PROCESSES = 8
 def _source_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sources (a path to a file or block device, or an NBD URI)")
     g.add_argument("--payload", metavar="SRC", help="the encrypted payload")
-    g.add_argument("--header", metavar="SRC",
-                   help="a detached LUKS header (default: at the start of the payload)")
+    g.add_argument("--header", metavar="SRC", action="append",
+                   help="a detached LUKS header (default: at the start of the payload); "
+                   "give it again for copies (e.g. a luksHeaderBackup elsewhere): the first "
+                   "that is reachable, valid and opens with the key is used, copies of "
+                   "different volumes refuse to start")
     g.add_argument("--raw", metavar="SRC", help="serve a file or block device as it is")
     g.add_argument("--upstream-timeout", type=float, default=_UPSTREAM.timeout, metavar="S",
                    help="seconds an upstream NBD server may take to answer before its "
@@ -146,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     _log_args(prb)
 
     insp = sub.add_parser("inspect", help="show a LUKS header (and test a key)")
-    insp.add_argument("source", metavar="SRC", help="header or volume: file or block device")
+    insp.add_argument("source", metavar="SRC", nargs="+",
+                      help="header or volume (path or NBD URI); several: copies of one "
+                      "header, compared")
     insp.add_argument("--json", action="store_true", help="machine-readable output")
     _key_args(insp)
     _log_args(insp)

@@ -17,10 +17,12 @@ import structlog
 from . import log as logsetup
 from . import readiness, serving, signals
 from .arguments import MAX_DEFAULT_PROCESSES, build_parser
-from .dump import describe, render_text
+from .dump import copy_info, describe, render_text
 from .errors import NbdluksError
 from .hardening import harden_process
-from .luks.errors import Argon2MemoryError, LuksError, WrongKeyError
+from .headers import read_copy
+from .luks.errors import Argon2MemoryError
+from .luks.unlock import SlotsSkippedError
 from .nbd.constants import DEFAULT_PORT
 from .nbd.handshake import TlsMode
 from .nbd.listen import Listen, activated, address, bind, cleanup
@@ -33,15 +35,14 @@ from .opener import (
     Opened,
     UnlockOptions,
     VolumeOptions,
+    key_check,
     open_raw,
-    read_header,
-    unlock,
     unlock_volume,
 )
 from .probe import probe
 from .secrets import MAX_KEYFILE, KeyFileShortError
 from .serving import ServeOptions
-from .source import SourceError, is_nbd_uri, open_source
+from .source import SourceError, is_nbd_uri
 
 log = structlog.get_logger("nbdluks")
 
@@ -53,7 +54,8 @@ class UsageError(NbdluksError):
 
 def hint(e: Exception) -> str:
     """Lower layers never name our flags: the flag that would help, if any."""
-    if isinstance(e, Argon2MemoryError):
+    if isinstance(e, Argon2MemoryError) or (isinstance(e, SlotsSkippedError) and any(
+            isinstance(s, Argon2MemoryError) for s in e.skipped)):
         return " (raise --argon2-max-memory if you trust the header)"
     if isinstance(e, KeyFileShortError):
         return " (see --keyfile-size)"
@@ -147,8 +149,9 @@ def check_args(args: argparse.Namespace) -> None:
         if n > _MAX_SOCKET_PATH:
             raise UsageError(f"-k/--socket: the path is {n} bytes long, at most "
                              f"{_MAX_SOCKET_PATH} fit in a unix socket address")
-    for flag in ("payload", "header", "raw"):
-        spec = getattr(args, flag, None)
+    specs = [getattr(args, "payload", None), getattr(args, "raw", None),
+             *(getattr(args, "header", None) or [])]
+    for spec in specs:
         if spec and is_nbd_uri(spec):
             _check_uri(spec)
 
@@ -180,7 +183,7 @@ def open_served(args: argparse.Namespace) -> Opened:
     keys = unlock_options(args)
     if not keys.given():
         raise UsageError("give one of --passphrase-file, --key-file or --volume-key-file")
-    opened = unlock_volume(args.payload, args.header, keys, options)
+    opened = unlock_volume(args.payload, args.header or [], keys, options)
     log.info("volume unlocked", **opened.log_fields())
     return opened
 
@@ -306,35 +309,36 @@ def probe_command(args: argparse.Namespace) -> int:
 
 def inspect(args: argparse.Namespace) -> int:
     check_args(args)
-    hdr = open_source(args.source, read_only=True)
     keys = unlock_options(args)
-    with hdr:
-        try:
-            vol, prefix = read_header(hdr, keys.argon2_max_kib)
-        except LuksError as e:
-            raise SourceError(f"{args.source}: {e}{hint(e)}") from None
-        info = describe(vol)
+    copies = [read_copy(src, keys.argon2_max_kib, UpstreamOptions()) for src in args.source]
+    try:
+        valid = [c for c in copies if c.vol is not None]
+        if not valid:
+            e = copies[0].error
+            if len(copies) == 1 and e is not None:
+                if isinstance(e, SourceError):
+                    raise e
+                raise SourceError(f"{copies[0].source}: {e}{hint(e)}")
+            raise SourceError("no usable header: " + "; ".join(
+                f"{c.source}: {c.problem}" for c in copies))
+        first = valid[0]
+        assert first.vol is not None
+        info = describe(first.vol)
         status = 0
-        if keys.given():
-            try:
-                unlocked = unlock(vol, hdr, prefix, keys)
-                unlocked.wipe()
-                info["key_check"] = {"ok": True, "keyslot": unlocked.keyslot}
-            except WrongKeyError as e:
-                info["key_check"] = {"ok": False, "reason": f"{e}{hint(e)}"}
+        if len(copies) > 1:
+            info["copies"] = [copy_info(c.source, c.vol, c.problem, first.vol) for c in copies]
+            if not all(c["ok"] and c["agrees"] for c in info["copies"]):
                 status = 1
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(render_text(info))
-        check = info.get("key_check")
-        if check is not None:
-            if check["ok"]:
-                slot = check["keyslot"]
-                print("Key OK" + (f": key slot {slot} opened" if slot is not None
-                                  else ": volume key matches"))
-            else:
-                print(f"Key FAILED: {check['reason']}")
+                valid = [first]  # never unlock through a copy of another volume
+        if keys.given():
+            info["key_check"], error = key_check(valid, keys)
+            if error is not None:
+                info["key_check"]["reason"] += hint(error)
+                status = 1
+    finally:
+        for c in copies:
+            c.close()
+    print(json.dumps(info, indent=2) if args.json else render_text(info))
     return status
 
 

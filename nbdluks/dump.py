@@ -24,8 +24,13 @@ def describe(vol: Volume) -> dict[str, Any]:
         "iv_tweak": seg.iv_tweak,
         "metadata_size": vol.metadata_size,
         "keyslots": [],
+        "tokens": [{"id": t.id, "type": t.type, "keyslots": list(t.keyslots)}
+                   for t in vol.tokens],
+        "servable": vol.unservable is None,
         "warnings": list(vol.warnings),
     }
+    if vol.unservable is not None:
+        out["unservable"] = vol.unservable
     if vol.version == 1:
         out["hash"] = vol.hash_spec
         d = vol.digests[0]
@@ -47,6 +52,7 @@ def describe(vol: Volume) -> dict[str, Any]:
         kdf["salt"] = ks.kdf.salt.hex()
         out["keyslots"].append({
             "id": ks.id,
+            "usable": True,
             "priority": _PRIORITY[ks.priority],
             "key_size": ks.key_size * 8,
             "cipher": ks.area_cipher,
@@ -57,7 +63,24 @@ def describe(vol: Volume) -> dict[str, Any]:
             "area_offset": ks.area_offset,
             "area_size": ks.area_size,
         })
+    for bad in vol.unusable:
+        out["keyslots"].append({"id": bad.id, "usable": False, "type": bad.type,
+                                "priority": _PRIORITY[bad.priority], "reason": str(bad.reason)})
+    out["keyslots"].sort(key=lambda k: k["id"])
     return out
+
+
+def copy_info(source: str, vol: Volume | None, problem: str, first: Volume) -> dict[str, Any]:
+    """One of several header copies, compared with the first valid one."""
+    if vol is None:
+        return {"source": source, "ok": False, "agrees": False, "error": problem}
+    return {"source": source, "ok": True, "uuid": vol.uuid, "seqid": vol.seqid,
+            "agrees": identity(vol) == identity(first)}
+
+
+def identity(vol: Volume) -> tuple[str, frozenset[tuple[bytes, bytes]]]:
+    """What makes two headers the same volume: UUID and volume-key digests."""
+    return vol.uuid, frozenset((d.salt, d.digest) for d in vol.digests)
 
 
 def render_text(info: dict[str, Any]) -> str:
@@ -83,12 +106,34 @@ def render_text(info: dict[str, Any]) -> str:
         "Keyslots:",
     ]
     for ks in info["keyslots"]:
+        if not ks["usable"]:
+            lines.append(f"  {ks['id']}: {ks['type']}, priority {ks['priority']}, "
+                         f"UNUSABLE: {ks['reason']}")
+            continue
         kdf = ks["kdf"]
         params = ", ".join(f"{k}={v}" for k, v in kdf.items() if k not in ("type", "salt"))
         lines.append(
             f"  {ks['id']}: {kdf['type']} ({params}), priority {ks['priority']}, "
             f"{ks['cipher']} {ks['cipher_key_size']}-bit area at {ks['area_offset']}"
         )
+    if info["tokens"]:
+        lines.append("Tokens:")
+        for t in info["tokens"]:
+            lines.append(f"  {t['id']}: {t['type']}, key slots "
+                         f"{', '.join(map(str, t['keyslots'])) or '(none)'}")
     for w in info["warnings"]:
         lines.append(f"Warning: {w}")
+    if not info["servable"]:
+        lines.append(f"Cannot be served: {info['unservable']}")
+    for c in info.get("copies", []):
+        state = (f"ok, epoch {c['seqid']}, " + ("agrees" if c["agrees"] else
+                 f"DIFFERENT VOLUME (UUID {c['uuid']})")) if c["ok"] else f"UNUSABLE: {c['error']}"
+        lines.append(f"Header copy {c['source']}: {state}")
+    check = info.get("key_check")
+    if check is not None and check["ok"]:
+        slot = check["keyslot"]
+        lines.append("Key OK" + (f": key slot {slot} opened" if slot is not None
+                                 else ": volume key matches"))
+    elif check is not None:
+        lines.append(f"Key FAILED: {check['reason']}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,15 +20,15 @@ import structlog
 from .block.base import BlockDevice
 from .block.locks import RangeLock
 from .hardening import lock_in_memory
-from .luks import header
+from .headers import HeaderCopy, read_copies
 from .luks.device import LuksDevice
-from .luks.errors import HeaderError, WrongKeyError
+from .luks.errors import LuksError, UnsupportedError, WrongKeyError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
-from .luks.volume import HEADER_PROBE, Keyslot, Volume
+from .luks.volume import Keyslot, Volume
 from .nbd.upstream import UpstreamOptions
 from .secrets import ends_in_newline, read_secret
-from .source import is_nbd_uri, open_source, read_prefix
+from .source import is_nbd_uri, open_source
 
 log = structlog.get_logger("nbdluks.open")
 
@@ -67,47 +68,73 @@ class VolumeOptions:
     upstream: UpstreamOptions = field(default_factory=UpstreamOptions)
 
 
-def read_header(dev: BlockDevice, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
-                ) -> tuple[Volume, bytes]:
-    data = read_prefix(dev, HEADER_PROBE)
-    vol = header.parse(data, argon2_max_kib=argon2_max_kib)
-    if dev.size < vol.metadata_size:
-        raise HeaderError(
-            f"the header is truncated: {dev.size} bytes of {vol.metadata_size}"
-        )
-    return vol, data
-
-
-def unlock(vol: Volume, hdr_dev: BlockDevice, prefix: bytes, keys: UnlockOptions) -> Unlocked:
-    def read_area(slot: Keyslot) -> bytes:
-        end = slot.area_offset + slot.area_size
-        if end <= len(prefix):
-            return prefix[slot.area_offset : end]
-        buf = bytearray(slot.area_size)
-        hdr_dev.pread_into(memoryview(buf), slot.area_offset)
-        return bytes(buf)
-
+def unlock(copies: Sequence[HeaderCopy], keys: UnlockOptions) -> tuple[HeaderCopy, Unlocked]:
+    """Unlock through the first copy that opens with the key (the secret is
+    read once); the error of the first copy when none does."""
     if keys.volume_key_file:
         secret = read_secret(keys.volume_key_file)
-        try:
-            return unlock_with_volume_key(vol, secret)
-        finally:
-            wipe(secret)
-    if keys.key_file:
+    elif keys.key_file:
         secret = read_secret(keys.key_file, offset=keys.keyfile_offset, size=keys.keyfile_size)
     elif keys.passphrase_file:
         secret = read_secret(keys.passphrase_file, first_line=True)
     else:
         raise ValueError("no key source given")
+    first: LuksError | None = None
     try:
-        return unlock_with_passphrase(vol, secret, read_area, keys.key_slot)
-    except WrongKeyError as e:
-        source = keys.key_file or keys.passphrase_file
-        if source and type(e) is WrongKeyError and ends_in_newline(source):
-            raise NewlineKeyError(str(e), kept=bool(keys.key_file)) from None
-        raise
+        for copy in copies:
+            try:
+                return copy, _unlock_copy(copy, secret, keys)
+            except LuksError as e:
+                if len(copies) > 1:
+                    log.warning("header copy does not unlock", source=copy.source, error=str(e))
+                first = first or e
     finally:
         wipe(secret)
+    assert first is not None
+    source = keys.key_file or keys.passphrase_file
+    if source and type(first) is WrongKeyError and ends_in_newline(source):
+        raise NewlineKeyError(str(first), kept=bool(keys.key_file)) from None
+    raise first
+
+
+def _unlock_copy(copy: HeaderCopy, secret: bytearray, keys: UnlockOptions) -> Unlocked:
+    vol, dev, prefix = copy.vol, copy.dev, copy.prefix
+    assert vol is not None and dev is not None
+    if vol.unservable is not None:
+        raise UnsupportedError(f"the volume cannot be served: {vol.unservable}")
+
+    def read_area(slot: Keyslot) -> bytes:
+        end = slot.area_offset + slot.area_size
+        if end <= len(prefix):
+            return prefix[slot.area_offset : end]
+        buf = bytearray(slot.area_size)
+        dev.pread_into(memoryview(buf), slot.area_offset)
+        return bytes(buf)
+
+    if keys.volume_key_file:
+        return unlock_with_volume_key(vol, secret)
+    return unlock_with_passphrase(vol, secret, read_area, keys.key_slot)
+
+
+def key_check(copies: Sequence[HeaderCopy], keys: UnlockOptions
+              ) -> tuple[dict[str, Any], LuksError | None]:
+    """`inspect`'s key test: unlock as `serve` would, and run the checks it
+    runs before listening. What to show, and the error if it failed."""
+    try:
+        copy, unlocked = unlock(copies, keys)
+    except LuksError as e:
+        return {"ok": False, "reason": str(e)}, e
+    try:
+        vol, dev = copy.vol, copy.dev
+        assert vol is not None and dev is not None
+        if dev.size > vol.segment.offset > 0:  # a whole volume, not a detached header
+            LuksDevice(dev, vol, unlocked.key, read_only=True, attached=True).close()
+            copy.dev = None  # closed with the LuksDevice
+    except LuksError as e:
+        return {"ok": False, "reason": f"the key opens, but serve would refuse: {e}"}, e
+    finally:
+        unlocked.wipe()
+    return {"ok": True, "keyslot": unlocked.keyslot, "source": copy.source}, None
 
 
 class Opened:
@@ -222,23 +249,27 @@ class UnlockedVolume(Opened):
             raise
 
 
-def unlock_volume(payload: str, header_src: str | None, keys: UnlockOptions,
+def unlock_volume(payload: str, headers: Sequence[str], keys: UnlockOptions,
                   options: VolumeOptions) -> UnlockedVolume:
-    """Read the header, unlock it, and check the payload against it."""
-    if header_src is not None and _same_source(header_src, payload):
-        header_src = None
-    hdr_dev = open_source(header_src or payload, read_only=True, upstream=options.upstream)
+    """Read the header copies (none given: the payload's own), unlock
+    through the first that opens, and check the payload against it."""
+    copies = read_copies(list(headers) or [payload], keys.argon2_max_kib, options.upstream)
     try:
-        vol, prefix = read_header(hdr_dev, keys.argon2_max_kib)
-        for w in vol.warnings:
-            log.warning(w)
+        for copy in copies:
+            assert copy.vol is not None
+            for w in copy.vol.warnings:
+                log.warning(w, source=copy.source)
         started = time.monotonic()
-        unlocked = unlock(vol, hdr_dev, prefix, keys)
+        copy, unlocked = unlock(copies, keys)
         took = time.monotonic() - started
     finally:
-        hdr_dev.close()
-    opened = UnlockedVolume(payload, options, vol, unlocked.key, unlocked.keyslot,
-                            attached=header_src is None)
+        for c in copies:
+            c.close()
+    assert copy.vol is not None
+    if len(copies) > 1 or len(headers) > 1:
+        log.info("header copy in use", source=copy.source)
+    opened = UnlockedVolume(payload, options, copy.vol, unlocked.key, unlocked.keyslot,
+                            attached=_same_source(copy.source, payload))
     opened.unlock_seconds = took
     return opened
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..block.base import BlockDevice, Buffer, Capabilities
 from ..block.locks import RangeLock
 from .cipher import SectorCipher
-from .errors import HeaderError
+from .errors import HeaderError, UnsupportedError
 from .volume import SECTOR, Volume
 
 # Largest run of sectors encrypted at once when writing zeroes.
@@ -25,6 +25,8 @@ class LuksDevice(BlockDevice):
         read_only: bool = False, allow_discards: bool = False, attached: bool = False,
         rmw_lock: RangeLock | None = None,
     ) -> None:
+        if vol.unservable is not None:
+            raise UnsupportedError(f"the volume cannot be served: {vol.unservable}")
         seg = vol.segment
         self.payload = payload
         self.sector_size = ss = seg.sector_size

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 
-from .errors import HeaderError, NotLuksError
-from .volume import SECTOR, Digest, Keyslot, Pbkdf2, Segment, Volume
+from .cipher import CipherSpec
+from .errors import HeaderError, LuksError, NotLuksError
+from .volume import SECTOR, Digest, Keyslot, Pbkdf2, Segment, UnusableSlot, Volume
 
 MAGIC = b"LUKS\xba\xbe"
 PHDR_SIZE = 592
@@ -26,13 +28,24 @@ def _cstr(raw: bytes, what: str) -> str:
         raise HeaderError(f"LUKS1 {what} is not ASCII") from None
 
 
-def _hash_name(spec: str) -> str:
+# Hashes cryptsetup (libgcrypt) knows that Python's hashlib may lack: a
+# volume using one is valid, but we cannot open it.
+_FOREIGN_HASHES = ("whirlpool", "ripemd160", "stribog256", "stribog512", "sm3")
+_DIGEST_SIZE = 20  # LUKS_DIGESTSIZE: a hash with shorter output is refused
+
+
+def _hash_name(spec: str) -> tuple[str, str | None]:
+    """The hash's name, and why we cannot use it (None: we can)."""
     name = spec.lower()
     try:
-        hashlib.new(name)
+        size = hashlib.new(name).digest_size
     except ValueError:
-        raise HeaderError(f"LUKS1 hash {spec!r} is not available") from None
-    return name
+        if name in _FOREIGN_HASHES:
+            return name, f"the hash {spec!r} is not available here"
+        raise HeaderError(f"LUKS1 hash {spec!r} is not supported") from None
+    if size < _DIGEST_SIZE:
+        raise HeaderError(f"LUKS1 hash {spec!r} is too short ({size} bytes)")
+    return name, None
 
 
 def parse(data: bytes) -> Volume:
@@ -45,12 +58,12 @@ def parse(data: bytes) -> Volume:
     if version != 1:
         raise HeaderError(f"not a LUKS1 header (version {version})")
     cipher = f"{_cstr(cipher_name, 'cipher name')}-{_cstr(cipher_mode, 'cipher mode')}"
-    hname = _hash_name(_cstr(hash_spec, "hash spec"))
-    if not 1 <= key_bytes <= 512:
-        raise HeaderError(f"LUKS1 key size {key_bytes} is out of range")
-    if mk_iter == 0:
-        raise HeaderError("LUKS1 digest iterations are zero")
-    slots = _slots(data, cipher, hname, key_bytes, payload_offset)
+    hname, unservable = _hash_name(_cstr(hash_spec, "hash spec"))
+    raw = [_SLOT.unpack_from(data, 208 + 48 * i) for i in range(NUM_SLOTS)]
+    _check_areas(raw, key_bytes, payload_offset)
+    if unservable is None:
+        unservable = _unservable(cipher, key_bytes, mk_iter)
+    slots, unusable = _slots(raw, cipher, hname, key_bytes)
     # Without a payload offset (a detached header) the header ends after the
     # last key material.
     end = max((s.area_offset + s.area_size for s in slots), default=PHDR_SIZE)
@@ -62,38 +75,62 @@ def parse(data: bytes) -> Volume:
     return Volume(
         version=1, uuid=_cstr(uuid, "uuid"), segment=segment, keyslots=tuple(slots),
         digests=(digest,), key_size=key_bytes, metadata_size=metadata, hash_spec=hname,
+        unusable=tuple(unusable), unservable=unservable,
     )
 
 
-def _slots(data: bytes, cipher: str, hname: str, key_bytes: int, payload_offset: int
-           ) -> list[Keyslot]:
-    """The active key slots, each checked against the header, the payload
-    and the others."""
+def _unservable(cipher: str, key_bytes: int, mk_iter: int) -> str | None:
+    if not 1 <= key_bytes <= 512:
+        return f"its key size of {key_bytes} bytes is out of range"
+    if mk_iter == 0:
+        return "its volume key digest has zero iterations"
+    try:
+        CipherSpec.parse(cipher).check_key_size(key_bytes)
+    except LuksError as e:
+        return str(e)
+    return None
+
+
+def _check_areas(raw: list[tuple[int, int, bytes, int, int]], key_bytes: int,
+                 payload_offset: int) -> None:
+    """cryptsetup's rules for every slot, active or not: 4000 stripes, key
+    material after the header, before the payload, not overlapping."""
+    sectors = -(-key_bytes * STRIPES // SECTOR)
+    for i, (_, _, _, km_offset, stripes) in enumerate(raw):
+        if stripes != STRIPES:
+            raise HeaderError(f"LUKS1 key slot {i} has {stripes} stripes (must be {STRIPES})")
+        if km_offset * SECTOR < PHDR_SIZE:
+            raise HeaderError(f"LUKS1 key slot {i} material overlaps the header")
+        if payload_offset and (payload_offset <= km_offset
+                               or payload_offset < km_offset + sectors):
+            raise HeaderError(f"LUKS1 key slot {i} material runs into the payload")
+    order = sorted(range(NUM_SLOTS), key=lambda i: raw[i][3])
+    for prev, nxt in itertools.pairwise(order):
+        if raw[nxt][3] < raw[prev][3] + sectors:
+            raise HeaderError(f"LUKS1 key slots {prev} and {nxt} overlap")
+
+
+def _slots(raw: list[tuple[int, int, bytes, int, int]], cipher: str, hname: str,
+           key_bytes: int) -> tuple[list[Keyslot], list[UnusableSlot]]:
+    """The active key slots, and those in a state we cannot use."""
     slots: list[Keyslot] = []
-    for i in range(NUM_SLOTS):
-        active, iterations, salt, km_offset, stripes = _SLOT.unpack_from(data, 208 + 48 * i)
+    unusable: list[UnusableSlot] = []
+    for i, (active, iterations, salt, km_offset, stripes) in enumerate(raw):
         if active == SLOT_INACTIVE:
             continue
         if active != SLOT_ACTIVE:
-            raise HeaderError(f"LUKS1 key slot {i} has a corrupt state {active:#x}")
-        if stripes != STRIPES:
-            raise HeaderError(f"LUKS1 key slot {i} has {stripes} stripes (expected {STRIPES})")
+            unusable.append(UnusableSlot(i, "pbkdf2", HeaderError(
+                f"LUKS1 key slot {i} has a corrupt state {active:#x}")))
+            continue
         if iterations == 0:
-            raise HeaderError(f"LUKS1 key slot {i} has zero iterations")
-        size = -(-key_bytes * stripes // SECTOR) * SECTOR
-        start = km_offset * SECTOR
-        if start < PHDR_SIZE:
-            raise HeaderError(f"LUKS1 key slot {i} material overlaps the header")
-        if payload_offset and start + size > payload_offset * SECTOR:
-            raise HeaderError(f"LUKS1 key slot {i} material runs into the payload")
-        for other in slots:
-            if start < other.area_offset + other.area_size and other.area_offset < start + size:
-                raise HeaderError(f"LUKS1 key slots {other.id} and {i} overlap")
+            unusable.append(UnusableSlot(i, "pbkdf2", HeaderError(
+                f"LUKS1 key slot {i} has zero iterations")))
+            continue
         slots.append(
             Keyslot(
-                id=i, kdf=Pbkdf2(hname, iterations, salt), area_offset=start, area_size=size,
-                area_cipher=cipher, area_key_size=key_bytes, key_size=key_bytes,
-                stripes=stripes, af_hash=hname,
+                id=i, kdf=Pbkdf2(hname, iterations, salt), area_offset=km_offset * SECTOR,
+                area_size=-(-key_bytes * stripes // SECTOR) * SECTOR, area_cipher=cipher,
+                area_key_size=key_bytes, key_size=key_bytes, stripes=stripes, af_hash=hname,
             )
         )
-    return slots
+    return slots, unusable

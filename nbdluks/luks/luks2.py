@@ -12,18 +12,29 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import Argon2MemoryError, HeaderError, NotLuksError, UnsupportedError
-from .volume import Argon2, Digest, Kdf, Keyslot, Pbkdf2, Segment, Volume
+from . import luks2_json
+from .cipher import CipherSpec
+from .errors import Argon2MemoryError, HeaderError, LuksError, NotLuksError, UnsupportedError
+from .luks2_json import BIN_SIZE
+from .volume import (
+    Argon2,
+    Digest,
+    Kdf,
+    Keyslot,
+    Pbkdf2,
+    Segment,
+    Token,
+    UnusableSlot,
+    Volume,
+)
 
 MAGIC_PRIMARY = b"LUKS\xba\xbe"
 MAGIC_SECONDARY = b"SKUL\xba\xbe"
-BIN_SIZE = 4096
 HDR_SIZES = tuple(0x4000 << i for i in range(9))  # 16 KiB .. 4 MiB
 _BIN = struct.Struct(">6sHQQ48s32s64s40s48sQ")
 CSUM_OFFSET = 448
 CSUM_SIZE = 64
 SECTOR_SIZES = (512, 1024, 2048, 4096)
-MAX_KEYSLOTS = 32
 DEFAULT_ARGON2_MAX_KIB = 4 * 1024 * 1024  # 4 GiB
 
 
@@ -58,6 +69,8 @@ def _read_copy(data: bytes, offset: int, magic: bytes, name: str) -> _Copy:
         raise HeaderError(f"{name} header size {hdr_size} is invalid")
     if hdr_offset != offset:
         raise HeaderError(f"{name} header claims offset {hdr_offset}, found at {offset}")
+    if name == "secondary" and hdr_size != offset:
+        raise HeaderError(f"secondary header of size {hdr_size} found at {offset}")
     alg = _cstr(csum_alg)
     try:
         h = hashlib.new(alg)
@@ -73,15 +86,31 @@ def _read_copy(data: bytes, offset: int, magic: bytes, name: str) -> _Copy:
     h.update(area)
     if h.digest() != stored:
         raise HeaderError(f"{name} header checksum mismatch")
-    text = area.split(b"\0", 1)[0]
-    try:
-        metadata = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise HeaderError(f"{name} header JSON is invalid: {e}") from None
-    if not isinstance(metadata, dict):
-        raise HeaderError(f"{name} header JSON is not an object")
+    metadata = _json_area(area, name)
     return _Copy(name, offset, hdr_size, seqid, _cstr(label), alg, _cstr(uuid),
                  _cstr(subsystem), metadata)
+
+
+def _json_area(area: bytes, name: str) -> dict[str, Any]:
+    """The JSON object that fills the area: it starts at the first byte, and
+    only whitespace, then NULs (at least one), follow it, as cryptsetup requires."""
+    if area[:1] != b"{":
+        raise HeaderError(f"{name} header JSON area does not start with '{{'")
+    text = area.split(b"\0", 1)[0]
+    if len(text) == len(area):
+        raise HeaderError(f"{name} header JSON area has no terminating NUL")
+    if area[len(text):].count(0) != len(area) - len(text):
+        raise HeaderError(f"{name} header JSON area holds bytes after the JSON's NUL")
+    try:
+        decoded = text.decode()
+        metadata, end = json.JSONDecoder().raw_decode(decoded)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HeaderError(f"{name} header JSON is invalid: {e}") from None
+    if decoded[end:].strip(" \t\n\r"):  # json-c takes the whitespace, not more
+        raise HeaderError(f"{name} header JSON area holds bytes after the JSON object")
+    if not isinstance(metadata, dict):
+        raise HeaderError(f"{name} header JSON is not an object")
+    return metadata
 
 
 def parse(data: bytes, *, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB) -> Volume:
@@ -104,7 +133,8 @@ def parse(data: bytes, *, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB) -> Volum
         try:
             copies.append(_read_copy(data, off, MAGIC_SECONDARY, "secondary"))
             break
-        except HeaderError as e:
+        except (HeaderError, ValueError, TypeError, KeyError, AttributeError,
+                AssertionError) as e:  # the last ones: a rule we missed; never a crash
             errors.append(str(e))
     if not copies:
         raise HeaderError("no usable LUKS2 header: " + "; ".join(errors))
@@ -113,7 +143,8 @@ def parse(data: bytes, *, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB) -> Volum
     for copy in candidates:
         try:
             vol = _volume(copy, argon2_max_kib)
-        except (HeaderError, ValueError, TypeError, KeyError, binascii.Error) as e:
+        except (HeaderError, ValueError, TypeError, KeyError, AttributeError,
+                AssertionError) as e:  # the last ones: a rule we missed; never a crash
             errors.append(f"{copy.name} header metadata: {_msg(e)}")
             continue
         warnings = []
@@ -135,24 +166,139 @@ def _msg(e: Exception) -> str:
     return str(e)
 
 
-# --- JSON validation ------------------------------------------------------
+# --- the model: what can be used, per key slot -----------------------------------
+#
+# luks2_json.validate has checked the structure (every field below exists with
+# its JSON type). What remains are values we may not be able to use: they make
+# one key slot, one digest or the segment unusable, never the whole header.
 
 
-def _obj(parent: dict[str, Any], key: str) -> dict[str, Any]:
-    value = parent[key]
-    if not isinstance(value, dict):
-        raise HeaderError(f"{key!r} is not an object")
-    return value
+def _volume(copy: _Copy, argon2_max_kib: int) -> Volume:
+    md = copy.metadata
+    luks2_json.validate(md, copy.hdr_size - BIN_SIZE)
+    seg_id = min(md["segments"], key=int)
+    segment, unservable = _segment(md, seg_id)
+    digests, broken = _digests(md["digests"], seg_id)
+    if unservable is None and not digests:
+        unservable = "no usable digest covers the data segment" + (
+            f" ({'; '.join(broken.values())})" if broken else "")
+    slots: list[Keyslot] = []
+    unusable: list[UnusableSlot] = []
+    for sid, ks in sorted(md["keyslots"].items(), key=lambda kv: int(kv[0])):
+        try:
+            slots.append(_keyslot(int(sid), ks, md["digests"], digests, broken,
+                                  argon2_max_kib))
+        except LuksError as e:
+            kind = ks["type"] if ks["type"] != "luks2" else ks["kdf"]["type"]
+            unusable.append(UnusableSlot(int(sid), kind, e, _priority(ks)))
+    config = md["config"]
+    metadata_size = 2 * copy.hdr_size + luks2_json.u64(config["keyslots_size"])
+    key_sizes = [s.key_size for s in slots]
+    return Volume(
+        version=2, uuid=copy.uuid, segment=segment, keyslots=tuple(slots),
+        digests=tuple(digests), key_size=key_sizes[0] if key_sizes else 0,
+        metadata_size=metadata_size, label=copy.label, subsystem=copy.subsystem,
+        copy=copy.name, seqid=copy.seqid, checksum_alg=copy.checksum_alg, json=md,
+        unusable=tuple(unusable), tokens=_tokens(md["tokens"]), unservable=unservable,
+    )
 
 
-def _u64(value: Any, what: str) -> int:
-    """LUKS2 stores u64 values as decimal strings."""
-    if not isinstance(value, str) or not value.isdigit() or len(value) > 20:
-        raise HeaderError(f"{what} is not a u64 string: {value!r}")
-    n = int(value)
-    if n >= 1 << 64:
-        raise HeaderError(f"{what} is out of range")
-    return n
+def _segment(md: dict[str, Any], seg_id: str) -> tuple[Segment, str | None]:
+    """The data segment, and why it cannot be served (None: it can)."""
+    seg = md["segments"][seg_id]
+    size_s = seg["size"]
+    sector_size = seg.get("sector_size", 512)
+    segment = Segment(
+        offset=luks2_json.u64(seg["offset"]),
+        size=None if size_s == "dynamic" else luks2_json.u64(size_s),
+        iv_tweak=luks2_json.strtoull(str(seg.get("iv_tweak", "0"))) or 0,
+        cipher=seg.get("encryption", ""), sector_size=sector_size,
+    )
+    mandatory = md["config"].get("requirements", {}).get("mandatory", [])
+    why = None
+    if mandatory:
+        why = ("it has mandatory requirements this server does not implement: "
+               + ", ".join(mandatory))
+    elif len(md["segments"]) != 1:
+        why = (f"it has {len(md['segments'])} segments (reencryption in progress?); only one "
+               "crypt segment is supported")
+    elif seg["type"] != "crypt":
+        why = f"segment {seg_id} has type {seg['type']!r}, not crypt"
+    elif "integrity" in seg:
+        why = f"segment {seg_id} uses dm-integrity ({seg['integrity']['type']}), not supported"
+    elif sector_size not in SECTOR_SIZES:
+        why = f"segment {seg_id} has sector size {sector_size}, not one of {SECTOR_SIZES}"
+    else:
+        try:
+            segment.cipher_spec()
+        except LuksError as e:
+            why = f"segment {seg_id}: {e}"
+    return segment, why
+
+
+def _digests(digests_j: dict[str, Any], seg_id: str
+             ) -> tuple[list[Digest], dict[str, str]]:
+    """The usable digests of the data segment, and why others are not usable."""
+    usable: list[Digest] = []
+    broken: dict[str, str] = {}
+    for did, d in digests_j.items():
+        if seg_id not in d["segments"]:
+            continue  # for some other purpose (an unbound key)
+        try:
+            if d["type"] != "pbkdf2":
+                raise UnsupportedError(f"digest type {d['type']!r} is not supported")
+            usable.append(Digest(
+                _hash(d.get("hash"), f"digest {did} hash"),
+                _int(d.get("iterations"), f"digest {did} iterations", 1, 2**32 - 1),
+                _b64(d.get("salt"), f"digest {did} salt"),
+                _b64(d.get("digest"), f"digest {did} digest"),
+                tuple(int(r) for r in d["keyslots"]),
+            ))
+        except LuksError as e:
+            broken[did] = f"digest {did}: {e}"
+    return usable, broken
+
+
+def _keyslot(sid: int, ks: dict[str, Any], digests_j: dict[str, Any], usable: list[Digest],
+             broken: dict[str, str], argon2_max_kib: int) -> Keyslot:
+    """A usable key slot, or the LuksError saying why it is not."""
+    where = f"key slot {sid}"
+    if ks["type"] != "luks2":
+        raise UnsupportedError(f"{where} has type {ks['type']!r}, not supported")
+    did = next(d for d, v in digests_j.items() if str(sid) in v["keyslots"])
+    if did in broken:
+        raise UnsupportedError(f"{where}: {broken[did]}")
+    if not any(sid in d.keyslots for d in usable):
+        raise UnsupportedError(f"{where} is not bound to the data segment (an unbound key)")
+    af, area = ks["af"], ks["area"]
+    key_size = _int(ks["key_size"], f"{where} key_size", 1, 512)
+    stripes = _int(af["stripes"], f"{where} stripes", 1, 4000)
+    a_size = luks2_json.u64(area["size"])
+    if a_size < key_size * stripes:
+        raise HeaderError(f"{where} area ({a_size} bytes) is too small for its key material")
+    spec = CipherSpec.parse(area["encryption"])
+    a_key = _int(area["key_size"], f"{where} area key_size", 1, 512)
+    spec.check_key_size(a_key)
+    return Keyslot(
+        id=sid, kdf=_kdf(ks["kdf"], f"{where} kdf", argon2_max_kib),
+        area_offset=luks2_json.u64(area["offset"]), area_size=a_size,
+        area_cipher=area["encryption"], area_key_size=a_key, key_size=key_size,
+        stripes=stripes, af_hash=_hash(af["hash"], f"{where} af hash"),
+        priority=_priority(ks),
+    )
+
+
+def _priority(ks: dict[str, Any]) -> int:
+    """0 ignore, 1 normal, 2 high; anything else counts as normal (as cryptsetup)."""
+    p = ks.get("priority")
+    return p if isinstance(p, int) and not isinstance(p, bool) and 0 <= p <= 2 else 1
+
+
+def _tokens(tokens_j: dict[str, Any]) -> tuple[Token, ...]:
+    return tuple(
+        Token(int(tid), t["type"], tuple(int(k) for k in t["keyslots"]), t)
+        for tid, t in sorted(tokens_j.items(), key=lambda kv: int(kv[0]))
+    )
 
 
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
@@ -164,7 +310,10 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
 def _b64(value: Any, what: str) -> bytes:
     if not isinstance(value, str):
         raise HeaderError(f"{what} is not base64")
-    return base64.b64decode(value, validate=True)
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise HeaderError(f"{what} is not base64") from None
 
 
 def _hash(value: Any, what: str) -> str:
@@ -196,159 +345,4 @@ def _kdf(k: dict[str, Any], where: str, argon2_max_kib: int) -> Kdf:
             _int(k["cpus"], f"{where} cpus", 1, 16),
             _b64(k["salt"], f"{where} salt"),
         )
-    raise UnsupportedError(f"{where} uses the unsupported KDF {kind!r}")
-
-
-@dataclass(frozen=True)
-class _Config:
-    keyslots_size: int
-    metadata_end: int  # both header copies
-    area_end: int  # ... and the keyslots area after them
-
-
-def _volume(copy: _Copy, argon2_max_kib: int) -> Volume:
-    md = copy.metadata
-    config = _config(copy, _obj(md, "config"))
-    segments_j = _obj(md, "segments")
-    _obj(md, "tokens")
-    seg_id, segment = _segment(segments_j)
-    slots = _keyslots(_obj(md, "keyslots"), config, argon2_max_kib)
-    digests = _digests(_obj(md, "digests"), {s.id for s in slots}, segments_j, seg_id)
-    key_sizes = {s.key_size for s in slots if any(s.id in d.keyslots for d in digests)}
-    if len(key_sizes) > 1:
-        raise HeaderError("keyslots of the segment disagree on the volume key size")
-    return Volume(
-        version=2, uuid=copy.uuid, segment=segment, keyslots=tuple(slots),
-        digests=tuple(digests), key_size=key_sizes.pop() if key_sizes else 0,
-        metadata_size=config.area_end, label=copy.label, subsystem=copy.subsystem,
-        copy=copy.name, seqid=copy.seqid, checksum_alg=copy.checksum_alg, json=md,
-    )
-
-
-def _config(copy: _Copy, config: dict[str, Any]) -> _Config:
-    json_size = _u64(config["json_size"], "config.json_size")
-    if json_size != copy.hdr_size - 4096:
-        raise HeaderError(f"config.json_size {json_size} does not match the header size")
-    keyslots_size = _u64(config["keyslots_size"], "config.keyslots_size")
-    if keyslots_size % 4096:
-        raise HeaderError("config.keyslots_size is not 4096-aligned")
-    requirements = config.get("requirements", {})
-    mandatory = requirements.get("mandatory", []) if isinstance(requirements, dict) else []
-    if mandatory:
-        raise UnsupportedError(
-            "the volume has mandatory requirements this server does not implement: "
-            + ", ".join(map(str, mandatory))
-        )
-    metadata_end = 2 * copy.hdr_size
-    return _Config(keyslots_size, metadata_end, metadata_end + keyslots_size)
-
-
-def _segment(segments_j: dict[str, Any]) -> tuple[str, Segment]:
-    if len(segments_j) != 1:
-        raise UnsupportedError(
-            f"the volume has {len(segments_j)} segments (reencryption in progress?); "
-            "only one crypt segment is supported"
-        )
-    (seg_id, seg), = segments_j.items()
-    if not isinstance(seg, dict):
-        raise HeaderError(f"segment {seg_id} is not an object")
-    if seg.get("type") != "crypt":
-        raise UnsupportedError(f"segment {seg_id} has type {seg.get('type')!r}, not crypt")
-    if "integrity" in seg:
-        raise UnsupportedError(f"segment {seg_id} uses dm-integrity, which is not supported")
-    sector_size = seg["sector_size"]
-    if sector_size not in SECTOR_SIZES:
-        raise HeaderError(f"segment {seg_id} sector_size {sector_size!r} is invalid")
-    offset = _u64(seg["offset"], "segment offset")
-    if offset % sector_size:
-        raise HeaderError(f"segment {seg_id} offset is not aligned to its sector size")
-    size_s = seg["size"]
-    size = None if size_s == "dynamic" else _u64(size_s, "segment size")
-    if size is not None and size % sector_size:
-        raise HeaderError(f"segment {seg_id} size is not a multiple of its sector size")
-    if not isinstance(seg["encryption"], str):
-        raise HeaderError(f"segment {seg_id} encryption is not a string")
-    return seg_id, Segment(offset=offset, size=size,
-                           iv_tweak=_u64(seg["iv_tweak"], "segment iv_tweak"),
-                           cipher=seg["encryption"], sector_size=sector_size)
-
-
-def _keyslots(keyslots_j: dict[str, Any], config: _Config, argon2_max_kib: int
-              ) -> list[Keyslot]:
-    slots: list[Keyslot] = []
-    for sid, ks in keyslots_j.items():
-        if not sid.isdigit() or int(sid) >= MAX_KEYSLOTS:
-            raise HeaderError(f"keyslot id {sid!r} is invalid")
-        if not isinstance(ks, dict):
-            raise HeaderError(f"keyslot {sid} is not an object")
-        slot = _keyslot(int(sid), ks, config, argon2_max_kib)
-        for other in slots:
-            if (slot.area_offset < other.area_offset + other.area_size
-                    and other.area_offset < slot.area_offset + slot.area_size):
-                raise HeaderError(f"keyslots {other.id} and {sid} overlap")
-        slots.append(slot)
-    return sorted(slots, key=lambda s: s.id)
-
-
-def _keyslot(sid: int, ks: dict[str, Any], config: _Config, argon2_max_kib: int) -> Keyslot:
-    where = f"keyslot {sid}"
-    if ks.get("type") != "luks2":
-        raise UnsupportedError(f"{where} has unsupported type {ks.get('type')!r}")
-    area = _obj(ks, "area")
-    if area.get("type") != "raw":
-        raise UnsupportedError(f"{where} area type {area.get('type')!r} is not supported")
-    af = _obj(ks, "af")
-    if af.get("type") != "luks1":
-        raise UnsupportedError(f"{where} AF type {af.get('type')!r} is not supported")
-    key_size = _int(ks["key_size"], f"{where} key_size", 1, 512)
-    stripes = _int(af["stripes"], f"{where} stripes", 1, 4000)
-    a_off = _u64(area["offset"], f"{where} area offset")
-    a_size = _u64(area["size"], f"{where} area size")
-    if a_off < config.metadata_end or a_off + a_size > config.area_end:
-        raise HeaderError(f"{where} area lies outside the keyslots area")
-    if a_off % 512 or a_size < key_size * stripes:
-        raise HeaderError(f"{where} area is misaligned or too small for its key material")
-    if not isinstance(area["encryption"], str):
-        raise HeaderError(f"{where} area encryption is not a string")
-    return Keyslot(
-        id=sid, kdf=_kdf(_obj(ks, "kdf"), f"{where} kdf", argon2_max_kib),
-        area_offset=a_off, area_size=a_size, area_cipher=area["encryption"],
-        area_key_size=_int(area["key_size"], f"{where} area key_size", 1, 512),
-        key_size=key_size, stripes=stripes, af_hash=_hash(af["hash"], f"{where} af hash"),
-        priority=_int(ks.get("priority", 1), f"{where} priority", 0, 2),
-    )
-
-
-def _digests(digests_j: dict[str, Any], slot_ids: set[int], segments_j: dict[str, Any],
-             seg_id: str) -> list[Digest]:
-    """The digests that cover the data segment (others are checked, then left)."""
-    digests: list[Digest] = []
-    for did, d in digests_j.items():
-        if not isinstance(d, dict):
-            raise HeaderError(f"digest {did} is not an object")
-        if d.get("type") != "pbkdf2":
-            raise UnsupportedError(f"digest {did} has unsupported type {d.get('type')!r}")
-        refs = d["keyslots"]
-        segs = d["segments"]
-        if not isinstance(refs, list) or not isinstance(segs, list):
-            raise HeaderError(f"digest {did} keyslots/segments are not lists")
-        for r in refs:
-            if not isinstance(r, str) or not r.isdigit() or int(r) not in slot_ids:
-                raise HeaderError(f"digest {did} names a keyslot {r!r} that does not exist")
-        for s in segs:
-            if s not in segments_j:
-                raise HeaderError(f"digest {did} names a segment {s!r} that does not exist")
-        if seg_id not in segs:
-            continue  # a digest for some other purpose (e.g. an unbound keyslot)
-        digests.append(
-            Digest(
-                _hash(d["hash"], f"digest {did} hash"),
-                _int(d["iterations"], f"digest {did} iterations", 1, 2**32 - 1),
-                _b64(d["salt"], f"digest {did} salt"),
-                _b64(d["digest"], f"digest {did} digest"),
-                tuple(int(r) for r in refs),
-            )
-        )
-    if not digests:
-        raise HeaderError("no digest covers the data segment")
-    return digests
+    raise UnsupportedError(f"{where} type {kind!r} is not supported")

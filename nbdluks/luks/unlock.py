@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from . import af
 from .cipher import CipherSpec, SectorCipher
-from .errors import UnsupportedError, WrongKeyError
+from .errors import LuksError, UnsupportedError, WrongKeyError
 from .kdf import derive
 from .volume import SECTOR, Digest, Keyslot, Volume
 
@@ -43,6 +43,9 @@ def slot_order(vol: Volume, only: int | None = None) -> list[Keyslot]:
     if only is not None:
         slot = vol.keyslot(only)
         if slot is None:
+            bad = vol.unusable_slot(only)
+            if bad is not None:
+                raise bad.reason
             raise WrongKeyError(f"key slot {only} is not active")
         return [slot]
     usable = [s for s in vol.keyslots if s.priority > 0 and vol.digests_for(s.id)]
@@ -73,27 +76,41 @@ def open_slot(vol: Volume, slot: Keyslot, passphrase: bytes | bytearray,
     return None
 
 
+class SlotsSkippedError(WrongKeyError):
+    """No usable key slot opened; others were not tried (they cannot be used)."""
+
+    def __init__(self, message: str, skipped: list[LuksError]) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+
 def unlock_with_passphrase(
     vol: Volume, passphrase: bytes | bytearray, read_area: Callable[[Keyslot], bytes],
     only_slot: int | None = None,
 ) -> Unlocked:
     slots = slot_order(vol, only_slot)
-    if not slots:
-        raise WrongKeyError("the volume has no usable key slot")
-    unsupported: list[str] = []
+    skipped: list[LuksError] = (
+        [] if only_slot is not None else [u.reason for u in vol.unusable if u.priority > 0])
+    tried = 0
     for slot in slots:
         try:
             key = open_slot(vol, slot, passphrase, read_area(slot))
         except UnsupportedError as e:
-            unsupported.append(f"key slot {slot.id}: {e}")
+            skipped.append(e)
             continue
+        tried += 1
         if key is not None:
             return Unlocked(key, slot.id)
-    if unsupported and len(unsupported) == len(slots):
-        raise UnsupportedError("; ".join(unsupported))
-    which = f"key slot {only_slot}" if only_slot is not None else "no key slot"
-    if only_slot is not None:
-        raise WrongKeyError(f"{which} does not open with this passphrase")
+    if only_slot is not None and tried:
+        raise WrongKeyError(f"key slot {only_slot} does not open with this passphrase")
+    why = "; ".join(str(e) for e in skipped)
+    if not tried:
+        if skipped:
+            raise SlotsSkippedError(f"no usable key slot ({why})", skipped)
+        raise WrongKeyError("the volume has no usable key slot")
+    if skipped:
+        raise SlotsSkippedError(f"no key slot matches this passphrase; not tried: {why}",
+                                skipped)
     raise WrongKeyError("no key slot matches this passphrase")
 
 

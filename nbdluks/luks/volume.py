@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cipher import CipherSpec
+from .errors import LuksError
 
 SECTOR = 512
 # Cap on the bytes a header probe reads: the largest LUKS2 metadata copy is
@@ -65,6 +66,27 @@ class Digest:
 
 
 @dataclass(frozen=True, slots=True)
+class UnusableSlot:
+    """A key slot the header holds validly but that cannot be used here;
+    other slots still can."""
+
+    id: int
+    type: str  # the slot's (or its KDF's) type, for inspect
+    reason: LuksError
+    priority: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A LUKS2 token: kept and shown whatever its type."""
+
+    id: int
+    type: str
+    keyslots: tuple[int, ...]
+    json: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Segment:
     offset: int
     size: int | None  # None: "dynamic", up to the end of the payload device
@@ -96,9 +118,16 @@ class Volume:
     checksum_alg: str = ""
     json: dict[str, Any] = field(default_factory=dict)  # LUKS2 metadata, for inspect
     warnings: tuple[str, ...] = ()
+    unusable: tuple[UnusableSlot, ...] = ()
+    tokens: tuple[Token, ...] = ()
+    # Why the volume, valid as a header, cannot be served (None: it can).
+    unservable: str | None = None
 
     def keyslot(self, slot_id: int) -> Keyslot | None:
         return next((k for k in self.keyslots if k.id == slot_id), None)
+
+    def unusable_slot(self, slot_id: int) -> UnusableSlot | None:
+        return next((k for k in self.unusable if k.id == slot_id), None)
 
     def digests_for(self, slot_id: int) -> tuple[Digest, ...]:
         return tuple(d for d in self.digests if slot_id in d.keyslots)
