@@ -20,6 +20,7 @@ from .dump import identity
 from .errors import NbdluksError
 from .luks import header
 from .luks.errors import HeaderError
+from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks.volume import HEADER_PROBE, Volume
 from .nbd.upstream import UpstreamOptions
 from .source import open_source, read_prefix
@@ -46,7 +47,8 @@ class HeaderCopy:
             self.dev = None
 
 
-def read_header(dev: BlockDevice, argon2_max_kib: int) -> tuple[Volume, bytes]:
+def read_header(dev: BlockDevice, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
+                ) -> tuple[Volume, bytes]:
     data = read_prefix(dev, HEADER_PROBE)
     vol = header.parse(data, argon2_max_kib=argon2_max_kib)
     if dev.size < vol.metadata_size:

@@ -131,7 +131,7 @@ def test_key_test_like_test_passphrase(tmp_path: Path) -> None:
     p = nbdluks(str(made.header), "--passphrase-file", str(good))
     assert p.returncode == 0 and "key slot 0 opened" in p.stdout
     info = inspect_json(str(made.header), "--passphrase-file", str(good))
-    assert info["key_check"] == {"ok": True, "keyslot": 0}
+    assert info["key_check"] == {"ok": True, "keyslot": 0, "source": str(made.header)}
     p = nbdluks(str(made.header), "--passphrase-file", str(bad))
     assert p.returncode == 1 and "no key slot matches this passphrase" in p.stdout
     # the passphrase never shows up
@@ -148,9 +148,13 @@ def test_key_test_like_test_passphrase(tmp_path: Path) -> None:
 def test_errors_name_the_flag_that_helps(tmp_path: Path) -> None:
     made = luks_format(tmp_path, detached=True, size=MiB, pbkdf="argon2id")
     assert made.header
-    p = nbdluks(str(made.header), "--argon2-max-memory", "8")
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert "above the cap of 8 KiB (raise --argon2-max-memory" in p.stderr
+    p = nbdluks(str(made.header), "--argon2-max-memory", "8")  # shown, the slot unusable
+    assert p.returncode == 0 and "Traceback" not in p.stderr
+    assert "0: argon2id, priority normal, UNUSABLE: key slot 0 kdf asks for" in p.stdout
+    p = nbdluks(str(made.header), "--argon2-max-memory", "8", "--key-file",
+                str(tmp_path / "vol.pass"))
+    assert p.returncode == 1
+    assert "above the cap of 8 KiB) (raise --argon2-max-memory" in p.stdout
     key = tmp_path / "short.key"
     key.write_bytes(b"0123")
     p = nbdluks(str(made.header), "--key-file", str(key), "--keyfile-size", "64")

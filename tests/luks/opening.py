@@ -9,7 +9,8 @@ from nbdluks.opener import UnlockOptions, VolumeOptions, unlock_volume
 
 def open_luks(payload: str, header: str | None, keys: UnlockOptions, *,
               read_only: bool = True) -> tuple[LuksDevice, Volume, int | None]:
-    opened = unlock_volume(payload, header, keys, VolumeOptions(read_only=read_only))
+    opened = unlock_volume(payload, [header] if header else [], keys,
+                           VolumeOptions(read_only=read_only))
     try:
         dev = opened.device()
         assert isinstance(dev, LuksDevice)

@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 
 from nbdluks.block.file import FileDevice
+from nbdluks.headers import read_header
 from nbdluks.luks import header
-from nbdluks.luks.errors import HeaderError, NotLuksError, UnsupportedError
+from nbdluks.luks.errors import Argon2MemoryError, HeaderError, NotLuksError, UnsupportedError
+from nbdluks.luks.unlock import SlotsSkippedError
 from nbdluks.luks.volume import HEADER_PROBE
-from nbdluks.opener import UnlockOptions, read_header
+from nbdluks.opener import UnlockOptions
 from tests.conftest import need, pattern
 from tests.luks.opening import open_luks
 from tests.luks.reference import Made, fill, luks_format
@@ -125,15 +127,17 @@ def test_not_luks(tmp_path: Path) -> None:
         parse_file(p)
 
 
-def test_mandatory_requirement_is_refused_by_name(luks2: Made) -> None:
+def test_unknown_mandatory_requirement_is_shown_and_refused_by_name(luks2: Made) -> None:
     assert luks2.header
     rewrite_json(luks2.header, lambda md: md["config"].update(
-        requirements={"mandatory": ["online-reencrypt-v2"]}))
-    with pytest.raises(UnsupportedError, match="online-reencrypt-v2"):
-        parse_file(luks2.header)
+        requirements={"mandatory": ["future-feature"]}))
+    vol = parse_file(luks2.header)  # inspect still shows it
+    assert vol.unservable and "future-feature" in vol.unservable
+    with pytest.raises(UnsupportedError, match=r"cannot be served: .*future-feature"):
+        open_it(luks2)
 
 
-def test_two_segments_refused(luks2: Made) -> None:
+def test_two_segments_shown_and_refused(luks2: Made) -> None:
     assert luks2.header
 
     def edit(md: dict[str, Any]) -> None:
@@ -141,31 +145,36 @@ def test_two_segments_refused(luks2: Made) -> None:
         md["segments"]["0"]["size"] = "4096"
         seg["offset"] = "4096"
         md["segments"]["1"] = seg
+        md["digests"]["0"]["segments"].append("1")
 
     rewrite_json(luks2.header, edit)
+    assert "2 segments" in (parse_file(luks2.header).unservable or "")
     with pytest.raises(UnsupportedError, match="2 segments"):
-        parse_file(luks2.header)
+        open_it(luks2)
 
 
-def test_integrity_segment_refused(luks2: Made) -> None:
+def test_integrity_segment_shown_and_refused(luks2: Made) -> None:
     assert luks2.header
     rewrite_json(luks2.header, lambda md: md["segments"]["0"].update(
         integrity={"type": "hmac(sha256)", "journal_encryption": "none",
                    "journal_integrity": "none"}))
+    assert "dm-integrity" in (parse_file(luks2.header).unservable or "")
     with pytest.raises(UnsupportedError, match="integrity"):
-        parse_file(luks2.header)
+        open_it(luks2)
 
 
-def test_hostile_argon2_memory_capped(tmp_path: Path) -> None:
+def test_hostile_argon2_memory_makes_the_slot_unusable(tmp_path: Path) -> None:
     made = luks_format(tmp_path, detached=True, size=MiB, pbkdf="argon2id")
     assert made.header
     rewrite_json(made.header, lambda md: md["keyslots"]["0"]["kdf"].update(memory=8 << 20))
-    with pytest.raises(UnsupportedError, match="above the cap"):
-        parse_file(made.header)
+    vol = parse_file(made.header)
+    assert not vol.keyslots and isinstance(vol.unusable[0].reason, Argon2MemoryError)
+    with pytest.raises(SlotsSkippedError, match="above the cap") as e:
+        open_it(made)
+    assert isinstance(e.value.skipped[0], Argon2MemoryError)
     # a lower cap refuses the original too; a raised one accepts
     rewrite_json(made.header, lambda md: md["keyslots"]["0"]["kdf"].update(memory=64))
-    with pytest.raises(UnsupportedError, match="above the cap"):
-        parse_file(made.header, argon2_max_kib=32)
+    assert parse_file(made.header, argon2_max_kib=32).unusable
     assert parse_file(made.header, argon2_max_kib=64).keyslots[0].kdf.memory == 64
 
 
@@ -174,22 +183,17 @@ def test_hostile_argon2_zero_parameters(tmp_path: Path, field: str, value: int) 
     made = luks_format(tmp_path, detached=True, size=MiB, pbkdf="argon2i")
     assert made.header
     rewrite_json(made.header, lambda md: md["keyslots"]["0"]["kdf"].update({field: value}))
-    with pytest.raises(HeaderError, match=field):
-        parse_file(made.header)
-
-
-def test_pbkdf2_zero_iterations(luks2: Made) -> None:
-    assert luks2.header
-    rewrite_json(luks2.header, lambda md: md["keyslots"]["0"]["kdf"].update(iterations=0))
-    with pytest.raises(HeaderError, match="iterations"):
-        parse_file(luks2.header)
+    vol = parse_file(made.header)
+    assert not vol.keyslots and field in str(vol.unusable[0].reason)
+    with pytest.raises(SlotsSkippedError, match=f"no usable key slot .*{field}"):
+        open_it(made)
 
 
 def test_keyslot_area_outside_keyslots_area(luks2: Made) -> None:
     assert luks2.header
     rewrite_json(luks2.header, lambda md: md["keyslots"]["0"]["area"].update(
         offset=str(1 << 40)))
-    with pytest.raises(HeaderError, match="outside the keyslots area"):
+    with pytest.raises(HeaderError, match="beyond the keyslots area"):
         parse_file(luks2.header)
 
 
@@ -203,7 +207,7 @@ def test_digest_naming_missing_keyslot(luks2: Made) -> None:
 def test_attached_segment_overlapping_header_refused(tmp_path: Path) -> None:
     made = luks_format(tmp_path, size=18 * MiB)
     rewrite_json(made.payload, lambda md: md["segments"]["0"].update(offset="4096"))
-    with pytest.raises(HeaderError, match="overlaps the header"):
+    with pytest.raises(HeaderError, match="runs into the data"):
         open_it(made)
 
 
@@ -218,17 +222,20 @@ def test_luks1_serpent_refused_by_name(tmp_path: Path) -> None:
         open_it(made)
 
 
-def test_luks1_overlapping_slots_and_bad_stripes(tmp_path: Path) -> None:
+def test_luks1_overlapping_slots_bad_stripes_and_a_corrupt_state(tmp_path: Path) -> None:
     made = luks_format(tmp_path, version=1, size=3 * MiB)
     data = bytearray(made.payload.read_bytes()[: 2 * MiB])
-    # activate slot 1 at slot 0's key material offset
-    struct.pack_into(">II32sII", data, 208 + 48, 0x00AC71F3, 1000, bytes(32),
-                     struct.unpack_from(">I", data, 208 + 40)[0], 4000)
+    # slot 1 (inactive) at slot 0's key material offset: cryptsetup refuses that too
+    km0 = struct.unpack_from(">I", data, 208 + 40)[0]
+    struct.pack_into(">I", data, 208 + 48 + 40, km0)
     with pytest.raises(HeaderError, match="overlap"):
         header.parse(bytes(data))
-    struct.pack_into(">I", data, 208 + 48 + 44, 3999)
+    made2 = luks_format(tmp_path, version=1, size=3 * MiB, name="v2")
+    data = bytearray(made2.payload.read_bytes()[: 2 * MiB])
+    struct.pack_into(">I", data, 208 + 48 * 3 + 44, 3999)
     with pytest.raises(HeaderError, match="stripes"):
         header.parse(bytes(data))
-    struct.pack_into(">I", data, 208 + 48, 0x12345678)
-    with pytest.raises(HeaderError, match="corrupt state"):
-        header.parse(bytes(data))
+    struct.pack_into(">I", data, 208 + 48 * 3 + 44, 4000)
+    struct.pack_into(">I", data, 208 + 48 * 3, 0x12345678)  # a corrupt state: unusable only
+    vol = header.parse(bytes(data))
+    assert [s.id for s in vol.keyslots] == [0] and "corrupt state" in str(vol.unusable[0].reason)
