@@ -1,4 +1,4 @@
-"""Header copies: `--header` may name several sources, e.g. the header
+"""Header copies: a volume's header may come from several sources, e.g. the header
 store and a `cryptsetup luksHeaderBackup` file on another host.
 
 Every source is read at startup. A copy that cannot be reached or is
