@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from . import evp
 from .errors import UnsupportedError
 from .evp import EvpXts
+from .hashes import digest_size
 
 try:  # moved to "decrepit" in cryptography 47+
     from cryptography.hazmat.decrepit.ciphers.algorithms import Camellia
@@ -122,7 +123,7 @@ class CipherSpec:
                 f"IV generator {ivspec!r} is not supported; supported: {SUPPORTED}"
             )
         if ivgen == "essiv":
-            if not ivhash or ivhash not in hashlib.algorithms_available:
+            if not ivhash or digest_size(ivhash) is None:
                 raise UnsupportedError(f"essiv hash {ivhash!r} is not available")
         elif ivhash:
             raise UnsupportedError(f"IV generator {ivgen!r} takes no hash")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import struct
 
 from .cipher import CipherSpec
 from .errors import HeaderError, LuksError, NotLuksError
+from .hashes import digest_size
 from .volume import SECTOR, Digest, Keyslot, Pbkdf2, Segment, UnusableSlot, Volume
 
 MAGIC = b"LUKS\xba\xbe"
@@ -37,12 +37,11 @@ _DIGEST_SIZE = 20  # LUKS_DIGESTSIZE: a hash with shorter output is refused
 def _hash_name(spec: str) -> tuple[str, str | None]:
     """The hash's name, and why we cannot use it (None: we can)."""
     name = spec.lower()
-    try:
-        size = hashlib.new(name).digest_size
-    except ValueError:
+    size = digest_size(name)
+    if size is None:
         if name in _FOREIGN_HASHES:
             return name, f"the hash {spec!r} is not available here"
-        raise HeaderError(f"LUKS1 hash {spec!r} is not supported") from None
+        raise HeaderError(f"LUKS1 hash {spec!r} is not supported")
     if size < _DIGEST_SIZE:
         raise HeaderError(f"LUKS1 hash {spec!r} is too short ({size} bytes)")
     return name, None

@@ -15,6 +15,7 @@ from typing import Any
 from . import luks2_json
 from .cipher import CipherSpec
 from .errors import Argon2MemoryError, HeaderError, LuksError, NotLuksError, UnsupportedError
+from .hashes import digest_size
 from .luks2_json import BIN_SIZE
 from .volume import (
     Argon2,
@@ -319,10 +320,8 @@ def _b64(value: Any, what: str) -> bytes:
 def _hash(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise HeaderError(f"{what} is not a string")
-    try:
-        hashlib.new(value)
-    except ValueError:
-        raise UnsupportedError(f"{what} {value!r} is not an available hash") from None
+    if digest_size(value) is None:
+        raise UnsupportedError(f"{what} {value!r} is not an available hash")
     return value
 
 

@@ -317,6 +317,7 @@ LUKS1: list[tuple[str, Callable[[bytearray], None], str]] = [
     ("an active slot with zero iterations", _slot_field(1, 4, ">I", 0), "slot 1"),
     ("a slot in a corrupt state", _slot_field(1, 0, ">I", 0x12345678), "slot 1"),
     ("a cipher we lack", _field(8, b"serpent".ljust(32, b"\0")), "unservable"),
+    ("whirlpool (OpenSSL's legacy provider)", _field(72, b"whirlpool".ljust(32, b"\0")), "ok"),
     ("a digest with zero iterations", _field(164, bytes(4)), "unservable"),
 ]
 

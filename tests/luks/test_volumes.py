@@ -52,7 +52,7 @@ def check_roundtrip(tmp_path: Path, made: Made) -> None:
     assert got == plain and slot is None
 
 
-@pytest.mark.parametrize("hash_name", ["sha1", "sha256", "sha512"])
+@pytest.mark.parametrize("hash_name", ["sha1", "sha256", "sha512", "whirlpool", "ripemd160"])
 def test_luks1_hashes(tmp_path: Path, hash_name: str) -> None:
     check_roundtrip(tmp_path, luks_format(tmp_path, version=1, hash=hash_name, size=4 * MiB))
 
