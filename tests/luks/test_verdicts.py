@@ -351,3 +351,55 @@ def test_luks1_like_cryptsetup(base1: Path, tmp_path: Path, name: str,
     if effect == "slot 1":
         assert [s.id for s in vol.keyslots] == [0] and [u.id for u in vol.unusable] == [1]
     assert (vol.unservable is not None) == (effect == "unservable"), vol.unservable
+
+
+# --- hostile metadata: a verdict, never a crash -------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 2**65) | st.text(max_size=8)
+    | st.sampled_from(["0", "1", "dynamic", "512", "crypt", "luks2", "pbkdf2", "argon2id",
+                       "raw", "luks1", "sha256", "aes-xts-plain64", "-1", " 7"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=3),
+    max_leaves=6,
+)
+
+
+def _paths(obj: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    return out
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_hostile_metadata_gets_a_verdict_never_a_crash(base: Path, data: st.DataObject
+                                                       ) -> None:
+    raw = bytearray(base.read_bytes()[: 16384 * 2 + 4096])
+    md = json.loads(bytes(raw[4096:16384]).split(b"\0", 1)[0])
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = _paths(md)
+        path = data.draw(st.sampled_from(paths))
+        obj = md
+        for key in path[:-1]:
+            obj = obj[key]
+        if data.draw(st.booleans()):
+            obj[path[-1]] = data.draw(_JSON)
+        else:
+            del obj[path[-1]]
+    text = json.dumps(md).encode()
+    if len(text) >= 16384 - 4096:
+        return
+    raw[4096:16384] = text + bytes(16384 - 4096 - len(text))
+    raw[448 : 448 + 64] = bytes(64)
+    raw[448 : 448 + 32] = hashlib.sha256(bytes(raw[:16384])).digest()
+    raw[16384:] = bytes(len(raw) - 16384)  # no secondary: the primary alone decides
+    try:
+        header.parse(bytes(raw))
+    except LuksError as e:
+        assert "not understood" not in str(e)  # every refusal by a rule
