@@ -11,10 +11,12 @@ from .nbd.handshake import TlsMode
 from .nbd.options import MiB, ServerOptions
 from .nbd.upstream import UpstreamOptions
 from .opener import UnlockOptions
+from .tokens import TokenOptions
 
 _SERVER = ServerOptions()
 _UPSTREAM = UpstreamOptions()
 _UNLOCK = UnlockOptions()
+_TOKENS = TokenOptions()
 # Worker processes by default: one per CPU, up to this many.
 MAX_DEFAULT_PROCESSES = 8
 
@@ -112,6 +114,16 @@ def _key_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--argon2-max-memory", type=int, default=_UNLOCK.argon2_max_kib,
                    metavar="KiB", help="refuse Argon2 slots that need more memory "
                    f"(default {_UNLOCK.argon2_max_kib} KiB)")
+    g = p.add_argument_group(
+        "tokens (with no key option, LUKS2 clevis tokens unlock: Tang servers, "
+        "no secret on this host)")
+    g.add_argument("--token-only", action="store_true",
+                   help="unlock only through tokens (refuses key options)")
+    g.add_argument("--token-id", type=int, metavar="N", help="use only token N")
+    g.add_argument("--token-type", metavar="TYPE", help="use only tokens of TYPE (clevis)")
+    g.add_argument("--tang-timeout", type=float, default=_TOKENS.timeout, metavar="S",
+                   help="seconds a Tang server may take to answer "
+                   f"(default {_TOKENS.timeout:.0f})")
 
 
 _SERVE_EPILOG = """\

@@ -43,6 +43,7 @@ from .probe import probe
 from .secrets import MAX_KEYFILE, KeyFileShortError
 from .serving import ServeOptions
 from .source import SourceError, is_nbd_uri
+from .tokens import UNLOCKING_TYPES, TokenError, TokenOptions
 
 log = structlog.get_logger("nbdluks")
 
@@ -57,6 +58,8 @@ def hint(e: Exception) -> str:
     if isinstance(e, Argon2MemoryError) or (isinstance(e, SlotsSkippedError) and any(
             isinstance(s, Argon2MemoryError) for s in e.skipped)):
         return " (raise --argon2-max-memory if you trust the header)"
+    if isinstance(e, TokenError) and "no token to unlock with" in str(e):
+        return " (give --passphrase-file, --key-file or --volume-key-file)"
     if isinstance(e, KeyFileShortError):
         return " (see --keyfile-size)"
     if isinstance(e, TlsFileMissingError):
@@ -74,12 +77,23 @@ def hint(e: Exception) -> str:
 
 
 def unlock_options(args: argparse.Namespace) -> UnlockOptions:
-    return UnlockOptions(
+    keys = UnlockOptions(
         passphrase_file=args.passphrase_file, key_file=args.key_file,
         keyfile_offset=args.keyfile_offset, keyfile_size=args.keyfile_size,
         volume_key_file=args.volume_key_file, key_slot=args.key_slot,
         argon2_max_kib=args.argon2_max_memory,
+        tokens=TokenOptions(token_id=args.token_id, token_type=args.token_type,
+                            timeout=args.tang_timeout),
     )
+    if keys.given() and (args.token_only or args.token_id is not None or args.token_type):
+        raise UsageError("--token-only/--token-id/--token-type unlock through tokens: "
+                         "they exclude --passphrase-file, --key-file and --volume-key-file")
+    if args.token_type and args.token_type not in UNLOCKING_TYPES:
+        raise UsageError(f"--token-type {args.token_type}: only "
+                         f"{', '.join(UNLOCKING_TYPES)} tokens can unlock here")
+    if args.tang_timeout <= 0:
+        raise UsageError("--tang-timeout must be more than 0 seconds")
+    return keys
 
 
 def volume_options(args: argparse.Namespace) -> VolumeOptions:
@@ -181,8 +195,6 @@ def open_served(args: argparse.Namespace) -> Opened:
     if not args.payload:
         raise UsageError("nothing to serve: give --payload SRC (LUKS) or --raw SRC")
     keys = unlock_options(args)
-    if not keys.given():
-        raise UsageError("give one of --passphrase-file, --key-file or --volume-key-file")
     opened = unlock_volume(args.payload, args.header or [], keys, options)
     log.info("volume unlocked", **opened.log_fields())
     return opened
@@ -330,7 +342,7 @@ def inspect(args: argparse.Namespace) -> int:
             if not all(c["ok"] and c["agrees"] for c in info["copies"]):
                 status = 1
                 valid = [first]  # never unlock through a copy of another volume
-        if keys.given():
+        if keys.given() or args.token_only or args.token_id is not None:
             info["key_check"], error = key_check(valid, keys)
             if error is not None:
                 info["key_check"]["reason"] += hint(error)

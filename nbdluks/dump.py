@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .luks.volume import Argon2, Pbkdf2, Volume
+from .clevis import pins
+from .luks.volume import Argon2, Pbkdf2, Token, Volume
 
 _PRIORITY = {0: "ignored", 1: "normal", 2: "high"}
 
@@ -24,8 +25,7 @@ def describe(vol: Volume) -> dict[str, Any]:
         "iv_tweak": seg.iv_tweak,
         "metadata_size": vol.metadata_size,
         "keyslots": [],
-        "tokens": [{"id": t.id, "type": t.type, "keyslots": list(t.keyslots)}
-                   for t in vol.tokens],
+        "tokens": [_token(t) for t in vol.tokens],
         "servable": vol.unservable is None,
         "warnings": list(vol.warnings),
     }
@@ -68,6 +68,25 @@ def describe(vol: Volume) -> dict[str, Any]:
                                 "priority": _PRIORITY[bad.priority], "reason": str(bad.reason)})
     out["keyslots"].sort(key=lambda k: k["id"])
     return out
+
+
+def _token(t: Token) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": t.id, "type": t.type, "keyslots": list(t.keyslots)}
+    if t.type == "clevis":
+        out["pins"] = pins.describe(t.json.get("jwe"))
+    return out
+
+
+def pin_text(pin: dict[str, Any]) -> str:
+    """A clevis pin tree on one line."""
+    if pin.get("pin") == "tang":
+        return f"tang {pin['url']} (key {pin['kid']})"
+    if pin.get("pin") == "sss":
+        inner = "; ".join(pin_text(p) for p in pin.get("pins", []))
+        return f"sss {pin.get('t')} of {len(pin.get('pins', []))} [{inner}]"
+    if "error" in pin:
+        return f"unreadable ({pin['error']})"
+    return f"{pin.get('pin')} (cannot unlock here)"
 
 
 def copy_info(source: str, vol: Volume | None, problem: str, first: Volume) -> dict[str, Any]:
@@ -119,8 +138,9 @@ def render_text(info: dict[str, Any]) -> str:
     if info["tokens"]:
         lines.append("Tokens:")
         for t in info["tokens"]:
+            pin = f", {pin_text(t['pins'])}" if "pins" in t else ""
             lines.append(f"  {t['id']}: {t['type']}, key slots "
-                         f"{', '.join(map(str, t['keyslots'])) or '(none)'}")
+                         f"{', '.join(map(str, t['keyslots'])) or '(none)'}{pin}")
     for w in info["warnings"]:
         lines.append(f"Warning: {w}")
     if not info["servable"]:

@@ -21,7 +21,7 @@ from .errors import NbdluksError
 from .luks import header
 from .luks.errors import HeaderError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
-from .luks.volume import HEADER_PROBE, Volume
+from .luks.volume import HEADER_PROBE, Keyslot, Volume
 from .nbd.upstream import UpstreamOptions
 from .source import open_source, read_prefix
 
@@ -40,6 +40,16 @@ class HeaderCopy:
     def problem(self) -> str:
         e = self.error
         return (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+
+    def read_area(self, slot: Keyslot) -> bytes:
+        """A key slot's area: from the bytes read already, or the device."""
+        end = slot.area_offset + slot.area_size
+        if end <= len(self.prefix):
+            return self.prefix[slot.area_offset : end]
+        assert self.dev is not None
+        buf = bytearray(slot.area_size)
+        self.dev.pread_into(memoryview(buf), slot.area_offset)
+        return bytes(buf)
 
     def close(self) -> None:
         if self.dev is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +25,11 @@ from .luks.device import LuksDevice
 from .luks.errors import LuksError, UnsupportedError, WrongKeyError
 from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
-from .luks.volume import Keyslot, Volume
+from .luks.volume import Volume
 from .nbd.upstream import UpstreamOptions
 from .secrets import ends_in_newline, read_secret
 from .source import is_nbd_uri, open_source
+from .tokens import TokenOptions, unlock_with_tokens
 
 log = structlog.get_logger("nbdluks.open")
 
@@ -45,6 +46,8 @@ class UnlockOptions:
     volume_key_file: str | None = None
     key_slot: int | None = None
     argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
+    # With no key given, LUKS2 tokens unlock (as cryptsetup open does).
+    tokens: TokenOptions = field(default_factory=TokenOptions)
 
     def given(self) -> bool:
         return bool(self.passphrase_file or self.key_file or self.volume_key_file)
@@ -70,7 +73,11 @@ class VolumeOptions:
 
 def unlock(copies: Sequence[HeaderCopy], keys: UnlockOptions) -> tuple[HeaderCopy, Unlocked]:
     """Unlock through the first copy that opens with the key (the secret is
-    read once); the error of the first copy when none does."""
+    read once), or with no key given through its tokens; the error of the
+    first copy when none does."""
+    if not keys.given():
+        return _first_copy(copies, lambda c: unlock_with_tokens(
+            _servable(c), c.read_area, keys.tokens, keys.key_slot))
     if keys.volume_key_file:
         secret = read_secret(keys.volume_key_file)
     elif keys.key_file:
@@ -79,41 +86,43 @@ def unlock(copies: Sequence[HeaderCopy], keys: UnlockOptions) -> tuple[HeaderCop
         secret = read_secret(keys.passphrase_file, first_line=True)
     else:
         raise ValueError("no key source given")
-    first: LuksError | None = None
     try:
-        for copy in copies:
-            try:
-                return copy, _unlock_copy(copy, secret, keys)
-            except LuksError as e:
-                if len(copies) > 1:
-                    log.warning("header copy does not unlock", source=copy.source, error=str(e))
-                first = first or e
+        return _first_copy(copies, lambda c: _unlock_copy(c, secret, keys))
+    except WrongKeyError as e:
+        source = keys.key_file or keys.passphrase_file
+        if source and type(e) is WrongKeyError and ends_in_newline(source):
+            raise NewlineKeyError(str(e), kept=bool(keys.key_file)) from None
+        raise
     finally:
         wipe(secret)
+
+
+def _first_copy(copies: Sequence[HeaderCopy], attempt: Callable[[HeaderCopy], Unlocked]
+                ) -> tuple[HeaderCopy, Unlocked]:
+    first: LuksError | None = None
+    for copy in copies:
+        try:
+            return copy, attempt(copy)
+        except LuksError as e:
+            if len(copies) > 1:
+                log.warning("header copy does not unlock", source=copy.source, error=str(e))
+            first = first or e
     assert first is not None
-    source = keys.key_file or keys.passphrase_file
-    if source and type(first) is WrongKeyError and ends_in_newline(source):
-        raise NewlineKeyError(str(first), kept=bool(keys.key_file)) from None
     raise first
 
 
+def _servable(copy: HeaderCopy) -> Volume:
+    assert copy.vol is not None
+    if copy.vol.unservable is not None:
+        raise UnsupportedError(f"the volume cannot be served: {copy.vol.unservable}")
+    return copy.vol
+
+
 def _unlock_copy(copy: HeaderCopy, secret: bytearray, keys: UnlockOptions) -> Unlocked:
-    vol, dev, prefix = copy.vol, copy.dev, copy.prefix
-    assert vol is not None and dev is not None
-    if vol.unservable is not None:
-        raise UnsupportedError(f"the volume cannot be served: {vol.unservable}")
-
-    def read_area(slot: Keyslot) -> bytes:
-        end = slot.area_offset + slot.area_size
-        if end <= len(prefix):
-            return prefix[slot.area_offset : end]
-        buf = bytearray(slot.area_size)
-        dev.pread_into(memoryview(buf), slot.area_offset)
-        return bytes(buf)
-
+    vol = _servable(copy)
     if keys.volume_key_file:
         return unlock_with_volume_key(vol, secret)
-    return unlock_with_passphrase(vol, secret, read_area, keys.key_slot)
+    return unlock_with_passphrase(vol, secret, copy.read_area, keys.key_slot)
 
 
 def key_check(copies: Sequence[HeaderCopy], keys: UnlockOptions
@@ -223,6 +232,8 @@ class UnlockedVolume(Opened):
             "sector_size": vol.segment.sector_size, "keyslot": self.keyslot, "size": self.size,
             "header_copy": vol.copy, "cipher_engine": self.engine,
             "key_locked_in_memory": self.key_locked,
+            "unlock_seconds": None if self.unlock_seconds is None
+            else round(self.unlock_seconds, 3),
         }
 
     def wipe(self) -> None:

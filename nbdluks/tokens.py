@@ -1,0 +1,82 @@
+"""Unlocking through LUKS2 tokens, as `cryptsetup open` does when no key is
+given: a clevis token's JWE, decrypted by its pins (Tang servers), yields
+the passphrase of the key slots the token is bound to. Nothing secret is
+stored on the serving host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from .clevis.pins import PinError, decrypt
+from .luks.errors import LuksError, UnsupportedError, WrongKeyError
+from .luks.unlock import Unlocked, unlock_with_passphrase, wipe
+from .luks.volume import Keyslot, Token, Volume
+
+log = structlog.get_logger("nbdluks.open")
+
+UNLOCKING_TYPES = ("clevis",)
+
+
+@dataclass(frozen=True)
+class TokenOptions:
+    """Which tokens may unlock, and how long a pin's server may take."""
+
+    token_id: int | None = None
+    token_type: str | None = None
+    timeout: float = 10.0  # seconds per Tang request
+
+
+class TokenError(LuksError):
+    """No token unlocked the volume: names each token's failure."""
+
+
+def candidates(vol: Volume, opts: TokenOptions) -> list[Token]:
+    tokens = [t for t in vol.tokens
+              if (opts.token_id is None or t.id == opts.token_id)
+              and (opts.token_type is None or t.type == opts.token_type)]
+    if opts.token_id is not None and not tokens:
+        raise TokenError(f"token {opts.token_id} does not exist"
+                         + (f" with type {opts.token_type!r}" if opts.token_type else ""))
+    return tokens
+
+
+def unlock_with_tokens(vol: Volume, read_area: Callable[[Keyslot], bytes], opts: TokenOptions,
+                       only_slot: int | None = None) -> Unlocked:
+    tokens = candidates(vol, opts)
+    if not tokens:
+        raise TokenError("no key was given and the volume has no token to unlock with")
+    failures = []
+    for token in tokens:
+        try:
+            return _unlock_with(vol, token, read_area, opts, only_slot)
+        except (PinError, LuksError) as e:
+            failures.append(f"token {token.id} ({token.type}): {e}")
+            log.warning("token did not unlock", token=token.id, type=token.type, error=str(e))
+    raise TokenError("no token unlocked the volume: " + "; ".join(failures))
+
+
+def _unlock_with(vol: Volume, token: Token, read_area: Callable[[Keyslot], bytes],
+                 opts: TokenOptions, only_slot: int | None) -> Unlocked:
+    if token.type not in UNLOCKING_TYPES:
+        raise UnsupportedError(f"tokens of type {token.type!r} cannot unlock here")
+    slots = [k for k in token.keyslots if only_slot is None or k == only_slot]
+    if not slots:
+        raise WrongKeyError(f"the token is not bound to key slot {only_slot}")
+    passphrase = decrypt(token.json.get("jwe"), opts.timeout)
+    try:
+        for slot in slots:
+            try:
+                unlocked = unlock_with_passphrase(vol, passphrase, read_area, slot)
+            except WrongKeyError:
+                continue
+            log.info("unlocked through a token", token=token.id, type=token.type,
+                     keyslot=unlocked.keyslot)
+            return unlocked
+    finally:
+        wipe(passphrase)
+    raise WrongKeyError("the passphrase its pins recovered opens none of key slots "
+                        + ", ".join(map(str, slots)))
