@@ -49,13 +49,16 @@ def unlock_with_tokens(vol: Volume, read_area: Callable[[Keyslot], bytes], opts:
     tokens = candidates(vol, opts)
     if not tokens:
         raise TokenError("no key was given and the volume has no token to unlock with")
-    failures = []
+    failures: list[str] = []
     for token in tokens:
         try:
-            return _unlock_with(vol, token, read_area, opts, only_slot)
+            unlocked = _unlock_with(vol, token, read_area, opts, only_slot)
         except (PinError, LuksError) as e:
             failures.append(f"token {token.id} ({token.type}): {e}")
-            log.warning("token did not unlock", token=token.id, type=token.type, error=str(e))
+            continue
+        if failures:  # (when none unlocks, the error names them all, on one line)
+            log.warning("tokens did not unlock before this one", failures=failures)
+        return unlocked
     raise TokenError("no token unlocked the volume: " + "; ".join(failures))
 
 
