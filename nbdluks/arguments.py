@@ -56,6 +56,9 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
                    help="once listening, print each listener's NBD URI on stdout")
     g.add_argument("--pid-file", metavar="F",
                    help="write the server's pid to F once listening (removed at exit)")
+    g.add_argument("--user", metavar="USER[:GROUP]",
+                   help="once the sources are open and the listeners bound, run as USER "
+                   "(start as root to read files only root may read; as nbdkit -u/-g)")
     g.add_argument("--metrics", metavar="[ADDR:]PORT",
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics and a health "
                    "check at /healthz (200 serving, 503 stopping or upstream down); "

@@ -17,9 +17,10 @@ import structlog
 from . import log as logsetup
 from . import readiness, serving, signals
 from .arguments import MAX_DEFAULT_PROCESSES, build_parser
+from .cpus import usable_cpus
 from .dump import copy_info, describe, render_text
 from .errors import NbdluksError
-from .hardening import harden_process
+from .hardening import PrivilegeError, drop_privileges, harden_process, resolve_user
 from .headers import read_copy
 from .luks.errors import Argon2MemoryError
 from .luks.unlock import SlotsSkippedError
@@ -205,7 +206,7 @@ def process_count(args: argparse.Namespace, opened: Opened) -> int:
         # One upstream connection per process: a FLUSH on one would not
         # cover another's writes unless the upstream promises multi-conn.
         return 1
-    return args.processes or min(os.cpu_count() or 1, MAX_DEFAULT_PROCESSES)
+    return args.processes or min(usable_cpus(), MAX_DEFAULT_PROCESSES)
 
 
 def bind_listeners(args: argparse.Namespace) -> list[socket.socket]:
@@ -251,11 +252,24 @@ def bind_metrics(args: argparse.Namespace) -> list[socket.socket]:
         raise UsageError(f"--metrics: cannot listen on {where}: {e.strerror}") from None
 
 
+def run_as_user(args: argparse.Namespace) -> tuple[int, int] | None:
+    if not args.user:
+        return None
+    try:
+        uid, gid = resolve_user(args.user)
+    except PrivilegeError as e:
+        raise UsageError(f"--user {args.user}: {e}") from None
+    if os.geteuid() != 0 and (uid, gid) != (os.getuid(), os.getgid()):
+        raise UsageError(f"--user {args.user}: switching users needs root")
+    return uid, gid
+
+
 def serve(args: argparse.Namespace) -> int:
     check_args(args)
     server = server_options(args)
     if args.metrics:
         metrics_address(args.metrics)  # a wrong value is refused before the unlock
+    run_as = run_as_user(args)
     opened = open_served(args)
     socks: list[socket.socket] = []
     try:
@@ -264,6 +278,8 @@ def serve(args: argparse.Namespace) -> int:
                             processes=process_count(args, opened))
         socks = bind_listeners(args)
         http = bind_metrics(args)
+        if run_as is not None and drop_privileges(*run_as):
+            log.info("running as", uid=os.getuid(), gid=os.getgid())
     except BaseException:
         cleanup(socks)
         opened.wipe()

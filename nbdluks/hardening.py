@@ -16,6 +16,8 @@ import resource
 import signal
 from typing import Any
 
+from .errors import NbdluksError
+
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_GET_DUMPABLE = 3
@@ -48,3 +50,45 @@ def stop_with_parent(parent: int) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # it died before the line above
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class PrivilegeError(NbdluksError):
+    """The user to run as cannot be switched to."""
+
+
+def resolve_user(spec: str) -> tuple[int, int]:
+    """USER[:GROUP], names or numbers, to uid and gid (the user's group by default)."""
+    import grp
+    import pwd
+
+    user, _, group = spec.partition(":")
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        uid, gid = pw.pw_uid, pw.pw_gid
+    except KeyError:
+        if not user.isdigit():
+            raise PrivilegeError(f"no user {user!r}") from None
+        uid = gid = int(user)  # a numeric user without a passwd entry (containers)
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise PrivilegeError(f"no group {group!r}") from None
+    return uid, gid
+
+
+def drop_privileges(uid: int, gid: int) -> bool:
+    """Become uid:gid for good (root only; nothing to do when already them).
+    Whatever was opened before stays usable; capabilities are gone after."""
+    if os.getuid() == uid and os.geteuid() == uid and os.getgid() == gid:
+        return False
+    if os.geteuid() != 0:
+        raise PrivilegeError(f"cannot switch to uid {uid}: not running as root")
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    if os.geteuid() != uid or os.getegid() != gid:  # never serve as root by mistake
+        raise PrivilegeError(f"switching to {uid}:{gid} did not take effect")
+    # A change of uid resets the dumpable flag: set it again.
+    harden_process()
+    return True

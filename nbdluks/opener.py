@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from .block.base import BlockDevice
+from .block.file import FileDevice
 from .block.locks import RangeLock
 from .hardening import lock_in_memory
 from .headers import HeaderCopy, read_copies
@@ -162,6 +163,7 @@ class Opened:
         self.spec = spec
         self.options = options
         self._checked: BlockDevice | None = checked
+        self._file: FileDevice | None = None  # kept open for the workers
         self.multi_process = checked.multi_open
 
     def device(self) -> BlockDevice:
@@ -178,10 +180,23 @@ class Opened:
         return dev
 
     def prepare_processes(self) -> None:
-        """In the parent, before worker processes are forked: they open their own."""
+        """In the parent, before worker processes are forked: they open their
+        own devices; a file stays open here for them to share (they may run
+        with fewer rights than it took to open it), an NBD connection does not
+        (its threads would not survive the fork)."""
         if self._checked is not None:
+            base = self.upstream(self._checked)
+            if isinstance(base, FileDevice):
+                self._file = base.reopen()
             self._checked.close()
             self._checked = None
+
+    def _source(self) -> BlockDevice:
+        """The source opened again, for one more process."""
+        if self._file is not None:
+            return self._file.reopen()
+        return open_source(self.spec, read_only=self.options.read_only,
+                           upstream=self.options.upstream)
 
     def log_fields(self) -> dict[str, Any]:
         return {"source": self.spec}
@@ -190,8 +205,7 @@ class Opened:
         """Forget secrets once no more devices will be opened."""
 
     def _open(self) -> BlockDevice:
-        return open_source(self.spec, read_only=self.options.read_only,
-                           upstream=self.options.upstream)
+        return self._source()
 
 
 def open_raw(spec: str, options: VolumeOptions) -> Opened:
@@ -215,7 +229,9 @@ class UnlockedVolume(Opened):
         # processes too (the lock's memfd is inherited over fork).
         self._rmw_lock = RangeLock()
         try:
-            checked = self._open_device(payload, options)
+            checked = self._open_device(
+                open_source(payload, read_only=options.read_only, upstream=options.upstream),
+                options)
         except BaseException:
             wipe(key)
             self._rmw_lock.close()
@@ -244,11 +260,9 @@ class UnlockedVolume(Opened):
         return dev.payload
 
     def _open(self) -> BlockDevice:
-        return self._open_device(self.spec, self.options)
+        return self._open_device(self._source(), self.options)
 
-    def _open_device(self, payload: str, options: VolumeOptions) -> LuksDevice:
-        payload_dev = open_source(payload, read_only=options.read_only,
-                                  upstream=options.upstream)
+    def _open_device(self, payload_dev: BlockDevice, options: VolumeOptions) -> LuksDevice:
         try:
             return LuksDevice(
                 payload_dev, self.vol, self.key, read_only=options.read_only,

@@ -22,7 +22,8 @@ def serve(*args: str) -> subprocess.CompletedProcess[str]:
     ("args", "code", "message"),
     [
         ((), 2, "nothing to serve"),
-        (("--payload", "/nonexistent"), 2, "give one of --passphrase-file"),
+        # no key option: tokens would unlock; the header must be read first
+        (("--payload", "/nonexistent"), 1, "No such file"),
         (("--raw", "/x", "--payload", "/y"), 2, "cannot be combined"),
         (("--raw", "/nonexistent/disk.img"), 1, "No such file"),
         (("--payload", "/nonexistent", "--key-file", "/dev/null"), 1, "No such file"),

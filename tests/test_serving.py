@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -180,3 +181,42 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _ids(pid: int) -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    return int(fields["Uid"].split()[1]), int(fields["Gid"].split()[1])  # effective
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_user_drops_root_after_opening_root_only_files(nbdluks, tmp_path: Path) -> None:
+    """Files only root may read (0600) open before the switch; every process
+    then runs as the user, and reads and writes still work."""
+    need("cryptsetup", SYSTEM_PYTHON)
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    made = luks_format(tmp_path, detached=True, size=SECTORS * 4096)
+    assert made.header
+    for f in (made.header, made.payload, tmp_path / "vol.pass"):
+        os.chmod(f, 0o600)
+    srv = nbdluks("--payload", str(made.payload), "--header", str(made.header),
+                  "--passphrase-file", str(tmp_path / "vol.pass"), "--processes", "2",
+                  "--user", "nobody")
+    kids = wait_children(srv.proc.pid, 2)
+    for pid in (srv.proc.pid, *kids):
+        assert _ids(pid) == (nobody.pw_uid, nobody.pw_gid)
+    data = pattern(64 * 1024, seed=3)
+    out = run(["qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {len(data)}", "-c",
+               f"read -P 0x5a 0 {len(data)}", srv.uri]).stdout
+    assert "verification failed" not in out and "failed" not in out
+    assert read_plain(made, 64 * 1024) == b"\x5a" * 64 * 1024
+    assert srv.stop() == 0
+
+
+def test_user_that_does_not_exist_is_refused_before_the_unlock(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "nbdluks", "serve", "--raw", "/dev/null",
+                        "--user", "no-such-user-here", "-k", str(tmp_path / "s.sock")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--user no-such-user-here: no user" in p.stderr

@@ -37,9 +37,12 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 class FileDevice(BlockDevice):
-    def __init__(self, path: str, *, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, read_only: bool = False, fd: int | None = None) -> None:
+        """Open `path`, or take over `fd` (already open on it)."""
         self.path = path
-        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self.read_only = read_only
+        self.fd = fd if fd is not None else os.open(
+            path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
             st = os.fstat(self.fd)
             self.is_block = stat.S_ISBLK(st.st_mode)
@@ -163,6 +166,11 @@ class FileDevice(BlockDevice):
             else:
                 raise
         return out
+
+    def reopen(self) -> FileDevice:
+        """Another device on the same open file (a duplicated descriptor): for
+        a worker process, which may no longer have the right to open the path."""
+        return FileDevice(self.path, read_only=self.read_only, fd=os.dup(self.fd))
 
     def close(self) -> None:
         if self.fd >= 0:
