@@ -1,17 +1,43 @@
-# nbdluks: serve a decrypted LUKS volume over NBD, rootless.
+# nbdluks: serve the decrypted contents of a LUKS volume over NBD.
+#
+# Two stages: the builder makes a virtualenv with the pinned dependencies
+# (deploy/constraints.txt, from scripts/lock) and the package; the runtime
+# stage gets only that virtualenv. No compiler reaches the image.
+FROM python:3.11-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/nbdluks
+# Dependencies first: this layer is rebuilt only when the pins change.
+COPY deploy/constraints.txt /tmp/constraints.txt
+RUN /opt/nbdluks/bin/pip install -r /tmp/constraints.txt
+COPY pyproject.toml README.md /src/
+COPY nbdluks /src/nbdluks
+RUN /opt/nbdluks/bin/pip install --no-deps /src \
+    && /opt/nbdluks/bin/pip uninstall -y pip \
+    && find /opt/nbdluks -name __pycache__ -prune -exec rm -rf {} +
+
 FROM python:3.11-slim-bookworm
-
-# cryptography and numpy come as wheels: no compiler, no system libraries.
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY nbdluks ./nbdluks
-RUN pip install --no-cache-dir . && rm -rf /src \
-    && useradd --system --uid 10809 --no-create-home nbdluks
-
-USER nbdluks
-WORKDIR /
+COPY --from=builder /opt/nbdluks /opt/nbdluks
+# A fixed uid: Kubernetes' runAsUser/fsGroup and compose's --user name it.
+RUN groupadd --system --gid 10809 nbdluks \
+    && useradd --system --uid 10809 --gid 10809 --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin nbdluks
+ENV PATH=/opt/nbdluks/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# Non-root by default. To read files only root may read (a root-owned 0600
+# passphrase), start as root with `--user nbdluks` in the command: nbdluks
+# opens everything, then drops to uid 10809 before serving (as compose does).
+USER 10809:10809
 EXPOSE 10809
+# A real NBD handshake and export info: the server answers, not just the port.
+# (With --tls require, override it with an nbds:// URI and client certificates.)
+HEALTHCHECK --interval=5s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["nbdluks", "probe", "--timeout", "4", "nbd://127.0.0.1:10809/"]
+# PID 1 is nbdluks itself: it handles SIGTERM (drain, flush, exit 0) and
+# reaps every child; it starts no other program. (An init such as tini, or
+# compose's `init: true`, could not signal it once it has switched users.)
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["nbdluks"]
-# Secrets come from files (Docker secrets), never from the command line.
+# Bound to all addresses inside the container: publish it on 127.0.0.1 only
+# (as docker-compose.yml does), or serve with --tls require.
 CMD ["serve", "--payload", "/data/payload.img", "--header", "/data/header.img", \
-     "--passphrase-file", "/run/secrets/luks_passphrase", "-b", "0.0.0.0", "-p", "10809"]
+     "--passphrase-file", "/run/secrets/luks_passphrase", "-b", "0.0.0.0", "-p", "10809", \
+     "--log-format", "json"]
