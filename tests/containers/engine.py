@@ -40,7 +40,8 @@ class Engine:
             cwd: Path | None = None, input: bytes | None = None
             ) -> subprocess.CompletedProcess[str]:
         p = subprocess.run(list(cmd), env=self.env, cwd=cwd, capture_output=True,
-                           timeout=timeout, input=input.decode() if input else None, text=True)
+                           timeout=timeout, input=input.decode() if input else None, text=True,
+                           errors="replace")
         if check and p.returncode != 0:
             raise AssertionError(f"{cmd} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
         return p

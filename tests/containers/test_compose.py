@@ -135,3 +135,24 @@ def test_stop_during_the_unlock_is_prompt_and_clean(stack: Stack) -> None:
     stack.compose("stop", "-t", "30")
     assert time.monotonic() - started < 10
     assert stack.state()["ExitCode"] == 0, stack.logs()
+
+
+@pytest.mark.vm
+def test_a_guest_kernel_attaches_the_published_export(stack: Stack) -> None:
+    """nbd-client in a VM guest, through the port the stack publishes."""
+    need("cryptsetup", "qemu-system-x86_64", "socat")
+    from tests.vm.test_vm import CHECKS, PATTERN_AT, attach, guest_pattern, run_vm
+
+    made, plain = make_data(stack.project, 0)
+    stack.compose("up", "-d", "--no-build")
+    stack.wait_healthy()
+    vm = run_vm(stack.project, stack.port,
+                f"PATTERN_AT={PATTERN_AT}\n" + attach(2, 4096) + CHECKS
+                + "nbd-client -d /dev/nbd0\n")
+    assert not [r for r in vm.results if r[0].endswith("failed")], vm.console[-3000:]
+    assert vm.get("size") == (str(SIZE),)
+    assert vm.get("sha256") == (hashlib.sha256(plain).hexdigest(),)
+    assert vm.get("readback") == (hashlib.sha256(guest_pattern()).hexdigest(),)
+    stack.compose("stop")
+    assert stack.state()["ExitCode"] == 0
+    assert read_plain(made, MiB, at=PATTERN_AT) == guest_pattern()
