@@ -35,16 +35,21 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_dockerfile_copies_existing_paths_and_runs_the_cli() -> None:
     ins = dockerfile_instructions()
     assert ins[0][0] == "FROM"
+    assert next(r for w, r in ins if w == "FROM").endswith(" AS builder")  # multi-stage
     for word, rest in ins:
-        if word == "COPY":
+        if word == "COPY" and not rest.startswith("--from="):
             for src in rest.split()[:-1]:
                 assert (ROOT / src).exists(), src
+    pins = (ROOT / "deploy" / "constraints.txt").read_text().splitlines()
+    assert any(p.startswith("cryptography==") for p in pins)
+    health = dict(ins)["HEALTHCHECK"]
+    assert json.loads(health.split("CMD", 1)[1])[:2] == ["nbdluks", "probe"]
     entry = json.loads(dict(ins)["ENTRYPOINT"])
     assert entry == ["nbdluks"]
     cmd = json.loads(dict(ins)["CMD"])
     args = build_parser().parse_args(cmd)
     assert args.command == "serve" and args.passphrase_file.startswith("/run/secrets/")
-    assert any(w == "USER" and r != "root" for w, r in ins)
+    assert ("USER", "10809:10809") in ins
 
 
 def test_compose_file_is_valid_and_uses_a_secret_file() -> None:
@@ -57,6 +62,17 @@ def test_compose_file_is_valid_and_uses_a_secret_file() -> None:
     assert "luks_passphrase" in compose["secrets"]
     assert not any("PASS" in str(e).upper() for e in svc.get("environment", []))
     assert (ROOT / svc["build"]).is_dir()
+    assert "--user" in svc["command"] and svc["cap_drop"] == ["ALL"]
+    assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
+
+
+@pytest.mark.parametrize("name", ["stores.yml", "tang.yml"])
+def test_other_compose_stacks_run_valid_commands(name: str) -> None:
+    compose = yaml.safe_load((ROOT / "deploy" / "compose" / name).read_text())
+    args = build_parser().parse_args(compose["services"]["nbdluks"]["command"])
+    assert args.command == "serve" and args.user == "nbdluks"
+    if name == "tang.yml":  # no secret at all
+        assert not args.passphrase_file and "secrets" not in compose
 
 
 def unit(name: str) -> dict[str, list[str]]:
