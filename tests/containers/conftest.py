@@ -45,6 +45,7 @@ def image(engine: Engine) -> Image:
     started = time.monotonic()
     engine.docker("build", "-q", "-t", "nbdluks:latest", str(ROOT), timeout=1200)
     took = time.monotonic() - started
+    engine.docker("image", "prune", "-f")  # the layers of earlier builds
     size = int(engine.docker("image", "inspect", "--format", "{{.Size}}",
                              "nbdluks:latest").stdout)
     print(f"\nnbdluks image: {size / 1e6:.0f} MB, built in {took:.1f} s")
