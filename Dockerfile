@@ -5,13 +5,22 @@
 # stage gets only that virtualenv. No compiler reaches the image.
 FROM python:3.11-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A compiler for the C helper (nbdluks/luks/_xtsloop.c); it stays in this
+# stage. (Python's headers come with the python image; a Debian python needs
+# python3-dev.)
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+        $(python3 -c 'import os, sysconfig; h = sysconfig.get_paths()["include"]; \
+                      print("" if os.path.exists(h + "/Python.h") else "python3-dev")') \
+    && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/nbdluks
 # Dependencies first: this layer is rebuilt only when the pins change.
 COPY deploy/constraints.txt /tmp/constraints.txt
 RUN /opt/nbdluks/bin/pip install -r /tmp/constraints.txt
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml setup.py README.md /src/
 COPY nbdluks /src/nbdluks
 RUN /opt/nbdluks/bin/pip install --no-deps /src \
+    && /opt/nbdluks/bin/python -c "import nbdluks.luks._xtsloop" \
     && /opt/nbdluks/bin/pip uninstall -y pip \
     && find /opt/nbdluks -name __pycache__ -prune -exec rm -rf {} +
 

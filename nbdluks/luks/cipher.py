@@ -173,6 +173,8 @@ class SectorCipher:
         if spec.cipher == "aes" and spec.mode == "xts":
             self._evp = evp.load(key)
         self._evp_max = EVP_MAX_UNITS.get(sector_size, EVP_ALWAYS if sector_size >= 2048 else 0)
+        if self._evp is not None and self._evp.in_c:
+            self._evp_max = EVP_ALWAYS  # the C loop beats numpy at every size
         if spec.mode == "xts":
             half = len(key) // 2
             self._data = _ecb(spec.cipher, key[:half])
@@ -198,6 +200,8 @@ class SectorCipher:
         """What does the work, for the log."""
         if self._evp is None:
             return "numpy"
+        if self._evp.in_c:
+            return "openssl-evp+c"
         return "openssl-evp" if self._evp_max == EVP_ALWAYS else "numpy+openssl-evp"
 
     # --- IVs ------------------------------------------------------------
@@ -356,8 +360,14 @@ class SectorCipher:
     def _xts_any(self, buf: bytearray | memoryview, data: np.ndarray[Any, Any], first_iv: int,
                  count: int, encrypt: bool) -> None:
         """EVP one unit at a time where that is faster, else the numpy pipeline."""
-        if self._evp is not None and count <= self._evp_max:
-            self._evp.crypt(buf, self.sector_size, self._ivs(first_iv, count), encrypt)
+        evp_ = self._evp
+        if evp_ is not None and count <= self._evp_max:
+            if evp_.in_c:
+                g = self.spec.ivgen
+                ivs = None if g in evp.C_IVGENS else self._ivs(first_iv, count)
+                evp_.crypt_c(buf, self.sector_size, first_iv, self.iv_step, g, ivs, encrypt)
+            else:
+                evp_.crypt(buf, self.sector_size, self._ivs(first_iv, count), encrypt)
         else:
             self._xts(data, first_iv, count, self._ctx(self._data, encrypt))
 

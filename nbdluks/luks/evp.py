@@ -9,6 +9,10 @@ This is an accelerator, never a requirement: without a usable libcrypto,
 `load` returns None and the numpy pipeline does all the work. Functions are
 called through `PyDLL`, which keeps the GIL: a call is shorter than
 releasing and taking back the GIL would be.
+
+With the C helper built (_xtsloop.c), the loop over units runs in C, one
+call per request with the GIL released; without it, the loop below runs
+in Python through ctypes.
 """
 
 from __future__ import annotations
@@ -17,11 +21,20 @@ import contextlib
 import ctypes
 import ctypes.util
 import threading
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+_xtsloop: ModuleType | None
+try:
+    from . import _xtsloop
+except ImportError:  # not built (no compiler): the ctypes loop serves
+    _xtsloop = None
+
 _VP = ctypes.c_void_p
+# IV generators the C helper makes itself (others come as an array of IVs).
+C_IVGENS = {"plain64": 1, "plain": 2, "plain64be": 3}
 
 
 class _Lib:
@@ -44,6 +57,9 @@ class _Lib:
         self.init.restype = ctypes.c_int
         self.update = lib.EVP_CipherUpdate
         self.update.restype = ctypes.c_int
+        # For the C helper: the functions' addresses.
+        self.init_addr = ctypes.cast(self.init, _VP).value or 0
+        self.update_addr = ctypes.cast(self.update, _VP).value or 0
 
 
 _lib: _Lib | None = None
@@ -130,6 +146,24 @@ class EvpXts:
                 raise ValueError("OpenSSL XTS failed")
             iv += 16
             p += unit
+
+    @property
+    def in_c(self) -> bool:
+        return _xtsloop is not None
+
+    def crypt_c(self, buf: bytearray | memoryview, unit: int, first: int, step: int,
+                ivgen: str, ivs: np.ndarray[Any, Any] | None, encrypt: bool) -> None:
+        """In place, the loop in C: IVs made there for the plain generators
+        (unit j: sector first + j*step), else taken from `ivs`."""
+        assert _xtsloop is not None
+        if self._closed:
+            raise ValueError("this XTS context was closed")
+        ctx = self._context(encrypt).value
+        mode = C_IVGENS.get(ivgen, 0)
+        if mode == 0 and (ivs is None or ivs.dtype != np.uint64):
+            raise ValueError("IVs are needed for this IV generator")
+        _xtsloop.crypt(self._lib.init_addr, self._lib.update_addr, ctx, buf, unit,
+                       first & 0xFFFFFFFFFFFFFFFF, step, mode, ivs if mode == 0 else None)
 
     def close(self) -> None:
         with self._lock:

@@ -128,8 +128,14 @@ def test_partial_units_are_rejected() -> None:
                           (1024, (EVP_MAX_UNITS[1024], EVP_MAX_UNITS[1024] + 1)),
                           (2048, (1, 100)), (4096, (1, 3, 200))])
 @pytest.mark.parametrize("key_bytes", [32, 64])
+@pytest.mark.parametrize("loop", ["c", "ctypes"])
 def test_evp_path_agrees_with_numpy_path(sector_size: int, counts: tuple[int, ...],
-                                         key_bytes: int) -> None:
+                                         key_bytes: int, loop: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    if loop == "ctypes":  # as without the C helper
+        monkeypatch.setattr(evp, "_xtsloop", None)
+    elif not evp._xtsloop:
+        pytest.skip("the C helper is not built")
     key = os.urandom(key_bytes)
     fast = SectorCipher(CipherSpec.parse("aes-xts-plain64"), key, sector_size)
     bulk = SectorCipher(CipherSpec.parse("aes-xts-plain64"), key, sector_size)
@@ -168,3 +174,40 @@ def test_evp_checks_buffers_before_using_pointers() -> None:
     x.close()
     with pytest.raises(ValueError):
         x.crypt(bytearray(1024), 512, ivs, encrypt=True)  # its contexts are freed
+
+
+@pytest.mark.skipif(not evp._xtsloop, reason="the C helper is not built")
+@pytest.mark.parametrize("spec", ["aes-xts-plain64", "aes-xts-plain", "aes-xts-plain64be",
+                                  "aes-xts-essiv:sha256"])
+@pytest.mark.parametrize("sector_size", [512, 4096])
+def test_c_helper_agrees_with_the_other_engines(spec: str, sector_size: int) -> None:
+    key = os.urandom(64)
+    c = SectorCipher(CipherSpec.parse(spec), key, sector_size)
+    assert c.engine == "openssl-evp+c"
+    numpy_ = SectorCipher(CipherSpec.parse(spec), key, sector_size)
+    numpy_._evp = None
+    for n, first in ((1, 0), (7, 2**32 - 3), (300, 12345)):
+        data = os.urandom(sector_size * n)
+        a, b = bytearray(data), bytearray(data)
+        c.encrypt(a, first)
+        numpy_.encrypt(b, first)
+        assert a == b == reference.crypt(data, spec, key, sector_size, first)
+        c.decrypt(a, first)
+        assert a == data
+
+
+@pytest.mark.skipif(not evp._xtsloop, reason="the C helper is not built")
+def test_c_helper_checks_its_arguments() -> None:
+    x = evp.load(os.urandom(64))
+    assert x is not None
+    with pytest.raises(TypeError):
+        x.crypt_c(memoryview(bytes(1024)), 512, 0, 1, "plain64", None, True)  # read-only
+    with pytest.raises(ValueError):
+        x.crypt_c(bytearray(1000), 500, 0, 1, "plain64", None, True)  # not 16-byte units
+    with pytest.raises(ValueError):
+        x.crypt_c(bytearray(1024), 512, 0, 1, "essiv", None, True)  # IVs needed
+    with pytest.raises(ValueError):
+        x.crypt_c(bytearray(1024), 512, 0, 1, "essiv", np.zeros((1, 2), np.uint64), True)
+    x.close()
+    with pytest.raises(ValueError):
+        x.crypt_c(bytearray(1024), 512, 0, 1, "plain64", None, True)  # contexts freed
