@@ -12,8 +12,9 @@ luks: a LUKS1 aes-xts-plain64 volume through nbdluks, nbdkit's luks filter
       through nbdluks (nobody else opens LUKS2).
 
 Workloads: sequential read (nbdcopy --no-extents to null:), sequential write
-(nbdcopy from a file; luks only) and 4 KiB random read (fio's nbd engine,
-iodepth 16, 10 s).
+(nbdcopy from a file; luks only), 4 KiB random read (fio's nbd engine,
+iodepth 16, 10 s) and, luks only, the latency of 4 KiB random reads one at a
+time (iodepth 1, 5 s: p50 and p99 in microseconds).
 """
 
 from __future__ import annotations
@@ -98,6 +99,28 @@ def rand_read(uri: str, size: int) -> float:
     return float(json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"])
 
 
+def qd1_latency(uri: str, size: int) -> tuple[float, float]:
+    """4 KiB random reads one at a time: completion latency p50, p99 (us)."""
+    out = subprocess.run(
+        ["fio", "--name=r", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
+         "--iodepth=1", f"--size={size}", "--runtime=5", "--time_based",
+         "--output-format=json"],
+        check=True, capture_output=True, text=True).stdout
+    pct = json.loads(out[out.index("{"):])["jobs"][0]["read"]["clat_ns"]["percentile"]
+    return pct["50.000000"] / 1000, pct["99.000000"] / 1000
+
+
+def latency_workloads(size: int) -> dict[str, Callable[[str], float]]:
+    """p50 and p99 from one fio run per server and round."""
+    last: dict[str, tuple[float, float]] = {}
+
+    def p50(uri: str) -> float:
+        last[uri] = qd1_latency(uri, size)
+        return last[uri][0]
+
+    return {"qd1-p50": p50, "qd1-p99": lambda uri: last[uri][1]}
+
+
 def run_rounds(servers: list[Callable[[], Server]], workloads: dict[str, Callable[[str], float]],
                rounds: int) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = {}
@@ -113,13 +136,16 @@ def run_rounds(servers: list[Callable[[], Server]], workloads: dict[str, Callabl
 
 
 def report(results: dict[str, dict[str, list[float]]], units: dict[str, str]) -> None:
+    """Ratios are nbdluks / server for rates, server / nbdluks for latencies
+    (us): above 1 is better for nbdluks either way."""
     print()
-    print(f"{'workload':14s} {'server':10s} {'median':>10s}  ratio nbdluks/server")
+    print(f"{'workload':14s} {'server':10s} {'median':>10s}  ratio (>1: nbdluks better)")
     for wname, per in results.items():
         ours = statistics.median(per["nbdluks"])
         for name, vals in per.items():
             med = statistics.median(vals)
-            ratio = "" if name == "nbdluks" else f"{ours / med:.2f}"
+            r = med / ours if units[wname] == "us" else ours / med
+            ratio = "" if name == "nbdluks" else f"{r:.2f}"
             print(f"{wname:14s} {name:10s} {med:10.1f} {units[wname]:6s} {ratio}")
 
 
@@ -171,8 +197,10 @@ def bench_luks(tmp: Path, size: int, rounds: int) -> None:
     ]
     res = run_rounds(servers, {"seq-write": lambda u: seq_write(u, str(src), size),
                                "seq-read": lambda u: seq_read(u, size),
-                               "randread-4k": lambda u: rand_read(u, size)}, rounds)
-    report(res, {"seq-read": "MiB/s", "seq-write": "MiB/s", "randread-4k": "IOPS"})
+                               "randread-4k": lambda u: rand_read(u, size),
+                               **latency_workloads(size)}, rounds)
+    report(res, {"seq-read": "MiB/s", "seq-write": "MiB/s", "randread-4k": "IOPS",
+                 "qd1-p50": "us", "qd1-p99": "us"})
     # LUKS2, 4096-byte sectors: nbdluks alone
     hdr, pay = tmp / "v2.hdr", tmp / "v2.payload"
     for p, n in ((hdr, 16 * MiB), (pay, size)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,6 +85,19 @@ def wait_listening(proc: subprocess.Popen[bytes], sock: str | None, port: int | 
             time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"server did not start listening:\n{log.read_text()}")
+
+
+def log_events(log: str, name: str) -> list[dict[str, Any]]:
+    """The JSON log records of event `name`, in order."""
+    out = []
+    for line in log.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") == name:
+            out.append(rec)
+    return out
 
 
 def children(pid: int) -> list[int]:

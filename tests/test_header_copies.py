@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, need, pattern, run
+from tests.conftest import free_port, log_events, need, pattern, run
 from tests.luks.reference import Made, fill, luks_format
 from tests.luks.test_headers import flip
 from tests.luks.test_verdicts import write_json
@@ -43,18 +43,6 @@ def served_bytes(srv_uri: str, tmp: Path) -> bytes:
     return out.read_bytes()
 
 
-def events(log: str, name: str) -> list[dict[str, object]]:
-    out = []
-    for line in log.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("event") == name:
-            out.append(rec)
-    return out
-
-
 @pytest.mark.parametrize("first", ["missing file", "unreachable NBD server", "damaged"])
 def test_the_backup_serves_when_the_first_copy_is_lost(nbdluks, tmp_path: Path,
                                                        first: str) -> None:
@@ -73,9 +61,9 @@ def test_the_backup_serves_when_the_first_copy_is_lost(nbdluks, tmp_path: Path,
     assert served_bytes(srv.uri, tmp_path) == data
     assert srv.stop() == 0
     log = srv.log_text()
-    bad = events(log, "header copy unusable")
+    bad = log_events(log, "header copy unusable")
     assert [b["source"] for b in bad] == [lost]
-    assert events(log, "header copy in use")[0]["source"] == str(backup)
+    assert log_events(log, "header copy in use")[0]["source"] == str(backup)
 
 
 def test_copies_of_different_volumes_refuse_to_start(tmp_path: Path) -> None:
@@ -104,8 +92,8 @@ def test_a_key_added_after_the_backup_opens_through_the_copy_that_has_it(
     assert served_bytes(srv.uri, tmp_path) == data
     assert srv.stop() == 0
     log = srv.log_text()
-    assert events(log, "header copy does not unlock")[0]["source"] == str(backup)
-    assert events(log, "volume unlocked")[0]["keyslot"] == 1
+    assert log_events(log, "header copy does not unlock")[0]["source"] == str(backup)
+    assert log_events(log, "volume unlocked")[0]["keyslot"] == 1
 
 
 def test_inspect_compares_copies(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ replaced."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SYSTEM_PYTHON, children, need, pattern, run, wait_children
+from tests.conftest import (
+    SYSTEM_PYTHON,
+    children,
+    log_events,
+    need,
+    pattern,
+    run,
+    wait_children,
+)
 from tests.luks.reference import fill, luks_format, read_plain
 
 MiB = 1 << 20
@@ -49,12 +56,8 @@ def expected(sectors: int) -> bytes:
 def workers(log: str) -> list[int]:
     """The worker of each negotiated connection, in order."""
     out = []
-    for line in log.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("event") == "export negotiated" and "worker" in rec:
+    for rec in log_events(log, "export negotiated"):
+        if "worker" in rec:
             out.append(rec["worker"])
     return out
 

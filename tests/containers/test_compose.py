@@ -26,17 +26,24 @@ SIZE = 32 * MiB
 
 
 class Stack:
-    def __init__(self, engine: Engine, project: Path, port: int) -> None:
+    """A compose file run as a project in a directory of its own."""
+
+    def __init__(self, engine: Engine, project: Path, port: int,
+                 file: Path = ROOT / "docker-compose.yml") -> None:
         self.engine = engine
         self.project = project
         self.port = port
+        self.file = file
         self.name = f"nbdluks{port}"
         self.engine.env = {**engine.env, "NBDLUKS_PORT": str(port)}
 
+    @property
+    def command(self) -> list[str]:
+        return ["docker-compose", "-p", self.name, "-f", str(self.file),
+                "--project-directory", str(self.project)]
+
     def compose(self, *args: str, timeout: float = 300) -> str:
-        return self.engine.run("docker-compose", "-p", self.name, "-f",
-                               str(ROOT / "docker-compose.yml"), "--project-directory",
-                               str(self.project), *args, timeout=timeout).stdout
+        return self.engine.run(*self.command, *args, timeout=timeout).stdout
 
     def container(self) -> str:
         return self.compose("ps", "-q", "nbdluks").strip()

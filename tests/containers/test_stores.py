@@ -25,26 +25,16 @@ MiB = 1 << 20
 COMPOSE = ROOT / "deploy" / "compose"
 
 
-class Stores(Stack):
-    def compose(self, *args: str, timeout: float = 300) -> str:
-        return self.engine.run("docker-compose", "-p", self.name, "-f",
-                               str(COMPOSE / "stores.yml"), "--project-directory",
-                               str(self.project), *args, timeout=timeout).stdout
-
-    def container(self) -> str:
-        return self.compose("ps", "-q", "nbdluks").strip()
-
-
 @pytest.fixture
-def stores(engine: Engine, image: Image, tmp_path: Path) -> Iterator[Stores]:
+def stores(engine: Engine, image: Image, tmp_path: Path) -> Iterator[Stack]:
     engine.docker("build", "-q", "-t", "nbdluks-nbd-tools:latest", "-f",
                   str(COMPOSE / "nbd-tools.Dockerfile"), str(COMPOSE), timeout=1200)
-    s = Stores(Engine(engine.state), tmp_path / "project", free_port())
+    s = Stack(Engine(engine.state), tmp_path / "project", free_port(), COMPOSE / "stores.yml")
     yield s
     s.compose("down", "-v", "--remove-orphans")
 
 
-def test_two_stores_with_a_certificate_gated_header(stores: Stores) -> None:
+def test_two_stores_with_a_certificate_gated_header(stores: Stack) -> None:
     need("cryptsetup", "nbdcopy", "qemu-io")
     project = stores.project
     (project / "data").mkdir(parents=True)
@@ -76,7 +66,7 @@ def test_two_stores_with_a_certificate_gated_header(stores: Stores) -> None:
 
     # the header store refuses a client without a certificate of its CA ...
     anon = subprocess.run(
-        [*stores_cmd(stores), "run", "--rm", "client", "nbdinfo", "--size",
+        [*stores.command, "run", "--rm", "client", "nbdinfo", "--size",
          "nbds://header-store/?tls-certificates=/pki/anon"],
         env=stores.engine.env, capture_output=True, text=True, timeout=120)
     assert anon.returncode != 0, anon.stdout
@@ -86,13 +76,8 @@ def test_two_stores_with_a_certificate_gated_header(stores: Stores) -> None:
     assert size.strip() == str(16 * MiB)
     # and never in the clear
     plain_try = subprocess.run(
-        [*stores_cmd(stores), "run", "--rm", "client", "nbdinfo", "--size",
+        [*stores.command, "run", "--rm", "client", "nbdinfo", "--size",
          "nbd://header-store/"], env=stores.engine.env, capture_output=True, text=True,
         timeout=120)
     assert plain_try.returncode != 0
     assert os.path.exists(project / "pki" / "ca" / "ca-key.pem")
-
-
-def stores_cmd(stores: Stores) -> list[str]:
-    return ["docker-compose", "-p", stores.name, "-f", str(COMPOSE / "stores.yml"),
-            "--project-directory", str(stores.project)]

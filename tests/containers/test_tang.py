@@ -24,18 +24,11 @@ COMPOSE = ROOT / "deploy" / "compose"
 TANGD = "/usr/libexec/tangd"
 
 
-class TangStack(Stack):
-    def compose(self, *args: str, timeout: float = 300) -> str:
-        return self.engine.run("docker-compose", "-p", self.name, "-f",
-                               str(COMPOSE / "tang.yml"), "--project-directory",
-                               str(self.project), *args, timeout=timeout).stdout
-
-
 @pytest.fixture
-def tang_stack(engine: Engine, image: Image, tmp_path: Path) -> Iterator[TangStack]:
+def tang_stack(engine: Engine, image: Image, tmp_path: Path) -> Iterator[Stack]:
     engine.docker("build", "-q", "-t", "nbdluks-tang:latest", "-f",
                   str(COMPOSE / "tang.Dockerfile"), str(COMPOSE), timeout=1200)
-    s = TangStack(Engine(engine.state), tmp_path / "project", free_port())
+    s = Stack(Engine(engine.state), tmp_path / "project", free_port(), COMPOSE / "tang.yml")
     yield s
     s.compose("down", "-v", "--remove-orphans")
 
@@ -47,7 +40,7 @@ def advertisement(db: Path) -> bytes:
     return out.split(b"\r\n\r\n", 1)[1]
 
 
-def test_no_secret_in_the_container(tang_stack: TangStack) -> None:
+def test_no_secret_in_the_container(tang_stack: Stack) -> None:
     need("cryptsetup", "clevis", "nbdcopy", TANGD)
     project = tang_stack.project
     (project / "data").mkdir(parents=True)
