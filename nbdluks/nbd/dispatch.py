@@ -27,12 +27,16 @@ from .wire import Request
 Result = Frames | BaseException
 T = TypeVar("T")
 
-# When inline requests take this long on average (a moving average, so that
-# one request the scheduler preempted does not count), inlining stops for
-# INLINE_BACKOFF seconds: the storage is slow right now (cold cache, busy
-# disk) and the loop must not block on it.
+# When INLINE_SLOW_RUN inline requests in a row each take longer than
+# INLINE_SLOW, inlining stops for INLINE_BACKOFF seconds: the storage is slow
+# right now (cold cache, busy disk) and the loop must not block on it. One
+# slow request, however slow, never does: on a loaded machine the scheduler
+# preempts the loop for milliseconds now and then, and sending every small
+# request to the threads for seconds after each such hiccup made the same
+# run of small reads 20x slower from one run to the next.
 INLINE_SLOW = 0.001
-INLINE_BACKOFF = 5.0
+INLINE_SLOW_RUN = 4
+INLINE_BACKOFF = 1.0
 
 
 class Owner(Protocol):
@@ -54,7 +58,7 @@ class Dispatcher:
         self._wakeup_lock = threading.Lock()
         self._wakeup_pending = False
         self._inline_off_until = 0.0
-        self._inline_avg = 0.0
+        self._inline_slow = 0  # inline requests slower than INLINE_SLOW in a row
 
     def submit(self, owner: Owner, dev: BlockDevice, req: Request, neg: Negotiated) -> None:
         """Run a valid request; `owner.complete` gets its result on the loop
@@ -80,10 +84,13 @@ class Dispatcher:
         except Exception as e:
             return e
         finally:
-            self._inline_avg += (time.perf_counter() - t - self._inline_avg) * 0.1
-            if self._inline_avg > INLINE_SLOW:
-                self._inline_off_until = self.loop.time() + INLINE_BACKOFF
-                self._inline_avg = 0.0
+            if time.perf_counter() - t <= INLINE_SLOW:
+                self._inline_slow = 0
+            else:
+                self._inline_slow += 1
+                if self._inline_slow >= INLINE_SLOW_RUN:
+                    self._inline_off_until = self.loop.time() + INLINE_BACKOFF
+                    self._inline_slow = 0
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run blocking work (a final flush) on the pool."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nbdluks.block.file import FileDevice
 from nbdluks.nbd.constants import Cmd, TxFlag
-from nbdluks.nbd.dispatch import Dispatcher
+from nbdluks.nbd.dispatch import INLINE_BACKOFF, INLINE_SLOW_RUN, Dispatcher
 from nbdluks.nbd.handshake import ExportInfo, Negotiated
 from nbdluks.nbd.wire import Request
 
@@ -42,16 +42,20 @@ def test_inlining_backs_off_only_when_the_storage_stays_slow(tmp_path: Path) -> 
 
         for _ in range(20):
             read()
-        dev.delay = 0.002  # one request preempted for a few ms: still inline
-        read()
-        dev.delay = 0.0
-        read()
+        for delay in (0.002, 0.05):  # one request preempted, even long: still inline
+            dev.delay = delay
+            read()
+            dev.delay = 0.0
+            read()
         dev.delay = 0.006  # the disk is slow now: a few of those, then threads
         slow = 0
         while dispatch.may_inline(dev, req):
             read()
             slow += 1
-            assert slow <= 5, "still inline after 5 slow reads"
+            assert slow <= INLINE_SLOW_RUN, f"still inline after {slow} slow reads"
+        dev.delay = 0.0
+        await asyncio.sleep(INLINE_BACKOFF + 0.05)  # and after a while, inline again
+        read()
         dev.close()
         dispatch.shutdown()
 
