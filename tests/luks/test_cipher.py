@@ -211,3 +211,9 @@ def test_c_helper_checks_its_arguments() -> None:
     x.close()
     with pytest.raises(ValueError):
         x.crypt_c(bytearray(1024), 512, 0, 1, "plain64", None, True)  # contexts freed
+
+
+def test_the_c_helper_is_built_where_ci_runs() -> None:
+    """CI installs a compiler: there the C path must be the one tested."""
+    if os.environ.get("CI") and evp._xtsloop is None:
+        pytest.fail("nbdluks/luks/_xtsloop.c was not built (setup.py build_ext)")
