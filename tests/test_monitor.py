@@ -16,7 +16,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nbdluks.monitor import Monitor, respond
-from nbdluks.nbd import stats
 from nbdluks.nbd.constants import Cmd, Errno
 from nbdluks.nbd.stats import StatsTable
 from tests.conftest import SYSTEM_PYTHON, free_port, need, run, wait_listening
@@ -46,9 +45,10 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
 def test_exposition_parses_and_counts_what_was_recorded() -> None:
     table = StatsTable(2)
     a, b = table.slot(0), table.slot(1)
-    a.request(Cmd.READ, 0, 300_000)
+    a.request(Cmd.READ, 0, 300_000, 4096)
     b.request(Cmd.READ, Errno.EIO, 20_000_000)
-    a.add(stats.BYTES_READ, 4096)
+    a.flush()
+    b.flush()
     b.opened()
     b.upstream(True)
     text = respond(Monitor(table, 0.25, "payload"), b"GET /metrics HTTP/1.1\r\n\r\n", True)
@@ -236,3 +236,34 @@ def test_healthz_follows_the_upstream(nbdluks, tmp_path: Path) -> None:
     finally:
         upstream.kill()
         upstream.wait()
+
+
+HOLDER = r"""
+import nbd, sys, time
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for i in range(5):
+    h.pread(4096, i * 4096)
+print("done", flush=True)
+time.sleep(30)
+"""
+
+
+def test_counts_of_open_connections_show_within_a_second(nbdluks, tmp_path: Path) -> None:
+    need(SYSTEM_PYTHON)
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(MiB))
+    port = free_port()
+    srv = nbdluks("--raw", str(disk), "--processes", "1", "--metrics", str(port))
+    holder = subprocess.Popen([SYSTEM_PYTHON, "-c", HOLDER, srv.uri], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "done"
+        # the connection stays open: the periodic flush publishes its reads
+        wait_for(lambda: sample(parse(scrape(port)[1]), "nbdluks_requests_total",
+                                command="read") == 5, "the reads to show", timeout=5)
+        assert sample(parse(scrape(port)[1]), "nbdluks_connections_active") == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert srv.stop() == 0

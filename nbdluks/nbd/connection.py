@@ -144,6 +144,7 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
         self.shared.registry.release(self)
         self.shared.stats.closed()
+        self.shared.stats.flush()  # so that what a client did shows once it is gone
         self._release_all()
         # A connection that only negotiated (a probe, a health check) is noise.
         report = self.log.info if self.requests else self.log.debug
@@ -374,7 +375,7 @@ class Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.inflight -= 1
         self.inflight_bytes -= _cost(req)
-        err = Errno.OK
+        err, data = Errno.OK, 0
         if isinstance(result, OSError):
             err = errno_to_nbd(result.errno)
             self.failures += 1
@@ -396,12 +397,10 @@ class Connection(asyncio.Protocol):
         else:
             frames = result
             if req.cmd == Cmd.READ:
-                self.bytes_read += req.length
-                self.shared.stats.add(stats.BYTES_READ, req.length)
+                self.bytes_read += (data := req.length)
             elif req.cmd == Cmd.WRITE:
-                self.bytes_written += req.length
-                self.shared.stats.add(stats.BYTES_WRITTEN, req.length)
-        self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started)
+                self.bytes_written += (data := req.length)
+        self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started, data)
         self._send(frames)
         del frames, result
         self._give_back(req)

@@ -25,6 +25,9 @@ from .tls import TlsConfigError
 
 log = structlog.get_logger("nbdluks.server")
 
+# Seconds between flushes of a process's request counts to the shared table.
+STATS_FLUSH = 0.5
+
 
 class NbdServer:
     def __init__(self, exports: Iterable[Export], options: ServerOptions,
@@ -40,6 +43,12 @@ class NbdServer:
                              stats=stats or StatsTable().slot(0))
         self.listeners: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
+        self._tick()  # counts reach the shared table at least this often
+
+    def _tick(self) -> None:
+        self.shared.stats.flush()
+        if not self._stop.is_set():
+            self.loop.call_later(STATS_FLUSH, self._tick)
 
     @property
     def stopping(self) -> bool:
@@ -153,5 +162,6 @@ class NbdServer:
                     log.error("final flush failed", export=export.name, error=e.strerror)
                     status = 1
         self.dispatcher.shutdown()
+        self.shared.stats.flush()
         log.info("server stopped")
         return status

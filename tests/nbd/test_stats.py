@@ -17,10 +17,10 @@ def test_counts_of_forked_processes_add_up_exactly() -> None:
         if pid == 0:
             s = table.slot(i)
             for _ in range(1000 * (i + 1)):
-                s.request(Cmd.READ, 0, 50_000)
-                s.add(stats.BYTES_READ, 4096)
+                s.request(Cmd.READ, 0, 50_000, 4096)
             s.request(Cmd.WRITE, Errno.ENOSPC, 2_000_000)
             s.opened()
+            s.flush()
             os._exit(0)
         pids.append(pid)
     for pid in pids:
@@ -41,6 +41,7 @@ def test_latency_buckets_are_cumulative_and_bounded_by_le() -> None:
     # exactly 0.0001 s (in le="0.0001"), just over, beyond the last bound (+Inf only)
     for ns in (100_000, 100_001, 60 * 10**9):
         one.request(Cmd.FLUSH, 0, ns)
+    one.flush()
     counts, total_ns = table.totals().latency(Cmd.FLUSH)
     assert counts[0] == 1 and counts[1] == 2 and counts[-2] == 2 and counts[-1] == 3
     assert total_ns == 100_000 + 100_001 + 60 * 10**9
@@ -48,7 +49,10 @@ def test_latency_buckets_are_cumulative_and_bounded_by_le() -> None:
 
 def test_unknown_commands_and_errnos_have_a_row() -> None:
     table = StatsTable()
-    table.slot(0).request(200, 99, 1)
+    s = table.slot(0)
+    s.request(200, 99, 1)
+    assert table.totals().requests(COMMANDS.index("unknown")) == 0  # not flushed yet
+    s.flush()
     t = table.totals()
     assert t.requests(COMMANDS.index("unknown")) == 1
     assert t.errors(COMMANDS.index("unknown")) == [(Errno.EIO, 1)]
