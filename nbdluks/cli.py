@@ -44,7 +44,7 @@ from .probe import probe
 from .secrets import MAX_KEYFILE, KeyFileShortError
 from .serving import ServeOptions
 from .source import SourceError, is_nbd_uri
-from .tokens import UNLOCKING_TYPES, TokenError, TokenOptions
+from .tokens import UNLOCKING_TYPES, NoTokenError, TokenOptions
 
 log = structlog.get_logger("nbdluks")
 
@@ -59,7 +59,7 @@ def hint(e: Exception) -> str:
     if isinstance(e, Argon2MemoryError) or (isinstance(e, SlotsSkippedError) and any(
             isinstance(s, Argon2MemoryError) for s in e.skipped)):
         return " (raise --argon2-max-memory if you trust the header)"
-    if isinstance(e, TokenError) and "no token to unlock with" in str(e):
+    if isinstance(e, NoTokenError):
         return " (give --passphrase-file, --key-file or --volume-key-file)"
     if isinstance(e, KeyFileShortError):
         return " (see --keyfile-size)"

@@ -34,6 +34,10 @@ class TokenError(LuksError):
     """No token unlocked the volume: names each token's failure."""
 
 
+class NoTokenError(TokenError):
+    """No key was given, and the volume has no token that could unlock it."""
+
+
 def candidates(vol: Volume, opts: TokenOptions) -> list[Token]:
     tokens = [t for t in vol.tokens
               if (opts.token_id is None or t.id == opts.token_id)
@@ -48,7 +52,7 @@ def unlock_with_tokens(vol: Volume, read_area: Callable[[Keyslot], bytes], opts:
                        only_slot: int | None = None) -> Unlocked:
     tokens = candidates(vol, opts)
     if not tokens:
-        raise TokenError("no key was given and the volume has no token to unlock with")
+        raise NoTokenError("no key was given and the volume has no token to unlock with")
     failures: list[str] = []
     for token in tokens:
         try:
