@@ -22,6 +22,10 @@ from .nbd.stats import COMMANDS, Totals
 # A request head larger than this, or slower than this, is dropped.
 _MAX_HEAD = 8192
 _TIMEOUT = 5.0
+# HTTP connections a process answers at once; more are closed at once (a
+# flood of idle connections must not cost the NBD clients file descriptors).
+MAX_HTTP = 32
+_open = 0
 _SERVED = [c for c in COMMANDS if c != "DISC"]  # DISC is not a request with a reply
 
 
@@ -146,6 +150,11 @@ def _response(status: int, body: str, ctype: str = "text/plain; charset=utf-8",
 
 async def _answer(monitor: Monitor, serving: Callable[[], bool],
                   reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    global _open
+    if _open >= MAX_HTTP:
+        writer.transport.abort()
+        return
+    _open += 1
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
         writer.write(respond(monitor, head, serving()))
@@ -154,6 +163,7 @@ async def _answer(monitor: Monitor, serving: Callable[[], bool],
             ConnectionError):
         pass  # a client that went away, or never asked
     finally:
+        _open -= 1
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()

@@ -267,3 +267,37 @@ def test_counts_of_open_connections_show_within_a_second(nbdluks, tmp_path: Path
         holder.kill()
         holder.wait()
     assert srv.stop() == 0
+
+
+def test_a_flood_of_idle_http_connections_is_capped(nbdluks, tmp_path: Path) -> None:
+    import socket
+
+    from nbdluks.monitor import MAX_HTTP
+
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(MiB))
+    port = free_port()
+    srv = nbdluks("--raw", str(disk), "--processes", "1", "--metrics", str(port))
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_HTTP + 8)]
+    try:
+        for s in idle:
+            s.settimeout(2)
+        closed = 0
+        for s in idle[MAX_HTTP:]:  # past the cap: closed at once, not after the timeout
+            try:
+                closed += s.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+        assert closed == 8
+    finally:
+        for s in idle:
+            s.close()
+
+    def answers() -> bool:  # once the server has seen the idle ones go
+        try:
+            return scrape(port, "/healthz")[0] == 200
+        except OSError:  # still full: closed at once
+            return False
+
+    wait_for(answers, "answers again")
+    assert srv.stop() == 0
