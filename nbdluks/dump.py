@@ -94,12 +94,7 @@ def copy_info(source: str, vol: Volume | None, problem: str, first: Volume) -> d
     if vol is None:
         return {"source": source, "ok": False, "agrees": False, "error": problem}
     return {"source": source, "ok": True, "uuid": vol.uuid, "seqid": vol.seqid,
-            "agrees": identity(vol) == identity(first)}
-
-
-def identity(vol: Volume) -> tuple[str, frozenset[tuple[bytes, bytes]]]:
-    """What makes two headers the same volume: UUID and volume-key digests."""
-    return vol.uuid, frozenset((d.salt, d.digest) for d in vol.digests)
+            "agrees": vol.identity() == first.identity()}
 
 
 def render_text(info: dict[str, Any]) -> str:

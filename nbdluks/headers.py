@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import structlog
 
 from .block.base import BlockDevice
-from .dump import identity
 from .errors import NbdluksError
 from .luks import header
 from .luks.errors import HeaderError
@@ -100,7 +99,7 @@ def read_copies(sources: Sequence[str], argon2_max_kib: int,
         assert first.vol is not None
         for c in valid[1:]:
             assert c.vol is not None
-            if identity(c.vol) != identity(first.vol):
+            if c.vol.identity() != first.vol.identity():
                 what = "UUID" if c.vol.uuid != first.vol.uuid else "volume key digest"
                 raise HeaderError(f"header copies {first.source} and {c.source} are of "
                                   f"different volumes (their {what} differs): refusing to mix")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, log_events, need, pattern, run
-from tests.luks.reference import Made, fill, luks_format
+from tests.luks.reference import Made, add_key, fill, luks_format
 from tests.luks.test_headers import flip
 from tests.luks.test_verdicts import write_json
 
@@ -84,9 +84,7 @@ def test_a_key_added_after_the_backup_opens_through_the_copy_that_has_it(
     made, data, backup = volume(tmp_path)
     assert made.header
     (tmp_path / "new.pass").write_bytes(b"added later")
-    run(["cryptsetup", "luksAddKey", "-q", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
-         "1000", "--key-file", str(tmp_path / "vol.pass"), str(made.header),
-         str(tmp_path / "new.pass")])
+    add_key(made.header, tmp_path / "vol.pass", tmp_path / "new.pass")
     srv = nbdluks("--payload", str(made.payload), "--header", str(backup), "--header",
                   str(made.header), "--key-file", str(tmp_path / "new.pass"))
     assert served_bytes(srv.uri, tmp_path) == data
@@ -122,9 +120,7 @@ def test_an_unusable_slot_next_to_a_good_one(nbdluks, tmp_path: Path) -> None:
     made, data, _ = volume(tmp_path)
     assert made.header
     (tmp_path / "p1").write_bytes(b"slot one")
-    run(["cryptsetup", "luksAddKey", "-q", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
-         "1000", "--key-file", str(tmp_path / "vol.pass"), str(made.header),
-         str(tmp_path / "p1")])
+    add_key(made.header, tmp_path / "vol.pass", tmp_path / "p1")
     write_json(made.header, lambda md: md["keyslots"]["1"]["kdf"].update(type="argon2"))
     run(["cryptsetup", "luksDump", str(made.header)])  # cryptsetup takes it too
     srv = nbdluks("--payload", str(made.payload), "--header", str(made.header),

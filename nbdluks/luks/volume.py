@@ -126,6 +126,10 @@ class Volume:
     def keyslot(self, slot_id: int) -> Keyslot | None:
         return next((k for k in self.keyslots if k.id == slot_id), None)
 
+    def identity(self) -> tuple[str, frozenset[tuple[bytes, bytes]]]:
+        """What makes two headers the same volume: UUID and volume-key digests."""
+        return self.uuid, frozenset((d.salt, d.digest) for d in self.digests)
+
     def unusable_slot(self, slot_id: int) -> UnusableSlot | None:
         return next((k for k in self.unusable if k.id == slot_id), None)
 

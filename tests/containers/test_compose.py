@@ -89,6 +89,16 @@ def make_data(project: Path, owner: int) -> tuple[Made, bytes]:
     return made, plain
 
 
+def stack_with_tools(engine: Engine, tmp_path: Path, tag: str, dockerfile: Path,
+                     file: Path) -> Iterator[Stack]:
+    """A stack whose other services run an image built from `dockerfile`."""
+    engine.docker("build", "-q", "-t", tag, "-f", str(dockerfile), str(dockerfile.parent),
+                  timeout=1200)
+    s = Stack(Engine(engine.state), tmp_path / "project", free_port(), file)
+    yield s
+    s.compose("down", "-v", "--remove-orphans")
+
+
 @pytest.fixture
 def stack(engine: Engine, image: Image, tmp_path: Path) -> Iterator[Stack]:
     s = Stack(Engine(engine.state), tmp_path / "project", free_port())

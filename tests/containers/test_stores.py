@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, need, pattern, run
+from tests.conftest import need, pattern, run
 from tests.containers.conftest import ROOT, Image
 from tests.containers.engine import Engine
-from tests.containers.test_compose import Stack
+from tests.containers.test_compose import Stack, stack_with_tools
 from tests.luks.reference import fill, luks_format, read_plain
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -27,11 +27,8 @@ COMPOSE = ROOT / "deploy" / "compose"
 
 @pytest.fixture
 def stores(engine: Engine, image: Image, tmp_path: Path) -> Iterator[Stack]:
-    engine.docker("build", "-q", "-t", "nbdluks-nbd-tools:latest", "-f",
-                  str(COMPOSE / "nbd-tools.Dockerfile"), str(COMPOSE), timeout=1200)
-    s = Stack(Engine(engine.state), tmp_path / "project", free_port(), COMPOSE / "stores.yml")
-    yield s
-    s.compose("down", "-v", "--remove-orphans")
+    yield from stack_with_tools(engine, tmp_path, "nbdluks-nbd-tools:latest",
+                                COMPOSE / "nbd-tools.Dockerfile", COMPOSE / "stores.yml")
 
 
 def test_two_stores_with_a_certificate_gated_header(stores: Stack) -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, need, pattern, run
+from tests.conftest import need, pattern, run
 from tests.containers.conftest import ROOT, Image
 from tests.containers.engine import Engine
-from tests.containers.test_compose import Stack
+from tests.containers.test_compose import Stack, stack_with_tools
 from tests.luks.reference import fill, luks_format
 
 pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -26,11 +26,8 @@ TANGD = "/usr/libexec/tangd"
 
 @pytest.fixture
 def tang_stack(engine: Engine, image: Image, tmp_path: Path) -> Iterator[Stack]:
-    engine.docker("build", "-q", "-t", "nbdluks-tang:latest", "-f",
-                  str(COMPOSE / "tang.Dockerfile"), str(COMPOSE), timeout=1200)
-    s = Stack(Engine(engine.state), tmp_path / "project", free_port(), COMPOSE / "tang.yml")
-    yield s
-    s.compose("down", "-v", "--remove-orphans")
+    yield from stack_with_tools(engine, tmp_path, "nbdluks-tang:latest",
+                                COMPOSE / "tang.Dockerfile", COMPOSE / "tang.yml")
 
 
 def advertisement(db: Path) -> bytes:

@@ -115,6 +115,13 @@ def dump_offset(path: Path) -> tuple[int, int]:
     return offset, sector
 
 
+def add_key(target: Path, keyfile: Path, new_keyfile: Path) -> None:
+    """cryptsetup luksAddKey with a fast PBKDF2 slot (LUKS1 or LUKS2)."""
+    subprocess.run(["cryptsetup", "luksAddKey", "-q", "--pbkdf", "pbkdf2",
+                    "--pbkdf-force-iterations", "1000", "--key-file", str(keyfile),
+                    str(target), str(new_keyfile)], check=True, capture_output=True)
+
+
 def luks_format(tmp: Path, *, version: int = 2, cipher: str = "aes-xts-plain64",
                 key_bits: int = 512, sector_size: int | None = None, pbkdf: str = "pbkdf2",
                 hash: str = "sha256", detached: bool = False, size: int = 8 << 20,

@@ -25,7 +25,7 @@ from nbdluks.luks import header
 from nbdluks.luks.errors import LuksError
 from nbdluks.luks.volume import HEADER_PROBE, Volume
 from tests.conftest import need
-from tests.luks.reference import luks_format
+from tests.luks.reference import add_key, luks_format
 
 MiB = 1 << 20
 Md = dict[str, Any]
@@ -82,9 +82,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     made = luks_format(tmp, detached=True, size=MiB)
     assert made.header
     (tmp / "pass2").write_bytes(b"second")
-    subprocess.run(["cryptsetup", "luksAddKey", "-q", "--pbkdf", "pbkdf2",
-                    "--pbkdf-force-iterations", "1000", "--key-file", str(tmp / "vol.pass"),
-                    str(made.header), str(tmp / "pass2")], check=True, capture_output=True)
+    add_key(made.header, tmp / "vol.pass", tmp / "pass2")
     (tmp / "token.json").write_text(json.dumps({"type": "example", "keyslots": ["1"]}))
     subprocess.run(["cryptsetup", "token", "import", "--json-file", str(tmp / "token.json"),
                     str(made.header)], check=True, capture_output=True)
@@ -329,9 +327,7 @@ def base1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("verdicts1")
     made = luks_format(tmp, version=1, size=3 * MiB)
     (tmp / "pass2").write_bytes(b"second")
-    subprocess.run(["cryptsetup", "luksAddKey", "-q", "--pbkdf-force-iterations", "1000",
-                    "--key-file", str(tmp / "vol.pass"), str(made.payload),
-                    str(tmp / "pass2")], check=True, capture_output=True)
+    add_key(made.payload, tmp / "vol.pass", tmp / "pass2")
     return made.payload
 
 
