@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nbdluks.cli import build_parser
+from nbdluks.cli.main import build_parser
 from tests.conftest import free_port, need, run, wait_listening
 from tests.luks.reference import luks_format
 

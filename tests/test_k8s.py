@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nbdluks.cli import build_parser
+from nbdluks.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nbdluks.luks.device import LuksDevice
 from nbdluks.luks.volume import Volume
-from nbdluks.opener import UnlockOptions, VolumeOptions, unlock_volume
+from nbdluks.unlock.opener import UnlockOptions, VolumeOptions, unlock_volume
 
 
 def open_luks(payload: str, header: str | None, keys: UnlockOptions, *,

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from nbdluks.block.file import FileDevice
-from nbdluks.headers import read_header
 from nbdluks.luks import header
 from nbdluks.luks.errors import Argon2MemoryError, HeaderError, NotLuksError, UnsupportedError
 from nbdluks.luks.unlock import SlotsSkippedError
 from nbdluks.luks.volume import HEADER_PROBE
-from nbdluks.opener import UnlockOptions
+from nbdluks.unlock.headers import read_header
+from nbdluks.unlock.opener import UnlockOptions
 from tests.conftest import need, pattern
 from tests.luks.opening import open_luks
 from tests.luks.reference import Made, fill, luks_format

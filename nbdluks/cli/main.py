@@ -14,24 +14,24 @@ from collections.abc import Sequence
 
 import structlog
 
-from . import log as logsetup
-from . import readiness, serving, signals
-from .arguments import MAX_DEFAULT_PROCESSES, build_parser
-from .cpus import usable_cpus
-from .dump import copy_info, describe, render_text
-from .errors import NbdluksError
-from .hardening import PrivilegeError, drop_privileges, harden_process, resolve_user
-from .headers import read_copy
-from .luks.errors import Argon2MemoryError
-from .luks.unlock import SlotsSkippedError
-from .nbd.constants import DEFAULT_PORT
-from .nbd.handshake import TlsMode
-from .nbd.listen import Listen, activated, address, bind, cleanup
-from .nbd.options import MiB, ServerOptions
-from .nbd.tls import ServerCredentials, TlsConfigError, TlsFileMissingError
-from .nbd.upstream import UpstreamOptions
-from .nbd.uri import UriError, parse_uri
-from .opener import (
+from .. import signals
+from ..daemon import log as logsetup
+from ..daemon import readiness, serving
+from ..daemon.cpus import usable_cpus
+from ..daemon.hardening import PrivilegeError, drop_privileges, harden_process, resolve_user
+from ..daemon.serving import ServeOptions
+from ..errors import NbdluksError
+from ..luks.errors import Argon2MemoryError
+from ..luks.unlock import SlotsSkippedError
+from ..nbd.constants import DEFAULT_PORT
+from ..nbd.handshake import TlsMode
+from ..nbd.listen import Listen, activated, address, bind, cleanup
+from ..nbd.options import MiB, ServerOptions
+from ..nbd.tls import ServerCredentials, TlsConfigError, TlsFileMissingError
+from ..nbd.upstream import UpstreamOptions
+from ..nbd.uri import UriError, parse_uri
+from ..unlock.headers import read_copy
+from ..unlock.opener import (
     NewlineKeyError,
     Opened,
     UnlockOptions,
@@ -40,11 +40,12 @@ from .opener import (
     open_raw,
     unlock_volume,
 )
+from ..unlock.secrets import MAX_KEYFILE, KeyFileShortError
+from ..unlock.sources import SourceError, is_nbd_uri
+from ..unlock.tokens import UNLOCKING_TYPES, NoTokenError, TokenOptions
+from .arguments import MAX_DEFAULT_PROCESSES, build_parser
+from .inspect import copy_info, describe, render_text
 from .probe import probe
-from .secrets import MAX_KEYFILE, KeyFileShortError
-from .serving import ServeOptions
-from .source import SourceError, is_nbd_uri
-from .tokens import UNLOCKING_TYPES, NoTokenError, TokenOptions
 
 log = structlog.get_logger("nbdluks")
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import structlog
 
+from ..luks.errors import LuksError, UnsupportedError, WrongKeyError
+from ..luks.unlock import Unlocked, unlock_with_passphrase, wipe
+from ..luks.volume import Keyslot, Token, Volume
 from .clevis.pins import PinError, decrypt
-from .luks.errors import LuksError, UnsupportedError, WrongKeyError
-from .luks.unlock import Unlocked, unlock_with_passphrase, wipe
-from .luks.volume import Keyslot, Token, Volume
 
 log = structlog.get_logger("nbdluks.open")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdluks.clevis import pins
+from nbdluks.unlock.clevis import pins
 from tests.conftest import free_port, need, pattern, run, wait_listening
 from tests.luks.reference import Made, fill, luks_format
 
@@ -224,7 +224,7 @@ def _wrong_point() -> bytes:
     """A valid point of P-521 that is not the answer (another key's)."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from nbdluks.clevis.jose import b64e
+    from nbdluks.unlock.clevis.jose import b64e
 
     pub = ec.generate_private_key(ec.SECP521R1()).public_key().public_numbers()
     return json.dumps({"kty": "EC", "crv": "P-521", "x": b64e(pub.x.to_bytes(66, "big")),

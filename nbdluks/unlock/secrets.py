@@ -10,7 +10,7 @@ import os
 import sys
 import termios
 
-from .errors import NbdluksError
+from ..errors import NbdluksError
 
 # cryptsetup's default limit for key files.
 MAX_KEYFILE = 8 * 1024 * 1024

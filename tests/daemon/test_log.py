@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from nbdluks import log as logsetup
+from nbdluks.daemon import log as logsetup
 
 
 def fail_with_secret() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .clevis import pins
-from .luks.volume import Argon2, Pbkdf2, Token, Volume
+from ..luks.volume import Argon2, Pbkdf2, Token, Volume
+from ..unlock.clevis import pins
 
 _PRIORITY = {0: "ignored", 1: "normal", 2: "high"}
 

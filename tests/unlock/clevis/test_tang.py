@@ -8,8 +8,8 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from nbdluks.clevis.jose import JoseError, b64d, b64e, ecdh_es_key, thumbprint
-from nbdluks.clevis.tang import Recovery, TangPin
+from nbdluks.unlock.clevis.jose import JoseError, b64d, b64e, ecdh_es_key, thumbprint
+from nbdluks.unlock.clevis.tang import Recovery, TangPin
 
 CURVES = {"P-256": (ec.SECP256R1(), 32), "P-384": (ec.SECP384R1(), 48),
           "P-521": (ec.SECP521R1(), 66)}

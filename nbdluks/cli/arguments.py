@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from . import __version__
-from .nbd.constants import DEFAULT_PORT
-from .nbd.handshake import TlsMode
-from .nbd.options import MiB, ServerOptions
-from .nbd.upstream import UpstreamOptions
-from .opener import UnlockOptions
-from .tokens import TokenOptions
+from .. import __version__
+from ..nbd.constants import DEFAULT_PORT
+from ..nbd.handshake import TlsMode
+from ..nbd.options import MiB, ServerOptions
+from ..nbd.upstream import UpstreamOptions
+from ..unlock.opener import UnlockOptions
+from ..unlock.tokens import TokenOptions
 
 _SERVER = ServerOptions()
 _UPSTREAM = UpstreamOptions()

@@ -7,7 +7,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from nbdluks.clevis.jose import JoseError, Jwe, b64d, b64e, ecdh_es_key, thumbprint
+from nbdluks.unlock.clevis.jose import JoseError, Jwe, b64d, b64e, ecdh_es_key, thumbprint
 
 
 def test_concat_kdf_matches_rfc7518_appendix_c() -> None:

@@ -7,8 +7,8 @@ import secrets
 
 import pytest
 
-from nbdluks.clevis.jose import JoseError
-from nbdluks.clevis.sss import recover
+from nbdluks.unlock.clevis.jose import JoseError
+from nbdluks.unlock.clevis.sss import recover
 
 P = (1 << 255) - 19  # a prime of 32 bytes
 

@@ -17,19 +17,19 @@ from typing import Any
 
 import structlog
 
-from .block.base import BlockDevice
-from .block.file import FileDevice
-from .block.locks import RangeLock
-from .hardening import lock_in_memory
+from ..block.base import BlockDevice
+from ..block.file import FileDevice
+from ..block.locks import RangeLock
+from ..daemon.hardening import lock_in_memory
+from ..luks.device import LuksDevice
+from ..luks.errors import LuksError, UnsupportedError, WrongKeyError
+from ..luks.luks2 import DEFAULT_ARGON2_MAX_KIB
+from ..luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
+from ..luks.volume import Volume
+from ..nbd.upstream import UpstreamOptions
 from .headers import HeaderCopy, read_copies
-from .luks.device import LuksDevice
-from .luks.errors import LuksError, UnsupportedError, WrongKeyError
-from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
-from .luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
-from .luks.volume import Volume
-from .nbd.upstream import UpstreamOptions
 from .secrets import ends_in_newline, read_secret
-from .source import is_nbd_uri, open_source
+from .sources import is_nbd_uri, open_source
 from .tokens import TokenOptions, unlock_with_tokens
 
 log = structlog.get_logger("nbdluks.open")

@@ -16,7 +16,7 @@ import resource
 import signal
 from typing import Any
 
-from .errors import NbdluksError
+from ..errors import NbdluksError
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4

@@ -15,9 +15,9 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import __version__
-from .nbd import stats
-from .nbd.stats import COMMANDS, Totals
+from .. import __version__
+from ..nbd import stats
+from ..nbd.stats import COMMANDS, Totals
 
 # A request head larger than this, or slower than this, is dropped.
 _MAX_HEAD = 8192

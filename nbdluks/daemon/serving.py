@@ -23,16 +23,18 @@ from typing import Any
 
 import structlog
 
-from . import monitor, readiness, signals
-from .block.base import BlockDevice
+from .. import signals
+from ..block.base import BlockDevice
+from ..nbd.commands import Export
+from ..nbd.options import ServerOptions
+from ..nbd.server import NbdServer
+from ..nbd.stats import StatsTable
+from ..nbd.upstream import NbdDevice
+from ..unlock.opener import Opened
+from . import metrics as monitor
+from . import readiness
 from .hardening import stop_with_parent
-from .monitor import Monitor
-from .nbd.commands import Export
-from .nbd.options import ServerOptions
-from .nbd.server import NbdServer
-from .nbd.stats import StatsTable
-from .nbd.upstream import NbdDevice
-from .opener import Opened
+from .metrics import Monitor
 
 log = structlog.get_logger("nbdluks")
 

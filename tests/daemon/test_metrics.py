@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nbdluks.monitor import Monitor, respond
+from nbdluks.daemon.metrics import Monitor, respond
 from nbdluks.nbd.constants import Cmd, Errno
 from nbdluks.nbd.stats import StatsTable
 from tests.conftest import SYSTEM_PYTHON, free_port, need, run, wait_listening
@@ -272,7 +272,7 @@ def test_counts_of_open_connections_show_within_a_second(nbdluks, tmp_path: Path
 def test_a_flood_of_idle_http_connections_is_capped(nbdluks, tmp_path: Path) -> None:
     import socket
 
-    from nbdluks.monitor import MAX_HTTP
+    from nbdluks.daemon.metrics import MAX_HTTP
 
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(MiB))

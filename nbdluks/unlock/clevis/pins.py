@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from ..errors import NbdluksError
+from ...errors import NbdluksError
 from . import sss
 from .jose import JoseError, Jwe, b64d
 from .tang import Recovery, TangPin

@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from urllib.parse import quote
 
-from .errors import NbdluksError
+from ..errors import NbdluksError
 
 
 class PidFileError(NbdluksError):

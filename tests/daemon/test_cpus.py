@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdluks.cpus import cgroup_quota, quota_v1, quota_v2, usable_cpus
+from nbdluks.daemon.cpus import cgroup_quota, quota_v1, quota_v2, usable_cpus
 
 
 @pytest.mark.parametrize(("text", "cpus"), [

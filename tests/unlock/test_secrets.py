@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdluks.secrets import SecretError, read_secret
+from nbdluks.unlock.secrets import SecretError, read_secret
 
 
 def test_passphrase_file_is_its_first_line(tmp_path: Path) -> None:

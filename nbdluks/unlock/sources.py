@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .block.base import BlockDevice
-from .block.file import FileDevice
-from .errors import NbdluksError
-from .nbd.client import NbdClientError
-from .nbd.upstream import NbdDevice, UpstreamOptions
-from .nbd.uri import UriError, parse_uri
+from ..block.base import BlockDevice
+from ..block.file import FileDevice
+from ..errors import NbdluksError
+from ..nbd.client import NbdClientError
+from ..nbd.upstream import NbdDevice, UpstreamOptions
+from ..nbd.uri import UriError, parse_uri
 
 
 class SourceError(NbdluksError):

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from .block.base import BlockDevice
-from .errors import NbdluksError
-from .luks import header
-from .luks.errors import HeaderError
-from .luks.luks2 import DEFAULT_ARGON2_MAX_KIB
-from .luks.volume import HEADER_PROBE, Keyslot, Volume
-from .nbd.upstream import UpstreamOptions
-from .source import open_source, read_prefix
+from ..block.base import BlockDevice
+from ..errors import NbdluksError
+from ..luks import header
+from ..luks.errors import HeaderError
+from ..luks.luks2 import DEFAULT_ARGON2_MAX_KIB
+from ..luks.volume import HEADER_PROBE, Keyslot, Volume
+from ..nbd.upstream import UpstreamOptions
+from .sources import open_source, read_prefix
 
 log = structlog.get_logger("nbdluks.open")
 
