@@ -11,12 +11,21 @@ plaintext).
 
 Methods are synchronous and run on worker threads (one hop per request);
 failures are `OSError`s whose errno the server maps to an NBD error.
+
+The contract also holds the device's life, as nbdkit's thread model,
+after_fork and can_multi_conn do: whether other processes may open it too
+(`multi_open`), how a worker process gets its own (`before_fork` in the
+parent, `reopen` in the worker), when what only reopening needs (a key) is
+forgotten (`seal`), which upstream connection it depends on (`watch`), and
+closing. Nothing outside a device's own module asks for its class.
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 Buffer = bytes | bytearray | memoryview
 
@@ -58,9 +67,12 @@ class BlockDevice:
     # Requests up to this many bytes are quick enough (page cache, CPU only)
     # to run on the event loop instead of a worker thread; 0: never.
     inline_max: int = 0
-    # Independent opens of this source (one per worker process) see each
-    # other's writes, and a flush through one covers them all.
+    # Devices from reopen() (one per worker process) see each other's
+    # writes, and a flush through one covers them all; else one process
+    # serves it.
     multi_open: bool = True
+    # It depends on the connection to an NBD upstream (see watch()).
+    has_upstream: bool = False
 
     # --- the contract, checked once -------------------------------------
 
@@ -128,6 +140,30 @@ class BlockDevice:
         """Whether a write of this range may wait on a lock (a partial-sector
         read-modify-write): such a write never runs on the event loop."""
         return False
+
+    # --- the device's life --------------------------------------------
+
+    def before_fork(self) -> None:
+        """In the parent, before worker processes are forked: let go of what
+        must not cross a fork (threads, connections). Afterwards the parent
+        only calls reopen(), seal() and close()."""
+
+    def reopen(self) -> BlockDevice:
+        """An independent device on the same source, for a worker process
+        (called in the worker, after the fork)."""
+        raise OSError(errno.EOPNOTSUPP, "this device cannot be opened again")
+
+    def seal(self) -> None:
+        """No reopen() will be asked of this device: forget what only
+        reopening needs (secrets)."""
+
+    def watch(self, report: Callable[[bool], object]) -> None:
+        """Call `report(up)` now and whenever the upstream connection goes or
+        comes back; nothing when there is none (has_upstream false)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the device tells about itself in the log."""
+        return {}
 
     def close(self) -> None:
         pass

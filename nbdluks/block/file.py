@@ -168,8 +168,8 @@ class FileDevice(BlockDevice):
         return out
 
     def reopen(self) -> FileDevice:
-        """Another device on the same open file (a duplicated descriptor): for
-        a worker process, which may no longer have the right to open the path."""
+        """Another device on the same open file (a duplicated descriptor): a
+        worker process may no longer have the right to open the path."""
         return FileDevice(self.path, read_only=self.read_only, fd=os.dup(self.fd))
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from ..nbd.constants import DEFAULT_PORT
 from ..nbd.handshake import TlsMode
 from ..nbd.options import MiB, ServerOptions
 from ..nbd.upstream import UpstreamOptions
-from ..unlock.opener import UnlockOptions
+from ..unlock.keys import UnlockOptions
 from ..unlock.tokens import TokenOptions
 
 _SERVER = ServerOptions()

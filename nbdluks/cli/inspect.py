@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from typing import Any
 
 from ..luks.volume import Argon2, Pbkdf2, Token, Volume
+from ..nbd.upstream import UpstreamOptions
 from ..unlock.clevis import pins
+from ..unlock.headers import read_copy
+from ..unlock.keys import key_check
+from ..unlock.sources import SourceError
+from .options import check_args, hint, unlock_options
 
 _PRIORITY = {0: "ignored", 1: "normal", 2: "high"}
 
@@ -152,3 +159,38 @@ def render_text(info: dict[str, Any]) -> str:
     elif check is not None:
         lines.append(f"Key FAILED: {check['reason']}")
     return "\n".join(lines)
+
+
+def inspect(args: argparse.Namespace) -> int:
+    check_args(args)
+    keys = unlock_options(args)
+    copies = [read_copy(src, keys.argon2_max_kib, UpstreamOptions()) for src in args.source]
+    try:
+        valid = [c for c in copies if c.vol is not None]
+        if not valid:
+            e = copies[0].error
+            if len(copies) == 1 and e is not None:
+                if isinstance(e, SourceError):
+                    raise e
+                raise SourceError(f"{copies[0].source}: {e}{hint(e)}")
+            raise SourceError("no usable header: " + "; ".join(
+                f"{c.source}: {c.problem}" for c in copies))
+        first = valid[0]
+        assert first.vol is not None
+        info = describe(first.vol)
+        status = 0
+        if len(copies) > 1:
+            info["copies"] = [copy_info(c.source, c.vol, c.problem, first.vol) for c in copies]
+            if not all(c["ok"] and c["agrees"] for c in info["copies"]):
+                status = 1
+                valid = [first]  # never unlock through a copy of another volume
+        if keys.given() or args.token_only or args.token_id is not None:
+            info["key_check"], error = key_check(valid, keys)
+            if error is not None:
+                info["key_check"]["reason"] += hint(error)
+                status = 1
+    finally:
+        for c in copies:
+            c.close()
+    print(json.dumps(info, indent=2) if args.json else render_text(info))
+    return status

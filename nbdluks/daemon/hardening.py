@@ -2,9 +2,9 @@
 
 A core of a crashed worker holds the raw volume key: the process is made
 non-dumpable (which also keeps other users' debuggers out) and its core
-size limit 0. The key's pages are locked in memory where the limits allow
-(mlock needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK); where they do
-not, the server runs on and says so at debug level.
+size limit 0. (The key's pages are locked in memory by the device that
+holds it: luks.unlock.lock_in_memory.) Also here: a worker's tie to its
+supervisor, and dropping root once the sources are open.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ _PR_GET_DUMPABLE = 3
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
-_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 def harden_process() -> dict[str, Any]:
@@ -34,14 +33,6 @@ def harden_process() -> dict[str, Any]:
     _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     return {"dumpable": _libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0),
             "core_limit": resource.getrlimit(resource.RLIMIT_CORE)[0]}
-
-
-def lock_in_memory(buf: bytearray) -> bool:
-    """mlock the pages of `buf` (never swapped out); False when not permitted."""
-    if not buf:
-        return False
-    address = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-    return bool(_libc.mlock(address, len(buf)) == 0)
 
 
 def stop_with_parent(parent: int) -> None:

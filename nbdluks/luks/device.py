@@ -9,10 +9,15 @@ can never reach the payload as plaintext.
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
+from typing import Any
+
 from ..block.base import BlockDevice, Buffer, Capabilities
 from ..block.locks import RangeLock
 from .cipher import SectorCipher
-from .errors import HeaderError, UnsupportedError
+from .errors import HeaderError
+from .unlock import lock_in_memory, wipe
 from .volume import SECTOR, Volume
 
 # Largest run of sectors encrypted at once when writing zeroes.
@@ -25,10 +30,16 @@ class LuksDevice(BlockDevice):
         read_only: bool = False, allow_discards: bool = False, attached: bool = False,
         rmw_lock: RangeLock | None = None,
     ) -> None:
-        if vol.unservable is not None:
-            raise UnsupportedError(f"the volume cannot be served: {vol.unservable}")
+        """A view of `payload` through `key` (copied: the device keeps its own
+        copy, mlocked where allowed, until seal() or close()). `rmw_lock`:
+        shared with the devices of other processes; else one of its own."""
+        vol.check_servable()
         seg = vol.segment
         self.payload = payload
+        self.vol = vol
+        self.read_only = read_only
+        self.allow_discards = allow_discards
+        self.attached = attached
         self.sector_size = ss = seg.sector_size
         self.data_offset = seg.offset
         if attached and seg.offset < vol.metadata_size:
@@ -36,26 +47,15 @@ class LuksDevice(BlockDevice):
                 f"the data segment (offset {seg.offset}) overlaps the header "
                 f"({vol.metadata_size} bytes)"
             )
-        avail = payload.size - seg.offset
-        if seg.size is None:
-            size = avail - avail % ss
-        else:
-            size = seg.size
-            if size > avail:
-                raise HeaderError(
-                    f"the data segment needs {seg.offset + size} bytes, the payload has "
-                    f"{payload.size}"
-                )
-        if size <= 0:
-            raise HeaderError(f"the payload ({payload.size} bytes) holds no data sectors")
-        self.size = size
+        self.size = _data_size(vol, payload.size)
         self.iv_tweak = seg.iv_tweak
         self.cipher = SectorCipher(seg.cipher_spec(), key, ss, iv_step=ss // SECTOR)
+        self._key: bytearray | None = bytearray(key)
+        self.key_locked = lock_in_memory(self._key)
         self.min_block = ss
         # Crypto is CPU work on the loop thread: inline only small requests.
         self.inline_max = min(payload.inline_max, 16 * 1024)
         self.pref_block = max(4096, ss)
-        # Shared by every worker process when there are several.
         self._own_lock = rmw_lock is None
         self._rmw = rmw_lock if rmw_lock is not None else RangeLock()
         pc = payload.caps
@@ -72,6 +72,39 @@ class LuksDevice(BlockDevice):
             multi_conn=pc.multi_conn,
         )
         self.multi_open = payload.multi_open
+        self.has_upstream = payload.has_upstream
+
+    # --- life: the payload's, and the key kept for reopening ----------------
+
+    def before_fork(self) -> None:
+        self.payload.before_fork()
+
+    def reopen(self) -> LuksDevice:
+        if self._key is None:
+            raise OSError(errno.EOPNOTSUPP, "sealed: the key is forgotten")
+        payload = self.payload.reopen()
+        try:
+            # Partial-sector writes of every process take turns on one lock
+            # (its memfd is inherited over fork).
+            return LuksDevice(payload, self.vol, self._key, read_only=self.read_only,
+                              allow_discards=self.allow_discards, attached=self.attached,
+                              rmw_lock=self._rmw)
+        except BaseException:
+            payload.close()
+            raise
+
+    def seal(self) -> None:
+        if self._key is not None:
+            wipe(self._key)
+            self._key = None
+        self.payload.seal()
+
+    def watch(self, report: Callable[[bool], object]) -> None:
+        self.payload.watch(report)
+
+    def describe(self) -> dict[str, Any]:
+        return {"cipher_engine": self.cipher.engine, "key_locked_in_memory": self.key_locked,
+                **self.payload.describe()}
 
     def _iv(self, sector_index: int) -> int:
         return self.iv_tweak + sector_index * (self.sector_size // SECTOR)
@@ -153,6 +186,26 @@ class LuksDevice(BlockDevice):
         return start != offset or end != offset + length
 
     def close(self) -> None:
+        self.seal()
         if self._own_lock:
             self._rmw.close()
         self.payload.close()
+
+
+def _data_size(vol: Volume, payload_size: int) -> int:
+    """The plaintext size: the segment's, which the payload must hold, or
+    (dynamic) what the payload holds past the offset, in whole sectors."""
+    seg = vol.segment
+    avail = payload_size - seg.offset
+    if seg.size is None:
+        size = avail - avail % seg.sector_size
+    else:
+        size = seg.size
+        if size > avail:
+            raise HeaderError(
+                f"the data segment needs {seg.offset + size} bytes, the payload has "
+                f"{payload_size}"
+            )
+    if size <= 0:
+        raise HeaderError(f"the payload ({payload_size} bytes) holds no data sectors")
+    return size

@@ -2,10 +2,13 @@
 to the volume key, or checking a volume key given directly.
 
 Pure code: the caller reads each key slot's area and passes the bytes in.
+Key material lives in bytearrays that can be wiped and mlocked.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -16,6 +19,9 @@ from .cipher import CipherSpec, SectorCipher
 from .errors import LuksError, UnsupportedError, WrongKeyError
 from .kdf import derive
 from .volume import SECTOR, Digest, Keyslot, Volume
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 @dataclass
@@ -29,6 +35,15 @@ class Unlocked:
 
 def wipe(buf: bytearray) -> None:
     buf[:] = bytes(len(buf))
+
+
+def lock_in_memory(buf: bytearray) -> bool:
+    """mlock the pages of `buf` (never swapped out); False when not permitted
+    (mlock needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK)."""
+    if not buf:
+        return False
+    address = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    return bool(_libc.mlock(address, len(buf)) == 0)
 
 
 def check_digest(digest: Digest, key: bytes | bytearray) -> bool:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cipher import CipherSpec
-from .errors import LuksError
+from .errors import LuksError, UnsupportedError
 
 SECTOR = 512
 # Cap on the bytes a header probe reads: the largest LUKS2 metadata copy is
@@ -122,6 +122,11 @@ class Volume:
     tokens: tuple[Token, ...] = ()
     # Why the volume, valid as a header, cannot be served (None: it can).
     unservable: str | None = None
+
+    def check_servable(self) -> None:
+        """Raise the reason a valid header still cannot be served."""
+        if self.unservable is not None:
+            raise UnsupportedError(f"the volume cannot be served: {self.unservable}")
 
     def keyslot(self, slot_id: int) -> Keyslot | None:
         return next((k for k in self.keyslots if k.id == slot_id), None)

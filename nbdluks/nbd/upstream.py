@@ -55,6 +55,7 @@ class NbdDevice(BlockDevice):
                  options: UpstreamOptions = UpstreamOptions()) -> None:
         self.uri = uri
         self.options = options
+        self.read_only = read_only
         self._cond = threading.Condition()
         self._writes = 0  # writes acknowledged so far
         self._flushed = 0  # ... of which a FLUSH covered this many
@@ -93,6 +94,7 @@ class NbdDevice(BlockDevice):
         # Our processes each open their own connection: only an upstream that
         # promises multi-conn makes a FLUSH on one cover the others' writes.
         self.multi_open = bool(f & TxFlag.CAN_MULTI_CONN)
+        self.has_upstream = True
 
     def _connect(self) -> NbdClient:
         # A connection that dies while no request waits on it is replaced too.
@@ -101,9 +103,16 @@ class NbdDevice(BlockDevice):
                          on_lost=self._start_reconnecting)
 
     def watch(self, report: Callable[[bool], object]) -> None:
-        """Call `report(up)` now and whenever the connection goes or comes back."""
         self._report = report
         report(not self._reconnecting)
+
+    def before_fork(self) -> None:
+        # The connection's threads would not survive the fork: each worker
+        # makes its own connection.
+        self.close()
+
+    def reopen(self) -> NbdDevice:
+        return NbdDevice(self.uri, read_only=self.read_only, options=self.options)
 
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
         step = self.max_block

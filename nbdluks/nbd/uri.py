@@ -8,9 +8,16 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from ..errors import NbdluksError
 from .constants import DEFAULT_PORT
 
+SCHEMES = ("nbd", "nbd+unix", "nbds", "nbds+unix")
+
 
 class UriError(NbdluksError, ValueError):
     """Not an NBD URI we can use."""
+
+
+def is_nbd_uri(spec: str) -> bool:
+    """Whether a source names an NBD export (else: a path)."""
+    return spec.startswith(tuple(f"{s}://" for s in SCHEMES))
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,8 @@ def parse_uri(text: str) -> NbdUri:
     except ValueError as e:  # e.g. an unclosed [IPv6 address
         raise UriError(f"{text}: {e}") from None
     scheme = parts.scheme
-    if scheme not in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
-        raise UriError(f"{text}: not an NBD URI (nbd://, nbd+unix://, nbds://, nbds+unix://)")
+    if scheme not in SCHEMES:
+        raise UriError(f"{text}: not an NBD URI ({', '.join(f'{s}://' for s in SCHEMES)})")
     export = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
     query = parse_qs(parts.query)
     tls = scheme.startswith("nbds")

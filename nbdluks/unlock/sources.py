@@ -7,15 +7,11 @@ from ..block.file import FileDevice
 from ..errors import NbdluksError
 from ..nbd.client import NbdClientError
 from ..nbd.upstream import NbdDevice, UpstreamOptions
-from ..nbd.uri import UriError, parse_uri
+from ..nbd.uri import UriError, is_nbd_uri, parse_uri
 
 
 class SourceError(NbdluksError):
     """A source that cannot be opened."""
-
-
-def is_nbd_uri(spec: str) -> bool:
-    return spec.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://"))
 
 
 def open_source(spec: str, *, read_only: bool,

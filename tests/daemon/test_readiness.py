@@ -66,7 +66,7 @@ def test_an_unwritable_pid_file_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_plaintext_beyond_loopback_is_warned_about(nbdluks, tmp_path: Path) -> None:
-    from nbdluks.cli.main import _loopback
+    from nbdluks.daemon.lifecycle import _loopback
 
     # decided per listener (bound, never listening: nothing leaves this host)
     with socket.socket() as wide, socket.socket() as local, \

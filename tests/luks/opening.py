@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from nbdluks.luks.device import LuksDevice
+from nbdluks.block.base import BlockDevice
 from nbdluks.luks.volume import Volume
-from nbdluks.unlock.opener import UnlockOptions, VolumeOptions, unlock_volume
+from nbdluks.unlock.keys import UnlockOptions
+from nbdluks.unlock.volume import VolumeConfig, VolumeOptions, open_volume
 
 
 def open_luks(payload: str, header: str | None, keys: UnlockOptions, *,
-              read_only: bool = True) -> tuple[LuksDevice, Volume, int | None]:
-    opened = unlock_volume(payload, [header] if header else [], keys,
-                           VolumeOptions(read_only=read_only))
-    try:
-        dev = opened.device()
-        assert isinstance(dev, LuksDevice)
-        return dev, opened.vol, opened.keyslot
-    finally:
-        opened.wipe()
+              read_only: bool = True) -> tuple[BlockDevice, Volume, int | None]:
+    volume = open_volume(VolumeConfig(payload=payload, headers=(header,) if header else (),
+                                      keys=keys, options=VolumeOptions(read_only=read_only)))
+    assert volume.header is not None
+    return volume.device(), volume.header, volume.keyslot

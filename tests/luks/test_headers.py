@@ -18,7 +18,7 @@ from nbdluks.luks.errors import Argon2MemoryError, HeaderError, NotLuksError, Un
 from nbdluks.luks.unlock import SlotsSkippedError
 from nbdluks.luks.volume import HEADER_PROBE
 from nbdluks.unlock.headers import read_header
-from nbdluks.unlock.opener import UnlockOptions
+from nbdluks.unlock.keys import UnlockOptions
 from tests.conftest import need, pattern
 from tests.luks.opening import open_luks
 from tests.luks.reference import Made, fill, luks_format

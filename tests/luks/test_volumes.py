@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nbdluks.luks.errors import WrongKeyError
-from nbdluks.unlock.opener import UnlockOptions
+from nbdluks.unlock.keys import UnlockOptions
 from tests.conftest import need, pattern
 from tests.luks.opening import open_luks
 from tests.luks.reference import Made, fill, luks_format, qemu_luks_create

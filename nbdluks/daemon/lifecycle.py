@@ -1,0 +1,123 @@
+"""A server's life once its volume is open: listen (or take the sockets
+systemd passed), drop root, announce readiness, serve, and clean up.
+
+The command line builds `DaemonOptions` and calls `run`; nothing here parses
+arguments or names a flag: failures that the user's options caused are
+`SetupError`s, which the command line reports with the flag to blame.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from ..errors import NbdluksError
+from ..nbd.constants import DEFAULT_PORT
+from ..nbd.handshake import TlsMode
+from ..nbd.listen import Listen, activated, address, bind, cleanup
+from ..unlock.volume import OpenVolume
+from . import readiness, serving
+from .hardening import drop_privileges
+from .serving import ServeOptions
+
+log = structlog.get_logger("nbdluks")
+
+
+class SetupError(NbdluksError):
+    """Listening failed; `what` says where: "listen", "metrics",
+    "activation", "activation-conflict" (activated sockets and addresses)."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    serve: ServeOptions = field(default_factory=ServeOptions)
+    # Where to listen; none: the sockets systemd passed, else the default.
+    listen: Sequence[Listen] = ()
+    metrics: Listen | None = None
+    run_as: tuple[int, int] | None = None  # uid, gid once the sources are open
+    print_uri: bool = False
+    pid_file: str | None = None
+
+
+def run(volume: OpenVolume, opts: DaemonOptions) -> int:
+    """Serve `volume` until stopped; it is closed on the way out."""
+    socks: list[socket.socket] = []
+    http: list[socket.socket] = []
+    try:
+        socks = bind_listeners(opts.listen)
+        http = bind_metrics(opts.metrics)
+        if opts.run_as is not None and drop_privileges(*opts.run_as):
+            log.info("running as", uid=os.getuid(), gid=os.getgid())
+        announce(volume, opts, socks, http)
+        return serving.serve(volume, socks, opts.serve, http)
+    finally:
+        volume.close()
+        if opts.pid_file:
+            readiness.remove_pid_file(opts.pid_file)
+        cleanup(socks + http)
+
+
+def bind_listeners(listen: Sequence[Listen]) -> list[socket.socket]:
+    try:
+        socks = activated()
+    except OSError as e:
+        raise SetupError("activation", f"socket activation: {e}") from None
+    if socks:
+        if listen:
+            cleanup(socks)
+            raise SetupError("activation-conflict", "socket activation (LISTEN_FDS) "
+                             "excludes listening addresses of our own")
+        return socks
+    for where in listen or [Listen(host="127.0.0.1", port=DEFAULT_PORT)]:
+        try:
+            socks += bind(where)
+        except OSError as e:
+            cleanup(socks)
+            raise SetupError("listen", f"cannot listen on {where}: {e.strerror}") from None
+    return socks
+
+
+def bind_metrics(where: Listen | None) -> list[socket.socket]:
+    if where is None:
+        return []
+    try:
+        return bind(where)
+    except OSError as e:
+        raise SetupError("metrics", f"cannot listen on {where}: {e.strerror}") from None
+
+
+def _loopback(sock: socket.socket) -> bool:
+    if sock.family == socket.AF_UNIX:
+        return True
+    return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+
+
+def announce(volume: OpenVolume, opts: DaemonOptions, socks: list[socket.socket],
+             http: list[socket.socket]) -> None:
+    """Listening, with the key unlocked: say so, to people and to supervisors.
+    (Connections made now wait in the listen queue until a worker takes them.)"""
+    tls = opts.serve.server.tls
+    log.info("listening", addresses=[address(s) for s in socks], export=volume.name,
+             processes=opts.serve.processes, tls=tls.value,
+             metrics=[f"http://{address(s)}/metrics" for s in http] or None)
+    exposed = [address(s) for s in socks if not _loopback(s)]
+    if exposed and tls is not TlsMode.REQUIRE:
+        log.warning("serving the decrypted volume in plaintext beyond this host",
+                    addresses=exposed, tls=tls.value)
+    if opts.print_uri:
+        print("\n".join(readiness.uris(socks, volume.name, tls is TlsMode.REQUIRE)),
+              flush=True)
+    if opts.pid_file:
+        readiness.write_pid_file(opts.pid_file)
+    readiness.notify("READY=1", f"MAINPID={os.getpid()}",
+                     f"STATUS=serving export {volume.name!r} on "
+                     + ", ".join(address(s) for s in socks))

@@ -1,0 +1,187 @@
+"""The parent of the worker processes.
+
+It accepts connections and hands them round-robin to the workers (over a
+socketpair each, with SCM_RIGHTS) so that a client's connections spread
+evenly, replaces a worker that dies, and forwards SIGTERM/SIGINT and SIGHUP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from .. import signals
+from . import readiness
+from .hardening import stop_with_parent
+
+if TYPE_CHECKING:
+    from ..unlock.volume import OpenVolume
+    from .serving import Observed, ServeOptions
+
+log = structlog.get_logger("nbdluks")
+
+# A worker that dies this soon after starting, this many times, stops the server.
+_QUICK_DEATH = 5.0
+_MAX_QUICK_DEATHS = 3
+_SIGNALS = {*signals.STOP, signal.SIGHUP}
+
+# What a worker process runs: (volume, options, listeners, observed, index, handoff) -> status
+Worker = Callable[["OpenVolume", "ServeOptions", list[socket.socket], "Observed", int,
+                   socket.socket], int]
+
+
+class Supervisor:
+    """The parent of the worker processes: accepts connections and hands
+    them round-robin to the workers (over a socketpair each, with
+    SCM_RIGHTS), so that a client's connections spread evenly; replaces a
+    worker that dies; forwards SIGTERM/SIGINT and waits for the drain."""
+
+    def __init__(self, volume: OpenVolume, socks: list[socket.socket], opts: ServeOptions,
+                 obs: Observed, worker: Worker) -> None:
+        self.volume = volume
+        self.worker = worker
+        self.socks = socks
+        self.opts = opts
+        self.obs = obs
+        # index -> pid, handoff socket, start time
+        self.workers: dict[int, tuple[int, socket.socket, float]] = {}
+        self.stopping = False
+        self.failed = False
+        self.quick_deaths = 0
+        self.next = 0
+
+    def spawn(self, index: int) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Signals wait until the child has its own handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signals.defer()
+                stop_with_parent(parent)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                structlog.contextvars.bind_contextvars(worker=index)
+                for sock in [*self.socks, *self.obs.http]:
+                    sock.close()
+                for _, handoff, _ in self.workers.values():
+                    handoff.close()
+                parent_end.close()
+                code = self.worker(self.volume, self.opts, [], self.obs, index, child_end)
+            except BaseException as e:
+                log.error("worker failed", error=str(e), kind=type(e).__name__)
+            finally:
+                os._exit(code)
+        child_end.close()
+        self.workers[index] = (pid, parent_end, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        if self.stopping:  # the stop came before the fork: this one was not told
+            _tell(pid, signal.SIGTERM)
+
+    def on_signal(self, sig: int, _frame: object) -> None:
+        if not self.stopping:
+            log.info("signal received, stopping workers", signal=signal.Signals(sig).name)
+            readiness.notify("STOPPING=1")
+        self.stopping = True
+        self._tell_workers(signal.SIGTERM)
+
+    def on_hup(self, _sig: int, _frame: object) -> None:
+        log.info("SIGHUP received, passing it to the workers")
+        self._tell_workers(signal.SIGHUP)
+
+    def _tell_workers(self, sig: int) -> None:
+        for pid, _, _ in list(self.workers.values()):
+            _tell(pid, sig)
+
+    def accept(self, listener: socket.socket, tag: bytes) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("accept failed", error=e.strerror)
+                return
+            self.hand_over(conn, tag)
+
+    def hand_over(self, conn: socket.socket, tag: bytes) -> None:
+        order = sorted(self.workers)
+        for k in range(len(order)):
+            index = order[(self.next + k) % len(order)]
+            handoff = self.workers[index][1]
+            try:
+                socket.send_fds(handoff, [tag], [conn.fileno()])
+            except OSError:
+                continue  # that worker is going away; try the next
+            self.next = (self.next + k + 1) % len(order)
+            break
+        conn.close()  # the worker has its own copy now
+
+    def reap(self) -> None:
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                return
+            if pid == 0:
+                return
+            index = next((i for i, w in self.workers.items() if w[0] == pid), None)
+            if index is None:
+                continue
+            _, handoff, started = self.workers.pop(index)
+            handoff.close()
+            self.obs.table.process_gone(index)
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                self.failed |= code != 0
+                continue
+            log.error("worker exited unexpectedly", worker=index, code=code)
+            if time.monotonic() - started < _QUICK_DEATH:
+                self.quick_deaths += 1
+            if self.quick_deaths >= _MAX_QUICK_DEATHS:
+                log.error("workers keep dying; stopping the server")
+                self.failed = True
+                self.on_signal(signal.SIGTERM, None)
+                continue
+            self.spawn(index)
+
+    def run(self) -> int:
+        for sig in signals.STOP:
+            signal.signal(sig, self.on_signal)
+        signal.signal(signal.SIGHUP, self.on_hup)
+        for i in range(self.opts.processes):
+            if self.stopping:  # a stop during the spawning reaches the workers spawned
+                break
+            self.spawn(i)
+        log.info("workers started", processes=self.opts.processes)
+        sel = selectors.DefaultSelector()
+        for sock in self.socks:
+            sel.register(sock, selectors.EVENT_READ, b"c")
+        for sock in self.obs.http:
+            sel.register(sock, selectors.EVENT_READ, b"m")
+        while self.workers:
+            if self.stopping and sel.get_map():
+                for sock in [*self.socks, *self.obs.http]:
+                    sel.unregister(sock)
+            for key, _ in sel.select(timeout=0.2):
+                assert isinstance(key.fileobj, socket.socket)
+                self.accept(key.fileobj, key.data)
+            self.reap()
+        sel.close()
+        return 1 if self.failed else 0
+
+
+def _tell(pid: int, sig: int) -> None:
+    """Signal a worker that may have just died."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)

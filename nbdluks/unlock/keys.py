@@ -1,0 +1,124 @@
+"""From a key the user gave (a passphrase, key file or volume key, read
+once) or from the volume's tokens, to the volume key: tried on each header
+copy in turn, as `serve` does and `inspect` checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from ..luks.device import LuksDevice
+from ..luks.errors import LuksError, WrongKeyError
+from ..luks.luks2 import DEFAULT_ARGON2_MAX_KIB
+from ..luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
+from ..luks.volume import Volume
+from .headers import HeaderCopy
+from .secrets import ends_in_newline, read_secret
+from .tokens import TokenOptions, unlock_with_tokens
+
+log = structlog.get_logger("nbdluks.open")
+
+
+@dataclass(frozen=True)
+class UnlockOptions:
+    """Where the secret comes from (never the secret itself), and what
+    unlocking may cost."""
+
+    passphrase_file: str | None = None
+    key_file: str | None = None
+    keyfile_offset: int = 0
+    keyfile_size: int | None = None
+    volume_key_file: str | None = None
+    key_slot: int | None = None
+    argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
+    # With no key given, LUKS2 tokens unlock (as cryptsetup open does).
+    tokens: TokenOptions = field(default_factory=TokenOptions)
+
+    def given(self) -> bool:
+        return bool(self.passphrase_file or self.key_file or self.volume_key_file)
+
+
+class NewlineKeyError(WrongKeyError):
+    """No key slot opened, and the secret's file ends in a newline: kept as
+    part of the key (a key file), or dropped (a passphrase file's line)."""
+
+    def __init__(self, message: str, *, kept: bool) -> None:
+        super().__init__(message)
+        self.kept = kept
+
+
+def unlock(copies: Sequence[HeaderCopy], keys: UnlockOptions) -> tuple[HeaderCopy, Unlocked]:
+    """Unlock through the first copy that opens with the key (the secret is
+    read once), or with no key given through its tokens; the error of the
+    first copy when none does."""
+    if not keys.given():
+        return _first_copy(copies, lambda c: unlock_with_tokens(
+            _servable(c), c.read_area, keys.tokens, keys.key_slot))
+    if keys.volume_key_file:
+        secret = read_secret(keys.volume_key_file)
+    elif keys.key_file:
+        secret = read_secret(keys.key_file, offset=keys.keyfile_offset, size=keys.keyfile_size)
+    elif keys.passphrase_file:
+        secret = read_secret(keys.passphrase_file, first_line=True)
+    else:
+        raise ValueError("no key source given")
+    try:
+        return _first_copy(copies, lambda c: _unlock_copy(c, secret, keys))
+    except WrongKeyError as e:
+        source = keys.key_file or keys.passphrase_file
+        if source and type(e) is WrongKeyError and ends_in_newline(source):
+            raise NewlineKeyError(str(e), kept=bool(keys.key_file)) from None
+        raise
+    finally:
+        wipe(secret)
+
+
+def _first_copy(copies: Sequence[HeaderCopy], attempt: Callable[[HeaderCopy], Unlocked]
+                ) -> tuple[HeaderCopy, Unlocked]:
+    first: LuksError | None = None
+    for copy in copies:
+        try:
+            return copy, attempt(copy)
+        except LuksError as e:
+            if len(copies) > 1:
+                log.warning("header copy does not unlock", source=copy.source, error=str(e))
+            first = first or e
+    assert first is not None
+    raise first
+
+
+def _servable(copy: HeaderCopy) -> Volume:
+    assert copy.vol is not None
+    copy.vol.check_servable()
+    return copy.vol
+
+
+def _unlock_copy(copy: HeaderCopy, secret: bytearray, keys: UnlockOptions) -> Unlocked:
+    vol = _servable(copy)
+    if keys.volume_key_file:
+        return unlock_with_volume_key(vol, secret)
+    return unlock_with_passphrase(vol, secret, copy.read_area, keys.key_slot)
+
+
+def key_check(copies: Sequence[HeaderCopy], keys: UnlockOptions
+              ) -> tuple[dict[str, Any], LuksError | None]:
+    """`inspect`'s key test: unlock as `serve` would, and run the checks it
+    runs before listening. What to show, and the error if it failed."""
+    try:
+        copy, unlocked = unlock(copies, keys)
+    except LuksError as e:
+        return {"ok": False, "reason": str(e)}, e
+    try:
+        vol, dev = copy.vol, copy.dev
+        assert vol is not None and dev is not None
+        if dev.size > vol.segment.offset > 0:  # a whole volume, not a detached header
+            LuksDevice(dev, vol, unlocked.key, read_only=True, attached=True).close()
+            copy.dev = None  # closed with the LuksDevice
+    except LuksError as e:
+        return {"ok": False, "reason": f"the key opens, but serve would refuse: {e}"}, e
+    finally:
+        unlocked.wipe()
+    return {"ok": True, "keyslot": unlocked.keyslot, "source": copy.source}, None

@@ -1,0 +1,189 @@
+"""A volume ready to serve: one object per export, many per process.
+
+It holds what `serve` keeps per volume: its configuration (export name,
+description, sources, how to unlock), the header copy it was unlocked
+through, and the device template from which each worker process gets its own
+device (the template keeps the volume key until it is sealed). Opening
+happens before the volume is served, so that a wrong key or an unusable
+source is one line, not a client's I/O error.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from ..block.base import BlockDevice
+from ..luks.device import LuksDevice
+from ..luks.unlock import Unlocked
+from ..luks.volume import Volume
+from ..nbd.upstream import UpstreamOptions
+from .headers import HeaderCopy, read_copies
+from .keys import UnlockOptions, unlock
+from .sources import open_source
+
+log = structlog.get_logger("nbdluks.open")
+
+
+@dataclass(frozen=True)
+class VolumeOptions:
+    """How the served device is opened."""
+
+    read_only: bool = False
+    allow_discards: bool = False
+    upstream: UpstreamOptions = field(default_factory=UpstreamOptions)
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    """What a volume is made of and how it is exported: either `raw` (served
+    as it is) or `payload` with its header copies (none: the payload's own)."""
+
+    name: str = ""
+    description: str = ""
+    payload: str | None = None
+    headers: tuple[str, ...] = ()
+    raw: str | None = None
+    keys: UnlockOptions = field(default_factory=UnlockOptions)
+    options: VolumeOptions = field(default_factory=VolumeOptions)
+
+    @property
+    def source(self) -> str:
+        spec = self.raw or self.payload
+        assert spec is not None
+        return spec
+
+
+class OpenVolume:
+    """A volume opened (and unlocked) and checked.
+
+    In one process, `device()` hands over the template itself; with worker
+    processes, the parent calls `before_fork()` and each worker's `device()`
+    reopens the template. Either way the device handed out is sealed: only
+    the parent's template keeps the key, to replace a worker that dies."""
+
+    def __init__(self, config: VolumeConfig, template: BlockDevice,
+                 header: Volume | None = None, keyslot: int | None = None,
+                 unlock_seconds: float | None = None) -> None:
+        self.config = config
+        self.header = header  # the header copy unlocked through (None: raw)
+        self.keyslot = keyslot
+        self.unlock_seconds = unlock_seconds
+        self._template: BlockDevice | None = template
+        self._forked = False
+        self.size = template.size
+        self.multi_process = template.multi_open
+        self._fields = self._describe(template)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def role(self) -> str:
+        """What the source is, in metrics and logs."""
+        return "raw" if self.header is None else "payload"
+
+    @property
+    def watched_upstream(self) -> str | None:
+        """The role of the source when an upstream connection is watched."""
+        t = self._template
+        return self.role if t is not None and t.has_upstream else None
+
+    def before_fork(self) -> None:
+        assert self._template is not None
+        self._template.before_fork()
+        self._forked = True
+
+    def device(self) -> BlockDevice:
+        """The device this process serves, keeping nothing for reopening."""
+        template = self._template
+        assert template is not None, "the volume is closed"
+        if self._forked:
+            dev = template.reopen()
+            template.seal()  # this process's copy of the parent's key
+        else:
+            dev, self._template = template, None
+        dev.seal()
+        return dev
+
+    def log_fields(self) -> dict[str, Any]:
+        return self._fields
+
+    def _describe(self, template: BlockDevice) -> dict[str, Any]:
+        vol = self.header
+        if vol is None:
+            return {"source": self.config.source}
+        return {
+            "luks_version": vol.version, "uuid": vol.uuid, "cipher": vol.segment.cipher,
+            "sector_size": vol.segment.sector_size, "keyslot": self.keyslot, "size": self.size,
+            "header_copy": vol.copy, **template.describe(),
+            "unlock_seconds": None if self.unlock_seconds is None
+            else round(self.unlock_seconds, 3),
+        }
+
+    def close(self) -> None:
+        """Close the template (forgetting the key) once no worker needs it."""
+        if self._template is not None:
+            self._template.close()
+            self._template = None
+
+
+def open_volume(config: VolumeConfig) -> OpenVolume:
+    """Open the sources, unlock through the first header copy that opens,
+    and stack the LUKS layer over the payload."""
+    opts = config.options
+    if config.raw is not None:
+        dev = open_source(config.raw, read_only=opts.read_only, upstream=opts.upstream)
+        return OpenVolume(config, dev)
+    assert config.payload is not None
+    copy, unlocked, took = _unlock(config)
+    assert copy.vol is not None
+    try:
+        payload = open_source(config.payload, read_only=opts.read_only, upstream=opts.upstream)
+        try:
+            dev = LuksDevice(payload, copy.vol, unlocked.key, read_only=opts.read_only,
+                             allow_discards=opts.allow_discards,
+                             attached=_same_source(copy.source, config.payload))
+        except BaseException:
+            payload.close()
+            raise
+    finally:
+        unlocked.wipe()  # the device has its own copy
+    return OpenVolume(config, dev, copy.vol, unlocked.keyslot, took)
+
+
+def _unlock(config: VolumeConfig) -> tuple[HeaderCopy, Unlocked, float]:
+    """Read the header copies and unlock through the first that opens."""
+    assert config.payload is not None
+    headers: Sequence[str] = config.headers or (config.payload,)
+    keys = config.keys
+    copies = read_copies(headers, keys.argon2_max_kib, config.options.upstream)
+    try:
+        for copy in copies:
+            assert copy.vol is not None
+            for w in copy.vol.warnings:
+                log.warning(w, source=copy.source)
+        started = time.monotonic()
+        copy, unlocked = unlock(copies, keys)
+        took = time.monotonic() - started
+    finally:
+        for c in copies:
+            c.close()
+    if len(copies) > 1 or len(headers) > 1:
+        log.info("header copy in use", source=copy.source)
+    return copy, unlocked, took
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
