@@ -1,8 +1,8 @@
-"""One client connection: the asyncio protocol that feeds the sans-IO
-handshake and request decoder, passes valid requests to the dispatcher and
-writes the replies. Flow control lives here: reading pauses while a
-connection's requests in flight reach their cap, while decoded requests
-wait to start, and while the client does not take its replies."""
+"""One client connection: the asyncio protocol. It routes the client's bytes
+to the phase the connection is in: negotiation (negotiation.py) until an
+export is chosen, then transmission, here: decode requests, validate them,
+pass them to the dispatcher, write the replies. What it may start and when
+it stops reading, flow.py decides."""
 
 from __future__ import annotations
 
@@ -16,23 +16,22 @@ from dataclasses import dataclass, field
 import structlog
 
 from . import stats
-from .buffers import BufferPool, MemoryBudget, size_class
+from .buffers import BufferPool, MemoryBudget
 from .commands import Export, Frames, errno_to_nbd, error_reply, validate
 from .constants import Cmd, Errno, cmd_name, flag_names
 from .dispatch import Dispatcher, Result
-from .handshake import Handshake, Negotiated, State
+from .flow import Flow
+from .handshake import Negotiated
+from .negotiation import Negotiation
 from .options import ServerOptions
 from .registry import Registry
 from .stats import Stats, StatsTable
 from .throttle import Throttle
-from .tls import peer_str, subject_cn
+from .tls import peer_str
 from .wire import ProtocolError, Request, RequestDecoder
 
 log = structlog.get_logger("nbdluks.server")
 
-# What a request costs against the in-flight cap beyond its data, so that a
-# flood of tiny requests is bounded too.
-_REQUEST_OVERHEAD = 4096
 # Replies queued beyond this many bytes are written at once, so that the
 # transport's flow control (pause_writing) still sees them in time.
 _REPLY_BATCH = 1024 * 1024
@@ -53,10 +52,6 @@ class Shared:
     stats: Stats = field(default_factory=lambda: StatsTable().slot(0))
 
 
-def _cost(req: Request) -> int:
-    return _REQUEST_OVERHEAD + (req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
-
-
 class Connection(asyncio.Protocol):
     _ids = itertools.count(1)
 
@@ -64,14 +59,11 @@ class Connection(asyncio.Protocol):
         self.shared = shared
         self.log = log.bind(conn=next(self._ids))
         self.transport: asyncio.Transport | None = None
-        self.handshake = Handshake({n: e.info() for n, e in shared.exports.items()},
-                                   shared.options.tls)
-        self._tls_task: asyncio.Task[None] | None = None
+        self.negotiation = Negotiation(self, shared.loop, shared.exports, shared.options)
         self.neg: Negotiated | None = None
         self.export: Export | None = None
-        self.decoder = RequestDecoder(alloc=self._alloc_data)
-        self.inflight_bytes = 0
-        self.inflight = 0
+        self.flow = Flow(shared.options.max_inflight, shared.budget, shared.buffers, self._wake)
+        self.decoder = RequestDecoder(alloc=self.flow.alloc_data)
         self._backlog: collections.deque[Request] = collections.deque()
         self._pumping = False
         # Replies wait here while a batch of requests is processed, then go
@@ -79,16 +71,10 @@ class Connection(asyncio.Protocol):
         # cost more than the work of a small request.
         self._out: Frames = []
         self._out_bytes = 0
-        # Read buffers whose replies the transport still holds, charged to
-        # the budget until it has sent them.
-        self._unsent = 0
         self.requests = 0
         self.failures = 0  # requests answered with an error by the device
         self.bytes_read = self.bytes_written = 0
         self.closing = False  # DISC seen or server stopping: no new requests
-        self._write_paused = False
-        self._read_paused = False
-        self._timer: asyncio.TimerHandle | None = None
         self.closed = asyncio.Event()
         self.opened = self.last_active = time.monotonic()
 
@@ -100,7 +86,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return self.inflight > 0 or bool(self._backlog)
+        return self.flow.inflight > 0 or bool(self._backlog)
 
     def evict(self, reason: str) -> None:
         """Close this connection to make room for a new one."""
@@ -133,15 +119,12 @@ class Connection(asyncio.Protocol):
             return
         self.shared.stats.opened()
         self.log.debug("connection opened")
-        t.write(self.handshake.data_to_send())  # type: ignore[attr-defined]
-        self._timer = self.shared.loop.call_later(self.shared.options.handshake_timeout,
-                                                  self._handshake_timeout)
+        self.negotiation.start()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed.is_set():  # a failed TLS handshake reports it itself
             return
-        if self._timer:
-            self._timer.cancel()
+        self.negotiation.cancel_timer()
         self.shared.registry.release(self)
         self.shared.stats.closed()
         self.shared.stats.flush()  # so that what a client did shows once it is gone
@@ -155,89 +138,36 @@ class Connection(asyncio.Protocol):
         self.closed.set()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.flow.pause_writing()
         self._update_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        self._release_unsent()  # below the low-water mark: as good as sent
+        self.flow.resume_writing()
         self._pump()
 
     def data_received(self, data: bytes) -> None:
         if self.neg is None:
-            self._negotiate(data)
+            self.negotiation.receive(data)
         else:
             self._receive_requests(data)
 
-    # --- negotiation -----------------------------------------------------------
-
-    def _negotiate(self, data: bytes) -> None:
-        assert self.transport is not None
-        hs = self.handshake
-        hs.receive_data(data)
-        out = hs.data_to_send()
-        if out:
-            self.transport.write(out)
-        if hs.state is State.CLOSED:
-            self.log.debug("negotiation ended", reason=hs.close_reason)
-            self.transport.close()
-        elif hs.state is State.TLS_START:
-            # Not one more byte for the option parser: the next ones are TLS.
-            self.transport.pause_reading()
-            self._tls_task = self.shared.loop.create_task(self._start_tls())
-        elif hs.state is State.DONE:
-            self._negotiated()
-
-    def _negotiated(self) -> None:
-        hs = self.handshake
-        assert hs.result is not None
-        if self._timer:
-            self._timer.cancel()
-        self.neg = hs.result
-        self.export = self.shared.exports[self.neg.export.name]
-        self.log = self.log.bind(export=self.neg.export.name)
+    def negotiated(self, result: Negotiated, leftover: bytes) -> None:
+        """Negotiation is over: transmission starts with `leftover`."""
+        self.neg = result
+        self.export = self.shared.exports[result.export.name]
+        self.log = self.log.bind(export=result.export.name)
         self.log.debug(
             "export negotiated",
-            size=self.neg.export.size,
-            structured=self.neg.structured,
-            tls=hs.tls_active,
-            flags=flag_names(self.neg.flags),
-            meta_contexts=sorted(self.neg.meta_contexts.values()),
+            size=result.export.size,
+            structured=result.structured,
+            tls=self.negotiation.tls_active,
+            flags=flag_names(result.flags),
+            meta_contexts=sorted(result.meta_contexts.values()),
         )
         if self.closing:
             self._maybe_close()
-        elif hs.leftover:
-            self._receive_requests(hs.leftover)
-
-    async def _start_tls(self) -> None:
-        creds = self.shared.options.credentials
-        assert self.transport is not None and creds is not None
-        ctx = creds.context
-        plain = self.transport
-        try:
-            tls = await self.shared.loop.start_tls(
-                plain, self, ctx, server_side=True,
-                ssl_handshake_timeout=self.shared.options.handshake_timeout,
-            )
-        except Exception as e:  # whatever broke, only this connection ends
-            self.log.warning("TLS handshake failed", error=str(e) or type(e).__name__)
-            plain.abort()
-            self.connection_lost(None)
-            return
-        if tls is None:  # closed meanwhile
-            return
-        self.transport = tls
-        obj = tls.get_extra_info("ssl_object")
-        peer = obj.getpeercert() if obj else None  # set when client certificates are checked
-        self.log.info("TLS started", version=obj.version() if obj else None,
-                      cipher=obj.cipher()[0] if obj and obj.cipher() else None,
-                      client=subject_cn(peer) if peer else None)
-        self.handshake.tls_started()
-
-    def _handshake_timeout(self) -> None:
-        if self.neg is None and self.transport is not None:
-            self.log.warning("negotiation timed out")
-            self.transport.close()
+        elif leftover:
+            self._receive_requests(leftover)
 
     # --- transmission -----------------------------------------------------------
 
@@ -253,53 +183,8 @@ class Connection(asyncio.Protocol):
         self._backlog.extend(reqs)
         self._pump()
 
-    def _gated(self) -> bool:
-        """No new work while replies wait for the client or the cap is reached."""
-        return self._write_paused or self.inflight_bytes >= self.shared.options.max_inflight
-
-    def _may_start(self, req: Request) -> bool:
-        if self._gated():
-            return False
-        if req.cmd == Cmd.READ and not self.shared.budget.allows(size_class(req.length)):
-            self.shared.budget.wait(self._wake)
-            return False
-        return True
-
     def _wake(self) -> None:
         self.shared.loop.call_soon(self._pump)
-
-    # --- the memory budget ----------------------------------------------------------
-
-    def _alloc_data(self, n: int) -> bytearray:
-        """A WRITE's data buffer (the decoder asks as its header arrives)."""
-        self.shared.budget.charge(n)
-        return self.shared.buffers.get(n)
-
-    def _give_back(self, req: Request) -> None:
-        """A request is over: its buffers go back to the pool, a write's data
-        off the budget (a read's buffer when its reply has left)."""
-        if req.data is not None:
-            self.shared.budget.release(len(req.data))
-            self.shared.buffers.put(req.data)
-        if req.buffer is not None:
-            self._unsent += len(req.buffer)
-            self.shared.buffers.put(req.buffer)
-        req.buffer = req.data = None
-
-    def _release_unsent(self) -> None:
-        if self._unsent:
-            n, self._unsent = self._unsent, 0
-            self.shared.budget.release(n)
-
-    def _release_all(self) -> None:
-        """The connection is gone: nothing it holds will be sent."""
-        for req in self._backlog:
-            self._give_back(req)
-        self._backlog.clear()
-        pending = self.decoder.abandon()
-        if pending is not None:
-            self.shared.budget.release(len(pending))
-        self._release_unsent()
 
     def _pump(self) -> None:
         """Start backlog requests while the gate is open; then decide on reading."""
@@ -307,7 +192,7 @@ class Connection(asyncio.Protocol):
             return
         self._pumping = True
         try:
-            while self._backlog and self._may_start(self._backlog[0]):
+            while self._backlog and self.flow.may_start(self._backlog[0]):
                 self._start(self._backlog.popleft())
         finally:
             self._pumping = False
@@ -315,6 +200,73 @@ class Connection(asyncio.Protocol):
             self.end_batch()
         self._update_reading()
         self._maybe_close()
+
+    def _start(self, req: Request) -> None:
+        assert self.neg is not None and self.export is not None
+        if self.closing:
+            return
+        if req.cmd == Cmd.DISC:
+            self.closing = True
+            self._drop_backlog()  # nothing may follow DISC
+            self._update_reading()
+            self._maybe_close()
+            return
+        self.requests += 1
+        req.started = time.monotonic_ns()
+        err = Errno.EINVAL if req.oversized else validate(req, self.neg)
+        if err:
+            self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started)
+            self.log.debug(
+                "request refused", cmd=req.cmd, offset=req.offset, length=req.length,
+                error=err.name,
+            )
+            self._send([error_reply(req, self.neg, err)])
+            self.flow.give_back(req)
+            return
+        self.flow.started(req)
+        self.shared.dispatcher.submit(self, self.export.device, req, self.neg)
+
+    def complete(self, req: Request, result: Result) -> None:
+        """On the loop: a request's device work is over; send its reply."""
+        self.last_active = time.monotonic()
+        self.flow.finished(req)
+        err, frames = self._outcome(req, result)
+        data = 0
+        if not isinstance(result, BaseException):
+            if req.cmd == Cmd.READ:
+                self.bytes_read += (data := req.length)
+            elif req.cmd == Cmd.WRITE:
+                self.bytes_written += (data := req.length)
+        self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started, data)
+        self._send(frames)
+        del frames, result
+        self.flow.give_back(req)
+        if self.closed.is_set():
+            self.flow.release_unsent()
+        self._pump()
+        self._maybe_close()
+
+    def _outcome(self, req: Request, result: Result) -> tuple[Errno, Frames]:
+        """The errno of a request's result, and its reply."""
+        assert self.neg is not None
+        if isinstance(result, OSError):
+            err = errno_to_nbd(result.errno)
+            self.failures += 1
+            held_back = self.shared.throttle.admit((req.cmd, err))
+            if held_back is not None:
+                self.log.warning(
+                    "request failed", cmd=cmd_name(req.cmd), offset=req.offset,
+                    length=req.length, error=err.name, reason=result.strerror,
+                    held_back=held_back,
+                )
+            return err, [error_reply(req, self.neg, err, result.strerror or "")]
+        if isinstance(result, BaseException):
+            self.log.error(
+                "request crashed", cmd=cmd_name(req.cmd), offset=req.offset,
+                error=type(result).__name__,
+            )
+            return Errno.EIO, [error_reply(req, self.neg, Errno.EIO, "internal error")]
+        return Errno.OK, result
 
     def _send(self, frames: Frames) -> None:
         self._out += frames
@@ -334,105 +286,29 @@ class Connection(asyncio.Protocol):
             t.writelines(out)
             del out
             if t.get_write_buffer_size() == 0:
-                self._release_unsent()
+                self.flow.release_unsent()
         else:
-            self._release_unsent()
-
-    def _start(self, req: Request) -> None:
-        assert self.neg is not None and self.export is not None
-        if self.closing:
-            return
-        if req.cmd == Cmd.DISC:
-            self.closing = True
-            for later in self._backlog:  # nothing may follow DISC
-                self._give_back(later)
-            self._backlog.clear()
-            self._update_reading()
-            self._maybe_close()
-            return
-        self.requests += 1
-        req.started = time.monotonic_ns()
-        err = Errno.EINVAL if req.oversized else validate(req, self.neg)
-        if err:
-            self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started)
-            self.log.debug(
-                "request refused", cmd=req.cmd, offset=req.offset, length=req.length,
-                error=err.name,
-            )
-            self._send([error_reply(req, self.neg, err)])
-            self._give_back(req)
-            return
-        if req.cmd == Cmd.READ:
-            req.buffer = self.shared.buffers.get_at_least(req.length)
-            self.shared.budget.charge(len(req.buffer))
-        self.inflight += 1
-        self.inflight_bytes += _cost(req)
-        self.shared.dispatcher.submit(self, self.export.device, req, self.neg)
-
-    def complete(self, req: Request, result: Result) -> None:
-        """On the loop: a request's device work is over; send its reply."""
-        assert self.neg is not None
-        self.last_active = time.monotonic()
-        self.inflight -= 1
-        self.inflight_bytes -= _cost(req)
-        err, data = Errno.OK, 0
-        if isinstance(result, OSError):
-            err = errno_to_nbd(result.errno)
-            self.failures += 1
-            held_back = self.shared.throttle.admit((req.cmd, err))
-            if held_back is not None:
-                self.log.warning(
-                    "request failed", cmd=cmd_name(req.cmd), offset=req.offset,
-                    length=req.length, error=err.name, reason=result.strerror,
-                    held_back=held_back,
-                )
-            frames: Frames = [error_reply(req, self.neg, err, result.strerror or "")]
-        elif isinstance(result, BaseException):
-            self.log.error(
-                "request crashed", cmd=cmd_name(req.cmd), offset=req.offset,
-                error=type(result).__name__,
-            )
-            err = Errno.EIO
-            frames = [error_reply(req, self.neg, err, "internal error")]
-        else:
-            frames = result
-            if req.cmd == Cmd.READ:
-                self.bytes_read += (data := req.length)
-            elif req.cmd == Cmd.WRITE:
-                self.bytes_written += (data := req.length)
-        self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started, data)
-        self._send(frames)
-        del frames, result
-        self._give_back(req)
-        if self.closed.is_set():
-            self._release_unsent()
-        self._pump()
-        self._maybe_close()
+            self.flow.release_unsent()
 
     def _update_reading(self) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        # Decoded requests that wait in the backlog are bounded by one
-        # read's worth of bytes: stop reading until they have started. With
-        # the budget spent, stop too, unless a WRITE's data is half in (it
-        # is paid for, and must arrive for anything to move).
-        budget = self.shared.budget
-        pause = (self.closing or self._gated() or bool(self._backlog)
-                 or (budget.full and not self.decoder.mid_write))
-        if pause and budget.full:
-            budget.wait(self._wake)
-        if pause != self._read_paused:
-            self._read_paused = pause
-            if pause:
-                t.pause_reading()
-            else:
-                t.resume_reading()
+        self.flow.update_reading(self.transport, hold=self.closing or bool(self._backlog),
+                                 mid_write=self.decoder.mid_write)
+
+    def _drop_backlog(self) -> None:
+        for req in self._backlog:
+            self.flow.give_back(req)
+        self._backlog.clear()
+
+    def _release_all(self) -> None:
+        """The connection is gone: nothing it holds will be sent."""
+        self._drop_backlog()
+        self.flow.drop_partial(self.decoder.abandon())
+        self.flow.release_unsent()
 
     def _maybe_close(self) -> None:
         if self._pumping:
             return  # the pump decides once its loop is over
-        if self.closing and self.inflight == 0 and self.transport is not None:
+        if self.closing and self.flow.inflight == 0 and self.transport is not None:
             self.end_batch()
             self.transport.close()
 
@@ -445,4 +321,3 @@ class Connection(asyncio.Protocol):
             return
         self._update_reading()
         self._maybe_close()
-

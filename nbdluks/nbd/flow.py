@@ -1,0 +1,137 @@
+"""Flow control of one connection: what it may start, when it stops reading,
+and what it holds of the server's memory budget and buffers.
+
+Reading pauses while the connection's requests in flight reach their cap,
+while decoded requests wait to start, while the client does not take its
+replies, and while the server's memory budget is spent. The connection
+consults this object; it touches no socket itself, only what it is handed
+to pause."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from .buffers import BufferPool, MemoryBudget, size_class
+from .constants import Cmd
+from .wire import Request
+
+# What a request costs against the in-flight cap beyond its data, so that a
+# flood of tiny requests is bounded too.
+REQUEST_OVERHEAD = 4096
+
+
+def cost(req: Request) -> int:
+    return REQUEST_OVERHEAD + (req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0)
+
+
+class Readable(Protocol):
+    """The side of a transport that flow control pauses."""
+
+    def is_closing(self) -> bool: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class Flow:
+    def __init__(self, max_inflight: int, budget: MemoryBudget, buffers: BufferPool,
+                 wake: Callable[[], None]) -> None:
+        self.max_inflight = max_inflight
+        self.budget = budget
+        self.buffers = buffers
+        self._wake = wake  # called (once) when the budget has room again
+        self.inflight = 0  # requests the device is working on
+        self.inflight_bytes = 0  # their cost
+        # Read buffers whose replies the transport still holds, charged to
+        # the budget until it has sent them.
+        self._unsent = 0
+        self.write_paused = False  # the client does not take its replies
+        self.read_paused = False
+
+    @property
+    def gated(self) -> bool:
+        """No new work while replies wait for the client or the cap is reached."""
+        return self.write_paused or self.inflight_bytes >= self.max_inflight
+
+    def may_start(self, req: Request) -> bool:
+        if self.gated:
+            return False
+        if req.cmd == Cmd.READ and not self.budget.allows(size_class(req.length)):
+            self.budget.wait(self._wake)
+            return False
+        return True
+
+    def started(self, req: Request) -> None:
+        """A valid request goes to the device: a READ gets its buffer."""
+        if req.cmd == Cmd.READ:
+            req.buffer = self.buffers.get_at_least(req.length)
+            self.budget.charge(len(req.buffer))
+        self.inflight += 1
+        self.inflight_bytes += cost(req)
+
+    def finished(self, req: Request) -> None:
+        """The device is done with a request (its buffers are not given back yet)."""
+        self.inflight -= 1
+        self.inflight_bytes -= cost(req)
+
+    # --- the memory budget ----------------------------------------------------------
+
+    def alloc_data(self, n: int) -> bytearray:
+        """A WRITE's data buffer (the decoder asks as its header arrives)."""
+        self.budget.charge(n)
+        return self.buffers.get(n)
+
+    def give_back(self, req: Request) -> None:
+        """A request is over: its buffers go back to the pool, a write's data
+        off the budget (a read's buffer when its reply has left)."""
+        if req.data is not None:
+            self.budget.release(len(req.data))
+            self.buffers.put(req.data)
+        if req.buffer is not None:
+            self._unsent += len(req.buffer)
+            self.buffers.put(req.buffer)
+        req.buffer = req.data = None
+
+    def drop_partial(self, data: bytearray | None) -> None:
+        """The stream ended inside a WRITE's data: off the budget with it."""
+        if data is not None:
+            self.budget.release(len(data))
+
+    def release_unsent(self) -> None:
+        """The transport has sent the replies (or never will): their read
+        buffers leave the budget."""
+        if self._unsent:
+            n, self._unsent = self._unsent, 0
+            self.budget.release(n)
+
+    # --- the transport ------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.release_unsent()  # below the low-water mark: as good as sent
+
+    def update_reading(self, t: Readable | None, hold: bool, mid_write: bool) -> None:
+        """Pause or resume reading from `t`. `hold`: the connection takes no
+        request now (it is closing, or decoded ones wait to start);
+        `mid_write`: a WRITE's data is partly in."""
+        if t is None or t.is_closing():
+            return
+        # Decoded requests that wait in the backlog are bounded by one
+        # read's worth of bytes: stop reading until they have started. With
+        # the budget spent, stop too, unless a WRITE's data is half in (it
+        # is paid for, and must arrive for anything to move).
+        budget = self.budget
+        pause = hold or self.gated or (budget.full and not mid_write)
+        if pause and budget.full:
+            budget.wait(self._wake)
+        if pause != self.read_paused:
+            self.read_paused = pause
+            if pause:
+                t.pause_reading()
+            else:
+                t.resume_reading()
