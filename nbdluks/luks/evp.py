@@ -2,17 +2,19 @@
 
 `cryptography` wants a new cipher context for every tweak, which costs
 more than the AES of a sector; OpenSSL's EVP interface lets one context take
-a new tweak per unit. That beats the numpy pipeline for large sectors and
-for short requests of any sector size, where numpy's fixed cost dominates.
+a new tweak per unit. It has no fixed cost per request, unlike the numpy
+pipeline (xts.py), but a cost per unit.
+
+The loop over units runs in the C helper (_xtsloop.c) when it is built: one
+call per request, with the GIL released, and then EVP serves every AES-XTS
+request. Without it the loop runs in Python through ctypes, two calls per
+unit, and serves only the requests too short for numpy to catch up
+(engines.py picks, once per SectorCipher).
 
 This is an accelerator, never a requirement: without a usable libcrypto,
 `load` returns None and the numpy pipeline does all the work. Functions are
 called through `PyDLL`, which keeps the GIL: a call is shorter than
 releasing and taking back the GIL would be.
-
-With the C helper built (_xtsloop.c), the loop over units runs in C, one
-call per request with the GIL released; without it, the loop below runs
-in Python through ctypes.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ C_IVGENS = {"plain64": 1, "plain": 2, "plain64be": 3}
 
 class _Lib:
     # No argtypes: the hot loop passes reused c_void_p objects, which ctypes
-    # takes as they are (20% faster than converting ints through argtypes).
-    # Every pointer argument is therefore wrapped in c_void_p by the caller.
+    # takes as they are, where argtypes would convert every int on every
+    # call. Every pointer argument is therefore wrapped in c_void_p by the
+    # caller.
     def __init__(self, path: str) -> None:
         lib = ctypes.PyDLL(path)
         lib.OpenSSL_version_num.restype = ctypes.c_ulong
@@ -91,6 +94,8 @@ class EvpXts:
         self._lib = lib
         self._cipher = lib.ciphers[len(key)]()
         self._key = bytearray(key)
+        # The C loop, if built, fixed for the life of this context.
+        self._c_loop = _xtsloop.crypt if _xtsloop is not None else None
         self._local = threading.local()
         self._contexts: list[_VP] = []
         self._lock = threading.Lock()
@@ -149,21 +154,30 @@ class EvpXts:
 
     @property
     def in_c(self) -> bool:
-        return _xtsloop is not None
+        """Whether crypt_c is available (the C helper is built)."""
+        return self._c_loop is not None
 
     def crypt_c(self, buf: bytearray | memoryview, unit: int, first: int, step: int,
                 ivgen: str, ivs: np.ndarray[Any, Any] | None, encrypt: bool) -> None:
         """In place, the loop in C: IVs made there for the plain generators
         (unit j: sector first + j*step), else taken from `ivs`."""
-        assert _xtsloop is not None
-        if self._closed:
-            raise ValueError("this XTS context was closed")
-        ctx = self._context(encrypt).value
         mode = C_IVGENS.get(ivgen, 0)
         if mode == 0 and (ivs is None or ivs.dtype != np.uint64):
             raise ValueError("IVs are needed for this IV generator")
-        _xtsloop.crypt(self._lib.init_addr, self._lib.update_addr, ctx, buf, unit,
-                       first & 0xFFFFFFFFFFFFFFFF, step, mode, ivs if mode == 0 else None)
+        self.crypt_c_mode(buf, unit, first, step, mode, ivs if mode == 0 else None, encrypt)
+
+    def crypt_c_mode(self, buf: bytearray | memoryview, unit: int, first: int, step: int,
+                     mode: int, ivs: np.ndarray[Any, Any] | None, encrypt: bool) -> None:
+        """crypt_c with the IV generator given by its C_IVGENS code, 0 for
+        uint64 IVs in `ivs` (the C helper checks their count)."""
+        loop = self._c_loop
+        if loop is None:
+            raise ValueError("the C helper is not built")
+        if self._closed:
+            raise ValueError("this XTS context was closed")
+        ctx = self._context(encrypt).value
+        loop(self._lib.init_addr, self._lib.update_addr, ctx, buf, unit,
+             first & 0xFFFFFFFFFFFFFFFF, step, mode, ivs)
 
     def close(self) -> None:
         with self._lock:
