@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -59,11 +59,8 @@ class Observed:
 
 async def _serve(export: Export, opts: ServeOptions, socks: list[socket.socket],
                  handoff: socket.socket | None, obs: Observed, index: int) -> int:
-    # Connections are handed to the processes in turn, so each gets its share.
-    n = max(1, opts.processes)
-    server = NbdServer([export], replace(
-        opts.server, max_connections=-(-opts.server.max_connections // n),
-        max_memory=opts.server.max_memory // n), stats=obs.table.slot(index))
+    server = NbdServer([export], opts.server, stats=obs.table.slot(index),
+                       processes=max(1, opts.processes))
     mon = obs.monitor
 
     def serving() -> bool:

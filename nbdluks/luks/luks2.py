@@ -5,7 +5,6 @@ lib/luks2 does)."""
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import struct
@@ -313,7 +312,7 @@ def _b64(value: Any, what: str) -> bytes:
         raise HeaderError(f"{what} is not base64")
     try:
         return base64.b64decode(value, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a string that is not ASCII
         raise HeaderError(f"{what} is not base64") from None
 
 

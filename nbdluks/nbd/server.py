@@ -31,15 +31,18 @@ STATS_FLUSH = 0.5
 
 class NbdServer:
     def __init__(self, exports: Iterable[Export], options: ServerOptions,
-                 stats: Stats | None = None) -> None:
+                 stats: Stats | None = None, processes: int = 1) -> None:
+        """`options` hold the whole server's limits; with several processes
+        (connections are handed to them in turn) each takes an equal share."""
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.options = options
         self.exports = {e.name: e for e in exports}
         self.dispatcher = Dispatcher(loop, options.threads)
-        self.registry: Registry[Connection] = Registry(options.max_connections)
-        self.shared = Shared(loop, self.exports, options, BufferPool(options.max_memory // 2),
-                             MemoryBudget(options.max_memory), self.dispatcher, self.registry,
+        memory = options.max_memory // processes
+        self.registry: Registry[Connection] = Registry(-(-options.max_connections // processes))
+        self.shared = Shared(loop, self.exports, options, BufferPool(memory // 2),
+                             MemoryBudget(memory), self.dispatcher, self.registry,
                              stats=stats or StatsTable().slot(0))
         self.listeners: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()

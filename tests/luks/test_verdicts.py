@@ -239,6 +239,11 @@ ACCEPTED: list[tuple[str, Callable[..., Any], str]] = [
      "unservable"),
     ("an 8 KiB sector", _set("segments", "0", "sector_size", value=8192), "unservable"),
     ("an unknown digest type", _set("digests", "0", "type", value="future"), "unservable"),
+    # found by the hypothesis test below: "base64" that is not even ASCII
+    ("a digest salt that is not ASCII", _set("digests", "0", "salt", value="\x80"),
+     "unservable"),
+    ("a key slot salt that is not ASCII", _set("keyslots", "1", "kdf", "salt", value="\x80"),
+     "slot 1"),
     ("a segment with a fixed size", _set("segments", "0", "size", value="1048576"), "ok"),
     ("whitespace between the JSON and its NUL", _spaces_after_json, "area ok"),
     ("segment flags", _set("segments", "0", "flags", value=["x"]), "ok"),
