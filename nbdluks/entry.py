@@ -13,7 +13,7 @@ def main() -> int:
     from . import signals
 
     signals.on_startup()
-    from .cli.main import main as cli_main
+    from .cli import main as cli_main
 
     return cli_main()
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
 
-from nbdluks.cli.main import build_parser
+from nbdluks.cli import build_parser
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nbdluks"
 MODULES = sorted(PACKAGE.rglob("*.py"))
@@ -23,13 +24,17 @@ def rel(path: Path) -> str:
 
 
 def imports(path: Path) -> set[str]:
-    """Absolute names of the nbdluks modules `path` imports."""
+    """Absolute names of the modules `path` imports (`from . import x`: the
+    package's x)."""
     pkg = ["nbdluks", *path.relative_to(PACKAGE).parent.parts]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             base = pkg[: len(pkg) - node.level + 1] if node.level else []
-            out.add(".".join([*base, *(node.module or "").split(".")]).rstrip("."))
+            if node.module is None:
+                out.update(".".join([*base, a.name]) for a in node.names)
+            else:
+                out.add(".".join([*base, *node.module.split(".")]))
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
     return out
@@ -46,25 +51,51 @@ def test_modules_and_functions_stay_small(path: Path) -> None:
             assert length <= MAX_FUNCTION_LINES, f"{node.name}: {length} lines"
 
 
-# layer -> what it must never import
-FORBIDDEN = {
-    "block": ("nbdluks.nbd", "nbdluks.luks", "nbdluks.unlock.opener", "nbdluks.cli.main"),
-    "luks": ("nbdluks.nbd", "nbdluks.unlock.opener", "nbdluks.cli.main", "nbdluks.unlock.sources"),
-    "nbd": ("nbdluks.luks", "nbdluks.unlock.opener", "nbdluks.cli.main", "nbdluks.unlock.sources"),
+# package -> the packages it may import, each only through its face (its
+# __init__); top-level modules (errors, signals, the version) are open to all.
+ALLOWED = {
+    "block": set(),
+    "luks": {"block"},
+    "nbd": {"block"},
+    "unlock": {"block", "luks", "nbd"},
+    "daemon": {"block", "nbd", "unlock"},
+    "cli": {"block", "luks", "nbd", "unlock", "daemon"},
 }
+TOP = {"nbdluks.__version__", "nbdluks.errors", "nbdluks.signals"}
 # The protocol codec and rules do no I/O (h11 style).
 SANS_IO = ("nbd/wire.py", "nbd/handshake.py", "nbd/commands.py", "nbd/constants.py")
 
 
+def test_every_package_is_known() -> None:
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert packages == set(ALLOWED)
+    assert len(list(PACKAGE.glob("*.py"))) <= 8  # the rest lives in packages by role
+
+
 @pytest.mark.parametrize("path", MODULES, ids=rel)
-def test_layers_import_one_way(path: Path) -> None:
-    layer = path.relative_to(PACKAGE).parts[0]
-    names = imports(path)
-    for forbidden in FORBIDDEN.get(layer, ()):
-        assert not any(n == forbidden or n.startswith(forbidden + ".") for n in names), (
-            f"{rel(path)} imports {forbidden}")
+def test_layers_import_one_way_through_faces(path: Path) -> None:
+    parts = path.relative_to(PACKAGE).parts
+    own = parts[0] if len(parts) > 1 else None
+    for name in imports(path):
+        if not name.startswith("nbdluks") or name in TOP:
+            continue
+        pkg = name.split(".")[1]
+        if pkg == own:
+            assert name != f"nbdluks.{own}", f"{rel(path)} imports its own package's face"
+            continue
+        if own is None:  # entry.py, __main__.py
+            assert name in ("nbdluks.cli", "nbdluks.entry"), f"{rel(path)} imports {name}"
+            continue
+        assert pkg in ALLOWED[own], f"{rel(path)} imports {name}"
+        assert name == f"nbdluks.{pkg}", f"{rel(path)} imports {name}, not its face"
     if str(path.relative_to(PACKAGE)) in SANS_IO:
-        assert not names & {"asyncio", "socket", "ssl", "threading", "os", "selectors"}
+        assert not imports(path) & {"asyncio", "socket", "ssl", "threading", "os", "selectors"}
+
+
+@pytest.mark.parametrize("face", sorted(ALLOWED))
+def test_faces_export_what_they_import(face: str) -> None:
+    module = importlib.import_module(f"nbdluks.{face}")
+    assert all(hasattr(module, n) for n in module.__all__)
 
 
 def flags() -> set[str]:

@@ -1,0 +1,10 @@
+"""Block devices: the contract every source and filter offers the server
+(base), local files and block devices (file), and a lock over byte ranges
+that processes share (locks)."""
+
+from .base import BlockDevice, Buffer, Capabilities, Extent, unsupported, zero_fill
+from .file import FileDevice
+from .locks import RangeLock
+
+__all__ = ["BlockDevice", "Buffer", "Capabilities", "Extent", "FileDevice", "RangeLock",
+           "unsupported", "zero_fill"]

@@ -6,12 +6,8 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
-from ..nbd.constants import DEFAULT_PORT
-from ..nbd.handshake import TlsMode
-from ..nbd.options import MiB, ServerOptions
-from ..nbd.upstream import UpstreamOptions
-from ..unlock.keys import UnlockOptions
-from ..unlock.tokens import TokenOptions
+from ..nbd import DEFAULT_PORT, MiB, ServerOptions, TlsMode, UpstreamOptions
+from ..unlock import TokenOptions, UnlockOptions
 
 _SERVER = ServerOptions()
 _UPSTREAM = UpstreamOptions()

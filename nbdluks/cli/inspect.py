@@ -6,12 +6,9 @@ import argparse
 import json
 from typing import Any
 
-from ..luks.volume import Argon2, Pbkdf2, Token, Volume
-from ..nbd.upstream import UpstreamOptions
-from ..unlock.clevis import pins
-from ..unlock.headers import read_copy
-from ..unlock.keys import key_check
-from ..unlock.sources import SourceError
+from ..luks import Argon2, Pbkdf2, Token, Volume
+from ..nbd import UpstreamOptions
+from ..unlock import SourceError, describe_pins, key_check, read_copy
 from .options import check_args, hint, unlock_options
 
 _PRIORITY = {0: "ignored", 1: "normal", 2: "high"}
@@ -80,7 +77,7 @@ def describe(vol: Volume) -> dict[str, Any]:
 def _token(t: Token) -> dict[str, Any]:
     out: dict[str, Any] = {"id": t.id, "type": t.type, "keyslots": list(t.keyslots)}
     if t.type == "clevis":
-        out["pins"] = pins.describe(t.json.get("jwe"))
+        out["pins"] = describe_pins(t.json.get("jwe"))
     return out
 
 

@@ -10,15 +10,19 @@ from collections.abc import Sequence
 import structlog
 
 from .. import signals
-from ..daemon import lifecycle
-from ..daemon import log as logsetup
-from ..daemon.cpus import usable_cpus
-from ..daemon.hardening import harden_process
-from ..daemon.lifecycle import DaemonOptions, SetupError
-from ..daemon.serving import ServeOptions
+from ..daemon import (
+    DaemonOptions,
+    ServeOptions,
+    SetupError,
+    fatal,
+    harden_process,
+    run,
+    setup_logging,
+    usable_cpus,
+)
 from ..errors import NbdluksError
-from ..nbd.uri import UriError, parse_uri
-from ..unlock.volume import OpenVolume, open_volume
+from ..nbd import UriError, parse_uri
+from ..unlock import OpenVolume, open_volume
 from .arguments import MAX_DEFAULT_PROCESSES, build_parser
 from .inspect import inspect
 from .options import (
@@ -61,7 +65,7 @@ def serve(args: argparse.Namespace) -> int:
         listen=listen_options(args), metrics=metrics, run_as=run_as,
         print_uri=args.print_uri, pid_file=args.pid_file)
     try:
-        return lifecycle.run(volume, opts)
+        return run(volume, opts)
     except SetupError as e:
         raise setup_error(e) from None
 
@@ -82,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals.on_startup()  # again: main may be called without nbdluks.entry
     parser = build_parser()
     args = parser.parse_args(argv)
-    logsetup.setup(args.log_format, args.log_level)
+    setup_logging(args.log_format, args.log_level)
     log.debug("process hardened", **harden_process())
     try:
         if args.command == "inspect":
@@ -94,11 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("stopped before serving", signal=e.name)
         return 0
     except UsageError as e:
-        logsetup.fatal(str(e), 2)
+        fatal(str(e), 2)
         return 2
     except NbdluksError as e:
-        logsetup.fatal(f"{e}{hint(e)}", 1)
+        fatal(f"{e}{hint(e)}", 1)
         return 1
     except OSError as e:
-        logsetup.fatal(f"{e.filename or 'I/O'}: {e.strerror}", 1)
+        fatal(f"{e.filename or 'I/O'}: {e.strerror}", 1)
         return 1

@@ -7,22 +7,34 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..daemon.hardening import PrivilegeError, resolve_user
-from ..daemon.lifecycle import SetupError
+from ..daemon import PrivilegeError, SetupError, resolve_user
 from ..errors import NbdluksError
-from ..luks.errors import Argon2MemoryError
-from ..luks.unlock import SlotsSkippedError
-from ..nbd.constants import DEFAULT_PORT
-from ..nbd.handshake import TlsMode
-from ..nbd.listen import Listen
-from ..nbd.options import MiB, ServerOptions
-from ..nbd.tls import ServerCredentials, TlsConfigError, TlsFileMissingError
-from ..nbd.upstream import UpstreamOptions
-from ..nbd.uri import UriError, is_nbd_uri, parse_uri
-from ..unlock.keys import NewlineKeyError, UnlockOptions
-from ..unlock.secrets import MAX_KEYFILE, KeyFileShortError
-from ..unlock.tokens import UNLOCKING_TYPES, NoTokenError, TokenOptions
-from ..unlock.volume import VolumeConfig, VolumeOptions
+from ..luks import Argon2MemoryError, SlotsSkippedError
+from ..nbd import (
+    DEFAULT_PORT,
+    Listen,
+    MiB,
+    ServerCredentials,
+    ServerOptions,
+    TlsConfigError,
+    TlsFileMissingError,
+    TlsMode,
+    UpstreamOptions,
+    UriError,
+    is_nbd_uri,
+    parse_uri,
+)
+from ..unlock import (
+    MAX_KEYFILE,
+    UNLOCKING_TYPES,
+    KeyFileShortError,
+    NewlineKeyError,
+    NoTokenError,
+    TokenOptions,
+    UnlockOptions,
+    VolumeConfig,
+    VolumeOptions,
+)
 
 
 class UsageError(NbdluksError):

@@ -4,9 +4,7 @@ Kubernetes exec probes: one line out, exit 0 when it serves."""
 
 from __future__ import annotations
 
-from ..nbd.client import NbdClient, NbdClientError
-from ..nbd.constants import Cmd
-from ..nbd.uri import NbdUri
+from ..nbd import Cmd, NbdClient, NbdClientError, NbdUri
 
 # Bytes read by --read (less for a smaller export, more for a larger block).
 PROBE_READ = 4096

@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from ..errors import NbdluksError
-from ..nbd.constants import DEFAULT_PORT
-from ..nbd.handshake import TlsMode
-from ..nbd.listen import Listen, activated, address, bind, cleanup
-from ..unlock.volume import OpenVolume
+from ..nbd import DEFAULT_PORT, Listen, TlsMode, activated, address, bind, cleanup
+from ..unlock import OpenVolume
 from . import readiness, serving
 from .hardening import drop_privileges
 from .serving import ServeOptions

@@ -13,11 +13,10 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import __version__
-from ..nbd import stats
-from ..nbd.stats import COMMANDS, Totals
+from ..nbd import COMMANDS, Totals, stats
 
 # A request head larger than this, or slower than this, is dropped.
 _MAX_HEAD = 8192
@@ -25,7 +24,6 @@ _TIMEOUT = 5.0
 # HTTP connections a process answers at once; more are closed at once (a
 # flood of idle connections must not cost the NBD clients file descriptors).
 MAX_HTTP = 32
-_open = 0
 _SERVED = [c for c in COMMANDS if c != "DISC"]  # DISC is not a request with a reply
 
 
@@ -145,45 +143,55 @@ def _response(status: int, body: str, ctype: str = "text/plain; charset=utf-8",
     return head if head_only else head + data
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What the processes count into, and who answers /metrics and /healthz."""
+
+    table: stats.StatsTable
+    monitor: Monitor | None = None
+    http: list[socket.socket] = field(default_factory=list)  # listening for HTTP
+
+
 # --- the asyncio adapter ------------------------------------------------------
 
 
-async def _answer(monitor: Monitor, serving: Callable[[], bool],
-                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    global _open
-    if _open >= MAX_HTTP:
-        writer.transport.abort()
-        return
-    _open += 1
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
-        writer.write(respond(monitor, head, serving()))
-        await asyncio.wait_for(writer.drain(), _TIMEOUT)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-            ConnectionError):
-        pass  # a client that went away, or never asked
-    finally:
-        _open -= 1
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+class Responder:
+    """One process's HTTP side: at most MAX_HTTP connections answered at
+    once (more are closed at once), each with _TIMEOUT to ask and to read."""
 
+    def __init__(self, monitor: Monitor, serving: Callable[[], bool]) -> None:
+        self.monitor = monitor
+        self.serving = serving
+        self.open = 0
 
-async def listen(monitor: Monitor, serving: Callable[[], bool],
-                 sock: socket.socket) -> asyncio.Server:
-    """Answer on a listening socket."""
-    async def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await _answer(monitor, serving, r, w)
+    async def listen(self, sock: socket.socket) -> asyncio.Server:
+        """Answer on a listening socket."""
+        return await asyncio.start_server(self._answer, sock=sock, limit=_MAX_HEAD)
 
-    return await asyncio.start_server(on_client, sock=sock, limit=_MAX_HEAD)
+    async def answer_accepted(self, sock: socket.socket) -> None:
+        """Answer a connection another process accepted."""
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=_MAX_HEAD)
+        except OSError:
+            sock.close()
+            return
+        await self._answer(reader, writer)
 
-
-async def answer_accepted(monitor: Monitor, serving: Callable[[], bool],
-                          sock: socket.socket) -> None:
-    """Answer a connection another process accepted."""
-    try:
-        reader, writer = await asyncio.open_connection(sock=sock, limit=_MAX_HEAD)
-    except OSError:
-        sock.close()
-        return
-    await _answer(monitor, serving, reader, writer)
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        if self.open >= MAX_HTTP:
+            writer.transport.abort()
+            return
+        self.open += 1
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
+            writer.write(respond(self.monitor, head, self.serving()))
+            await asyncio.wait_for(writer.drain(), _TIMEOUT)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError):
+            pass  # a client that went away, or never asked
+        finally:
+            self.open -= 1
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()

@@ -18,14 +18,10 @@ from typing import Any
 import structlog
 
 from .. import signals
-from ..nbd.commands import Export
-from ..nbd.options import ServerOptions
-from ..nbd.server import NbdServer
-from ..nbd.stats import StatsTable
-from ..unlock.volume import OpenVolume
-from . import metrics as monitor
+from ..nbd import Export, NbdServer, ServerOptions, StatsTable
+from ..unlock import OpenVolume
 from . import readiness
-from .metrics import Monitor
+from .metrics import Monitor, Observed, Responder
 from .supervisor import Supervisor
 
 log = structlog.get_logger("nbdluks")
@@ -48,33 +44,20 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(coro)
 
 
-@dataclass(frozen=True)
-class Observed:
-    """What the processes count into, and who answers /metrics and /healthz."""
-
-    table: StatsTable
-    monitor: Monitor | None = None
-    http: list[socket.socket] = field(default_factory=list)  # listening for HTTP
-
-
 async def _serve(export: Export, opts: ServeOptions, socks: list[socket.socket],
                  handoff: socket.socket | None, obs: Observed, index: int) -> int:
     server = NbdServer([export], opts.server, stats=obs.table.slot(index),
                        processes=max(1, opts.processes))
-    mon = obs.monitor
-
-    def serving() -> bool:
-        return not server.stopping
-
+    web = None if obs.monitor is None else Responder(obs.monitor, lambda: not server.stopping)
     http: list[asyncio.Server] = []
     if handoff is not None:
-        others = {} if mon is None else {b"m": lambda sock: server.loop.create_task(
-            monitor.answer_accepted(mon, serving, sock))}
+        others = {} if web is None else {b"m": lambda sock: server.loop.create_task(
+            web.answer_accepted(sock))}
         server.serve_handoff(handoff, others)
     else:
         await server.serve_sockets(socks)
-        if mon is not None:
-            http = [await monitor.listen(mon, serving, sock) for sock in obs.http]
+        if web is not None:
+            http = [await web.listen(sock) for sock in obs.http]
     # The main process tells systemd; workers have a parent that does.
     on_stop = None if handoff is not None else lambda: readiness.notify("STOPPING=1")
     status = await server.serve_until_stopped(stop_requested=signals.stop_requested,

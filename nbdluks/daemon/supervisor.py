@@ -21,10 +21,11 @@ import structlog
 from .. import signals
 from . import readiness
 from .hardening import stop_with_parent
+from .metrics import Observed
 
-if TYPE_CHECKING:
-    from ..unlock.volume import OpenVolume
-    from .serving import Observed, ServeOptions
+if TYPE_CHECKING:  # serving.py imports this module
+    from ..unlock import OpenVolume
+    from .serving import ServeOptions
 
 log = structlog.get_logger("nbdluks")
 
@@ -34,7 +35,7 @@ _MAX_QUICK_DEATHS = 3
 _SIGNALS = {*signals.STOP, signal.SIGHUP}
 
 # What a worker process runs: (volume, options, listeners, observed, index, handoff) -> status
-Worker = Callable[["OpenVolume", "ServeOptions", list[socket.socket], "Observed", int,
+Worker = Callable[["OpenVolume", "ServeOptions", list[socket.socket], Observed, int,
                    socket.socket], int]
 
 

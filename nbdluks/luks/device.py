@@ -13,8 +13,7 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
-from ..block.base import BlockDevice, Buffer, Capabilities
-from ..block.locks import RangeLock
+from ..block import BlockDevice, Buffer, Capabilities, RangeLock
 from .cipher import SectorCipher
 from .errors import HeaderError
 from .unlock import lock_in_memory, wipe

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno as _errno
 from dataclasses import dataclass
 
-from ..block.base import BlockDevice, Extent
+from ..block import BlockDevice, Extent
 from .constants import (
     FLAG_DF,
     FLAG_FAST_ZERO,
@@ -66,19 +66,19 @@ MAX_EXTENTS = 1 << 16
 
 @dataclass
 class Export:
-    """A device served under a name."""
+    """A device served under a name (read-only when the device is: it was
+    opened so)."""
 
     name: str
     device: BlockDevice
     description: str = ""
-    read_only: bool = False
 
     def info(self) -> ExportInfo:
         """What negotiation advertises: the device's capabilities as flags."""
         dev = self.device
         caps = dev.caps
         flags = TxFlag.HAS_FLAGS
-        writable = caps.writable and not self.read_only
+        writable = caps.writable
         if not writable:
             flags |= TxFlag.READ_ONLY
         if caps.flush:

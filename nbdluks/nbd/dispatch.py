@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
-from ..block.base import BlockDevice
+from ..block import BlockDevice
 from .commands import Frames, execute
 from .constants import FLAG_FUA, Cmd
 from .handshake import Negotiated

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..block.base import BlockDevice, Buffer, Capabilities
+from ..block import BlockDevice, Buffer, Capabilities
 from .client import NbdClient, NbdClientError, UpstreamLost
 from .constants import FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE, Cmd, TxFlag
 from .uri import NbdUri

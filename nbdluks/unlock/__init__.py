@@ -1,0 +1,17 @@
+"""Unlocking a volume: its sources opened (paths or NBD URIs), its header
+copies read and compared, the secret read once (passphrase, key file,
+volume key) or recovered through clevis tokens (Tang, sss), and the result:
+an OpenVolume ready to serve."""
+
+from .clevis.pins import describe as describe_pins
+from .headers import HeaderCopy, read_copies, read_copy
+from .keys import NewlineKeyError, UnlockOptions, key_check
+from .secrets import MAX_KEYFILE, KeyFileShortError
+from .sources import SourceError, open_source
+from .tokens import UNLOCKING_TYPES, NoTokenError, TokenOptions
+from .volume import OpenVolume, VolumeConfig, VolumeOptions, open_volume
+
+__all__ = ["MAX_KEYFILE", "UNLOCKING_TYPES", "HeaderCopy", "KeyFileShortError",
+           "NewlineKeyError", "NoTokenError", "OpenVolume", "SourceError", "TokenOptions",
+           "UnlockOptions", "VolumeConfig", "VolumeOptions", "describe_pins", "key_check",
+           "open_source", "open_volume", "read_copies", "read_copy"]

@@ -15,13 +15,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..block.base import BlockDevice
+from ..block import BlockDevice
 from ..errors import NbdluksError
-from ..luks import header
-from ..luks.errors import HeaderError
-from ..luks.luks2 import DEFAULT_ARGON2_MAX_KIB
-from ..luks.volume import HEADER_PROBE, Keyslot, Volume
-from ..nbd.upstream import UpstreamOptions
+from ..luks import DEFAULT_ARGON2_MAX_KIB, HEADER_PROBE, HeaderError, Keyslot, Volume, parse_header
+from ..nbd import UpstreamOptions
 from .sources import open_source, read_prefix
 
 log = structlog.get_logger("nbdluks.open")
@@ -59,7 +56,7 @@ class HeaderCopy:
 def read_header(dev: BlockDevice, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
                 ) -> tuple[Volume, bytes]:
     data = read_prefix(dev, HEADER_PROBE)
-    vol = header.parse(data, argon2_max_kib=argon2_max_kib)
+    vol = parse_header(data, argon2_max_kib=argon2_max_kib)
     if dev.size < vol.metadata_size:
         raise HeaderError(
             f"the header is truncated: {dev.size} bytes of {vol.metadata_size}"

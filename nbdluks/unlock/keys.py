@@ -10,11 +10,17 @@ from typing import Any
 
 import structlog
 
-from ..luks.device import LuksDevice
-from ..luks.errors import LuksError, WrongKeyError
-from ..luks.luks2 import DEFAULT_ARGON2_MAX_KIB
-from ..luks.unlock import Unlocked, unlock_with_passphrase, unlock_with_volume_key, wipe
-from ..luks.volume import Volume
+from ..luks import (
+    DEFAULT_ARGON2_MAX_KIB,
+    LuksDevice,
+    LuksError,
+    Unlocked,
+    Volume,
+    WrongKeyError,
+    unlock_with_passphrase,
+    unlock_with_volume_key,
+    wipe,
+)
 from .headers import HeaderCopy
 from .secrets import ends_in_newline, read_secret
 from .tokens import TokenOptions, unlock_with_tokens

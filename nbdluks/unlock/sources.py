@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from ..block.base import BlockDevice
-from ..block.file import FileDevice
+from ..block import BlockDevice, FileDevice
 from ..errors import NbdluksError
-from ..nbd.client import NbdClientError
-from ..nbd.upstream import NbdDevice, UpstreamOptions
-from ..nbd.uri import UriError, is_nbd_uri, parse_uri
+from ..nbd import NbdClientError, NbdDevice, UpstreamOptions, UriError, is_nbd_uri, parse_uri
 
 
 class SourceError(NbdluksError):

@@ -11,9 +11,17 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..luks.errors import LuksError, UnsupportedError, WrongKeyError
-from ..luks.unlock import Unlocked, unlock_with_passphrase, wipe
-from ..luks.volume import Keyslot, Token, Volume
+from ..luks import (
+    Keyslot,
+    LuksError,
+    Token,
+    Unlocked,
+    UnsupportedError,
+    Volume,
+    WrongKeyError,
+    unlock_with_passphrase,
+    wipe,
+)
 from .clevis.pins import PinError, decrypt
 
 log = structlog.get_logger("nbdluks.open")

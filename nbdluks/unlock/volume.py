@@ -18,11 +18,9 @@ from typing import Any
 
 import structlog
 
-from ..block.base import BlockDevice
-from ..luks.device import LuksDevice
-from ..luks.unlock import Unlocked
-from ..luks.volume import Volume
-from ..nbd.upstream import UpstreamOptions
+from ..block import BlockDevice
+from ..luks import LuksDevice, Unlocked, Volume
+from ..nbd import UpstreamOptions
 from .headers import HeaderCopy, read_copies
 from .keys import UnlockOptions, unlock
 from .sources import open_source

@@ -4,6 +4,7 @@ becomes device calls and reply frames."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import struct
 
@@ -48,13 +49,18 @@ def dev() -> MemoryDevice:
     return MemoryDevice(SIZE)
 
 
+def read_only(dev: MemoryDevice) -> MemoryDevice:
+    """The device as opened read-only: every capability but writing."""
+    return MemoryDevice(dev.size, dataclasses.replace(dev.caps, writable=False))
+
+
 def test_advertised_flags_follow_the_device(dev: MemoryDevice) -> None:
     flags = Export("", dev).info().flags
     for f in (TxFlag.SEND_FLUSH, TxFlag.SEND_FUA, TxFlag.SEND_TRIM, TxFlag.SEND_WRITE_ZEROES,
               TxFlag.SEND_FAST_ZERO, TxFlag.SEND_CACHE):
         assert f in flags
     assert TxFlag.READ_ONLY not in flags and TxFlag.CAN_MULTI_CONN not in flags
-    ro = Export("", dev, read_only=True).info().flags
+    ro = Export("", read_only(dev)).info().flags
     assert TxFlag.READ_ONLY in ro and TxFlag.SEND_TRIM not in ro and TxFlag.SEND_FUA not in ro
     # FUA emulated by flush is still FUA; without flush there is neither
     flush_only = MemoryDevice(SIZE, Capabilities(writable=True, flush=True))
@@ -96,7 +102,7 @@ def test_validation(dev: MemoryDevice, request_: Request, expected: Errno) -> No
 
 
 def test_writes_to_a_read_only_export_get_eperm_first(dev: MemoryDevice) -> None:
-    neg = negotiated(Export("", dev, read_only=True))
+    neg = negotiated(Export("", read_only(dev)))
     for cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM):
         assert validate(req(cmd), neg) == Errno.EPERM
         assert validate(req(cmd, SIZE, 4096), neg) == Errno.EPERM  # before the range check
