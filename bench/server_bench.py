@@ -2,8 +2,12 @@
 data, alternating the servers each round; prints ratios (nbdluks / peer,
 higher is better for nbdluks).
 
-    python -m bench.server_bench raw   [--size-mib 1024] [--rounds 3]
-    python -m bench.server_bench luks  [--size-mib 1024] [--rounds 3]
+    python -m bench.server_bench raw   [--size-mib 1024] [--rounds 3] [--baseline DIR]
+    python -m bench.server_bench luks  [--size-mib 1024] [--rounds 3] [--baseline DIR]
+
+--baseline DIR adds nbdluks from another checkout (e.g. a `git worktree` of
+the commit before a change, its C helper built) as one more server,
+"baseline": an A/B of a change in the same run.
 
 raw:  a plain file through `nbdluks serve --raw`, nbdkit's file plugin and
       qemu-nbd -f raw.
@@ -53,13 +57,15 @@ def wait_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 120) 
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], sock: str) -> None:
-        self.name, self.cmd, self.sock = name, cmd, sock
+    def __init__(self, name: str, cmd: list[str], sock: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.name, self.cmd, self.sock, self.env = name, cmd, sock, env
 
     def __enter__(self) -> Server:
         if os.path.exists(self.sock):
             os.unlink(self.sock)
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=self.env)
         wait_socket(self.sock, self.proc)
         return self
 
@@ -153,13 +159,27 @@ def nbdluks_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "nbdluks", "serve", *args, "--log-level", "warning"]
 
 
+def with_baseline(servers: list[Callable[[], Server]], baseline: str | None
+                  ) -> list[Callable[[], Server]]:
+    """The first server (nbdluks) once more, run from the checkout `baseline`."""
+    if baseline is None:
+        return servers
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(baseline)}
+
+    def make() -> Server:
+        ours = servers[0]()
+        return Server("baseline", ours.cmd, ours.sock, env)
+
+    return [*servers, make]
+
+
 def random_file(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         for _ in range(size // (64 * MiB)):
             f.write(os.urandom(64 * MiB))
 
 
-def bench_raw(tmp: Path, size: int, rounds: int) -> None:
+def bench_raw(tmp: Path, size: int, rounds: int, baseline: str | None) -> None:
     img = tmp / "disk.img"
     random_file(img, size)
     s = str(tmp / "s.sock")
@@ -169,12 +189,13 @@ def bench_raw(tmp: Path, size: int, rounds: int) -> None:
         lambda: Server("qemu-nbd", ["qemu-nbd", "-t", "-f", "raw", "--shared=8", "-k", s,
                                     str(img)], s),
     ]
-    res = run_rounds(servers, {"seq-read": lambda u: seq_read(u, size),
-                               "randread-4k": lambda u: rand_read(u, size)}, rounds)
+    workloads = {"seq-read": lambda u: seq_read(u, size),
+                 "randread-4k": lambda u: rand_read(u, size)}
+    res = run_rounds(with_baseline(servers, baseline), workloads, rounds)
     report(res, {"seq-read": "MiB/s", "randread-4k": "IOPS"})
 
 
-def bench_luks(tmp: Path, size: int, rounds: int) -> None:
+def bench_luks(tmp: Path, size: int, rounds: int, baseline: str | None) -> None:
     pw = tmp / "pw"
     pw.write_bytes(b"benchmark passphrase")
     img = tmp / "v1.luks"
@@ -195,10 +216,11 @@ def bench_luks(tmp: Path, size: int, rounds: int) -> None:
                                     f"secret,id=s0,file={pw}", "--image-opts",
                                     f"driver=luks,key-secret=s0,file.filename={img}"], s),
     ]
-    res = run_rounds(servers, {"seq-write": lambda u: seq_write(u, str(src), size),
-                               "seq-read": lambda u: seq_read(u, size),
-                               "randread-4k": lambda u: rand_read(u, size),
-                               **latency_workloads(size)}, rounds)
+    workloads = {"seq-write": lambda u: seq_write(u, str(src), size),
+                 "seq-read": lambda u: seq_read(u, size),
+                 "randread-4k": lambda u: rand_read(u, size),
+                 **latency_workloads(size)}
+    res = run_rounds(with_baseline(servers, baseline), workloads, rounds)
     report(res, {"seq-read": "MiB/s", "seq-write": "MiB/s", "randread-4k": "IOPS",
                  "qd1-p50": "us", "qd1-p99": "us"})
     # LUKS2, 4096-byte sectors: nbdluks alone
@@ -220,13 +242,14 @@ def main() -> None:
     ap.add_argument("what", choices=("raw", "luks"))
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--baseline", metavar="DIR", help="nbdluks from this checkout too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR", "/var/tmp")) as d:
         size = args.size_mib * MiB
         if args.what == "raw":
-            bench_raw(Path(d), size, args.rounds)
+            bench_raw(Path(d), size, args.rounds, args.baseline)
         else:
-            bench_luks(Path(d), size, args.rounds)
+            bench_luks(Path(d), size, args.rounds, args.baseline)
 
 
 if __name__ == "__main__":

@@ -119,3 +119,14 @@ def test_lower_layers_never_name_a_flag(path: Path) -> None:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             named = [f for f in known if f in node.value]
             assert not named, f"{rel(path)} names {named}: {node.value!r}"
+
+
+def test_readme_layout_names_every_module() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :].split("\n## ", 1)[0]
+    for path in [*MODULES, *PACKAGE.rglob("*.c")]:
+        if path.name != "__init__.py":
+            assert f"`{path.name}`" in layout, f"README's Layout does not name {rel(path)}"
+    for package in PACKAGE.rglob("__init__.py"):
+        if package.parent != PACKAGE:
+            assert f"{package.parent.name}/`" in layout, f"Layout misses {rel(package.parent)}"

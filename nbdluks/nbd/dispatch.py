@@ -33,7 +33,7 @@ T = TypeVar("T")
 # slow request, however slow, never does: on a loaded machine the scheduler
 # preempts the loop for milliseconds now and then, and sending every small
 # request to the threads for seconds after each such hiccup made the same
-# run of small reads 20x slower from one run to the next.
+# run of small reads many times slower from one run to the next.
 INLINE_SLOW = 0.001
 INLINE_SLOW_RUN = 4
 INLINE_BACKOFF = 1.0
