@@ -1,8 +1,9 @@
 # nbdluks: serve the decrypted contents of a LUKS volume over NBD.
 #
 # Two stages: the builder makes a virtualenv with the pinned dependencies
-# (deploy/constraints.txt, from scripts/lock) and the package; the runtime
-# stage gets only that virtualenv. No compiler reaches the image.
+# (deploy/constraints.txt, from scripts/lock), builds the wheel and installs
+# it; the runtime stage gets only that virtualenv. No compiler reaches the
+# image.
 FROM python:3.11-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # A compiler for the C helper (nbdluks/luks/_xtsloop.c); it stays in this
@@ -19,9 +20,15 @@ COPY deploy/constraints.txt /tmp/constraints.txt
 RUN /opt/nbdluks/bin/pip install -r /tmp/constraints.txt
 COPY pyproject.toml setup.py README.md /src/
 COPY nbdluks /src/nbdluks
-RUN /opt/nbdluks/bin/pip install --no-deps /src \
+# The image runs the wheel users install: built here (the dependencies are
+# in the venv already, so no isolated build environment), then installed;
+# its data files put the man pages in /opt/nbdluks/share/man.
+RUN /opt/nbdluks/bin/pip install 'setuptools>=77' \
+    && /opt/nbdluks/bin/pip wheel --no-deps --no-build-isolation -w /dist /src \
+    && /opt/nbdluks/bin/pip install --no-deps /dist/nbdluks-*.whl \
     && /opt/nbdluks/bin/python -c "import nbdluks.luks._xtsloop" \
-    && /opt/nbdluks/bin/pip uninstall -y pip \
+    && test -f /opt/nbdluks/share/man/man1/nbdluks-serve.1 \
+    && /opt/nbdluks/bin/pip uninstall -y setuptools pip \
     && find /opt/nbdluks -name __pycache__ -prune -exec rm -rf {} +
 
 FROM python:3.11-slim-bookworm
@@ -30,7 +37,8 @@ COPY --from=builder /opt/nbdluks /opt/nbdluks
 RUN groupadd --system --gid 10809 nbdluks \
     && useradd --system --uid 10809 --gid 10809 --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin nbdluks
-ENV PATH=/opt/nbdluks/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+ENV PATH=/opt/nbdluks/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    MANPATH=/opt/nbdluks/share/man:
 # Non-root by default. To read files only root may read (a root-owned 0600
 # passphrase), start as root with `--user nbdluks` in the command: nbdluks
 # opens everything, then drops to uid 10809 before serving (as compose does).

@@ -1,9 +1,28 @@
 """The optional C helper (nbdluks/luks/_xtsloop.c): built when a compiler and
 the Python headers are there; without it nbdluks runs its pure-Python path
-(the log's cipher_engine says which)."""
+(`nbdluks --version` and the log's cipher_engine say which).
+
+The man pages and the bash completion are written here from the argument
+parser (nbdluks/cli/manual.py), so they are never edited by hand, and are
+installed as the wheel's data files."""
+
+import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+
+
+def generated_data_files() -> list[tuple[str, list[str]]]:
+    sys.path.insert(0, str(HERE))  # the package being built, not an installed one
+    from nbdluks.cli.manual import write
+
+    out = write(Path("build") / "generated")
+    pages = [str(p) for p in out if p.suffix == ".1"]
+    completion = [str(p) for p in out if p.suffix != ".1"]
+    return [("share/man/man1", pages), ("share/bash-completion/completions", completion)]
 
 
 class OptionalBuildExt(build_ext):
@@ -24,4 +43,5 @@ setup(
     ext_modules=[Extension("nbdluks.luks._xtsloop", ["nbdluks/luks/_xtsloop.c"],
                            extra_compile_args=["-O2"], optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
+    data_files=generated_data_files(),
 )

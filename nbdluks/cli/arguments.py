@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..luks import C_HELPER
 from ..nbd import DEFAULT_PORT, MiB, ServerOptions, TlsMode, UpstreamOptions
 from ..unlock import TokenOptions, UnlockOptions
 
@@ -140,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbdluks", description="Serve the decrypted contents of a LUKS volume over NBD."
     )
-    parser.add_argument("--version", action="version", version=f"nbdluks {__version__}")
+    parser.add_argument("--version", action="version", version=f"nbdluks {__version__} ("
+                        + ("C helper built" if C_HELPER else
+                           "pure Python: the C helper was not built for this platform") + ")")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(

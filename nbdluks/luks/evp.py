@@ -33,6 +33,8 @@ try:
     from . import _xtsloop
 except ImportError:  # not built (no compiler): the ctypes loop serves
     _xtsloop = None
+# Whether this installation has the C helper (`nbdluks --version` says).
+C_HELPER = _xtsloop is not None
 
 _VP = ctypes.c_void_p
 # IV generators the C helper makes itself (others come as an array of IVs).
