@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"nbdluks {__version__} ("
                         + ("C helper built" if C_HELPER else
-                           "pure Python: the C helper was not built for this platform") + ")")
+                           "pure Python: the C helper was not built here") + ")")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(
