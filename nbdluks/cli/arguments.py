@@ -4,6 +4,7 @@ defaults shown are the options classes' own."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from .. import __version__
 from ..luks import C_HELPER
@@ -19,6 +20,10 @@ MAX_DEFAULT_PROCESSES = 8
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="serve the exports a TOML file lists, one [exports.NAME] table each "
+                   "(keys: the long options of a volume, e.g. payload, header, "
+                   "passphrase-file), server options in [server]; SIGHUP reloads it")
     g = p.add_argument_group("sources (a path to a file or block device, or an NBD URI)")
     g.add_argument("--payload", metavar="SRC", help="the encrypted payload")
     g.add_argument("--header", metavar="SRC", action="append",
@@ -130,7 +135,9 @@ _SERVE_EPILOG = """\
 sources: a file or block device path, or an NBD URI: nbd://HOST[:PORT]/EXPORT,
   nbd+unix:///EXPORT?socket=PATH, and over TLS nbds://... or nbds+unix://...
   with tls-certificates=DIR, tls-verify-peer=false, tls-hostname=NAME.
-signals: SIGTERM/SIGINT drain and exit; SIGHUP re-reads the TLS certificates.
+signals: SIGTERM/SIGINT drain and exit; SIGHUP re-reads the TLS certificates
+  and, with --config, the configuration: added exports are unlocked, removed
+  ones closed once their requests are answered, unchanged ones untouched.
 exit status: 0 stopped cleanly (or by a signal before serving), 1 a runtime
   failure (wrong key, unusable header or source, final flush failed),
   2 a usage error (a flag value that cannot work).
@@ -170,3 +177,23 @@ def build_parser() -> argparse.ArgumentParser:
     _key_args(insp)
     _log_args(insp)
     return parser
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            serve: argparse.ArgumentParser = action.choices["serve"]
+            return serve
+    raise AssertionError("no serve command")
+
+
+def explicit_options(argv: Sequence[str]) -> argparse.Namespace:
+    """Only the options of `serve` that `argv` names (argparse's defaults
+    cannot tell a value given from a default): they override [server]."""
+    parser = serve_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    args = list(argv)
+    given = parser.parse_args(args[1:] if args[:1] == ["serve"] else args)
+    given.__dict__.pop("config", None)
+    return given

@@ -5,6 +5,7 @@ errors into one line and an exit status."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import structlog
@@ -22,8 +23,9 @@ from ..daemon import (
 )
 from ..errors import NbdluksError
 from ..nbd import UriError, parse_uri
-from ..unlock import OpenVolume, open_volume
-from .arguments import MAX_DEFAULT_PROCESSES, build_parser
+from ..unlock import OpenVolume, open_volume, open_volumes
+from .arguments import MAX_DEFAULT_PROCESSES, build_parser, explicit_options, serve_parser
+from .config import load as load_config
 from .inspect import inspect
 from .options import (
     UsageError,
@@ -43,29 +45,53 @@ log = structlog.get_logger("nbdluks")
 __all__ = ["build_parser", "main"]
 
 
-def process_count(args: argparse.Namespace, volume: OpenVolume) -> int:
-    if not volume.multi_process:
+def process_count(args: argparse.Namespace, multi_process: bool) -> int:
+    if not multi_process:
         # One upstream connection per process: a FLUSH on one would not
         # cover another's writes unless the upstream promises multi-conn.
         return 1
     return args.processes or min(usable_cpus(), MAX_DEFAULT_PROCESSES)
 
 
-def serve(args: argparse.Namespace) -> int:
-    check_args(args)
+def daemon_options(args: argparse.Namespace, volumes: Sequence[OpenVolume]) -> DaemonOptions:
     server = server_options(args)
     metrics = metrics_address(args.metrics) if args.metrics else None
     run_as = run_as_user(args)
+    multi = all(v.multi_process for v in volumes)
+    return DaemonOptions(
+        serve=ServeOptions(server=server, processes=process_count(args, multi)),
+        listen=listen_options(args), metrics=metrics, run_as=run_as,
+        print_uri=args.print_uri, pid_file=args.pid_file)
+
+
+def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.config:
+        return serve_config(args, argv)
+    check_args(args)
+    daemon_options(args, [])  # a wrong value is refused before the unlock
     config = volume_config(args)
     volume = open_volume(config)
     log.info("volume unlocked" if config.payload else "source opened",
              **volume.log_fields())
-    opts = DaemonOptions(
-        serve=ServeOptions(server=server, processes=process_count(args, volume)),
-        listen=listen_options(args), metrics=metrics, run_as=run_as,
-        print_uri=args.print_uri, pid_file=args.pid_file)
     try:
-        return run(volume, opts)
+        return run([volume], daemon_options(args, [volume]))
+    except SetupError as e:
+        raise setup_error(e) from None
+
+
+def serve_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Many exports from a configuration file; SIGHUP reloads it."""
+    parser = serve_parser()
+    given = explicit_options(argv)
+    cfg = load_config(args.config, parser, given)
+    args = cfg.server
+    daemon_options(args, [])
+    volumes, failed = open_volumes(cfg.exports, usable_cpus())
+    if failed:
+        log.error("exports not served", exports=sorted(failed), served=len(volumes))
+    try:
+        return run(volumes, daemon_options(args, volumes),
+                   lambda: load_config(cfg.path, parser, given).exports)
     except SetupError as e:
         raise setup_error(e) from None
 
@@ -93,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return inspect(args)
         if args.command == "probe":
             return probe_command(args)
-        return serve(args)
+        return serve(args, sys.argv[1:] if argv is None else argv)
     except signals.Stopped as e:
         log.info("stopped before serving", signal=e.name)
         return 0

@@ -21,6 +21,7 @@ from ..nbd import DEFAULT_PORT, Listen, TlsMode, activated, address, bind, clean
 from ..unlock import OpenVolume
 from . import readiness, serving
 from .hardening import drop_privileges
+from .reload import Reread
 from .serving import ServeOptions
 
 log = structlog.get_logger("nbdluks")
@@ -46,8 +47,10 @@ class DaemonOptions:
     pid_file: str | None = None
 
 
-def run(volume: OpenVolume, opts: DaemonOptions) -> int:
-    """Serve `volume` until stopped; it is closed on the way out."""
+def run(volumes: Sequence[OpenVolume], opts: DaemonOptions, reread: Reread | None = None
+        ) -> int:
+    """Serve `volumes` until stopped; they are closed on the way out.
+    `reread`: how SIGHUP gets the volumes anew (a configuration file)."""
     socks: list[socket.socket] = []
     http: list[socket.socket] = []
     try:
@@ -55,10 +58,11 @@ def run(volume: OpenVolume, opts: DaemonOptions) -> int:
         http = bind_metrics(opts.metrics)
         if opts.run_as is not None and drop_privileges(*opts.run_as):
             log.info("running as", uid=os.getuid(), gid=os.getgid())
-        announce(volume, opts, socks, http)
-        return serving.serve(volume, socks, opts.serve, http)
+        announce(volumes, opts, socks, http)
+        return serving.serve(volumes, socks, opts.serve, http, reread)
     finally:
-        volume.close()
+        for volume in volumes:
+            volume.close()
         if opts.pid_file:
             readiness.remove_pid_file(opts.pid_file)
         cleanup(socks + http)
@@ -99,12 +103,14 @@ def _loopback(sock: socket.socket) -> bool:
     return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
 
 
-def announce(volume: OpenVolume, opts: DaemonOptions, socks: list[socket.socket],
+def announce(volumes: Sequence[OpenVolume], opts: DaemonOptions, socks: list[socket.socket],
              http: list[socket.socket]) -> None:
     """Listening, with the key unlocked: say so, to people and to supervisors.
     (Connections made now wait in the listen queue until a worker takes them.)"""
     tls = opts.serve.server.tls
-    log.info("listening", addresses=[address(s) for s in socks], export=volume.name,
+    names = [v.name for v in volumes]
+    log.info("listening", addresses=[address(s) for s in socks],
+             **({"export": names[0]} if len(names) == 1 else {"exports": len(names)}),
              processes=opts.serve.processes, tls=tls.value,
              metrics=[f"http://{address(s)}/metrics" for s in http] or None)
     exposed = [address(s) for s in socks if not _loopback(s)]
@@ -112,10 +118,11 @@ def announce(volume: OpenVolume, opts: DaemonOptions, socks: list[socket.socket]
         log.warning("serving the decrypted volume in plaintext beyond this host",
                     addresses=exposed, tls=tls.value)
     if opts.print_uri:
-        print("\n".join(readiness.uris(socks, volume.name, tls is TlsMode.REQUIRE)),
-              flush=True)
+        for name in names:
+            print("\n".join(readiness.uris(socks, name, tls is TlsMode.REQUIRE)), flush=True)
     if opts.pid_file:
         readiness.write_pid_file(opts.pid_file)
     readiness.notify("READY=1", f"MAINPID={os.getpid()}",
-                     f"STATUS=serving export {volume.name!r} on "
+                     (f"STATUS=serving export {names[0]!r} on " if len(names) == 1
+                      else f"STATUS=serving {len(names)} exports on ")
                      + ", ".join(address(s) for s in socks))

@@ -2,16 +2,18 @@
 on the same listening sockets.
 
 The crypto is CPU work that holds the GIL for much of its time; worker
-processes are how one server uses every core. Each worker gets its own
-device from the volume (BlockDevice.reopen); the parent keeps the volume's
-template, with its key, only to start a replacement when a worker dies.
+processes are how one server uses every core. One set of processes serves
+every volume: each worker gets its own device of each (BlockDevice.reopen);
+the parent keeps the volumes' templates, with their keys, to start a
+replacement when a worker dies and the workers of a reloaded configuration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +24,11 @@ from ..nbd import Export, NbdServer, ServerOptions, StatsTable
 from ..unlock import OpenVolume
 from . import readiness
 from .metrics import Monitor, Observed, Responder
+from .reload import Reread
 from .supervisor import Supervisor
 
 log = structlog.get_logger("nbdluks")
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -44,15 +48,16 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(coro)
 
 
-async def _serve(export: Export, opts: ServeOptions, socks: list[socket.socket],
+async def _serve(exports: list[Export], opts: ServeOptions, socks: list[socket.socket],
                  handoff: socket.socket | None, obs: Observed, index: int) -> int:
-    server = NbdServer([export], opts.server, stats=obs.table.slot(index),
+    server = NbdServer(exports, opts.server, stats=obs.table.slot(index),
                        processes=max(1, opts.processes))
     web = None if obs.monitor is None else Responder(obs.monitor, lambda: not server.stopping)
     http: list[asyncio.Server] = []
     if handoff is not None:
-        others = {} if web is None else {b"m": lambda sock: server.loop.create_task(
-            web.answer_accepted(sock))}
+        others: dict[bytes, Callable[[socket.socket], object]] = {b"r": server.retire_from}
+        if web is not None:
+            others[b"m"] = lambda sock: server.loop.create_task(web.answer_accepted(sock))
         server.serve_handoff(handoff, others)
     else:
         await server.serve_sockets(socks)
@@ -68,24 +73,30 @@ async def _serve(export: Export, opts: ServeOptions, socks: list[socket.socket],
     return status
 
 
-def run_worker(volume: OpenVolume, opts: ServeOptions, socks: list[socket.socket],
+def run_worker(volumes: Sequence[OpenVolume], opts: ServeOptions, socks: list[socket.socket],
                obs: Observed, index: int = 0, handoff: socket.socket | None = None) -> int:
     """Serve on listening sockets, or on connections handed over `handoff`."""
     signals.defer()
-    device = volume.device()
-    device.watch(obs.table.slot(index).upstream)
-    export = Export(volume.name, device, volume.config.description)
-    with device:
-        return run_loop(_serve(export, opts, socks, handoff, obs, index))
+    with contextlib.ExitStack() as devices:
+        exports = []
+        for volume in volumes:
+            device = devices.enter_context(volume.device())
+            device.watch(obs.table.slot(index).upstream)
+            exports.append(Export(volume.name, device, volume.config.description))
+        return run_loop(_serve(exports, opts, socks, handoff, obs, index))
 
 
-def serve(volume: OpenVolume, socks: list[socket.socket], opts: ServeOptions,
-          http: list[socket.socket] | None = None) -> int:
-    table = StatsTable(max(1, opts.processes))
-    monitor_ = (Monitor(table, volume.unlock_seconds, volume.watched_upstream)
-                if http else None)
+def serve(volumes: Sequence[OpenVolume], socks: list[socket.socket], opts: ServeOptions,
+          http: list[socket.socket] | None = None, reread: Reread | None = None) -> int:
+    """Serve until stopped. `reread`: how SIGHUP gets the volumes anew (a
+    configuration file); it needs worker processes, so it always has some."""
+    table = StatsTable(Supervisor.slots(opts.processes) if reread else max(1, opts.processes))
+    one = volumes[0] if len(volumes) == 1 else None
+    monitor_ = None if not http else Monitor(
+        table, one.unlock_seconds if one else None, one.watched_upstream if one else None)
     obs = Observed(table, monitor_, http or [])
-    if opts.processes <= 1:
-        return run_worker(volume, opts, socks, obs)
-    volume.before_fork()
-    return Supervisor(volume, socks, opts, obs, run_worker).run()
+    if opts.processes <= 1 and reread is None:
+        return run_worker(volumes, opts, socks, obs)
+    for volume in volumes:
+        volume.before_fork()
+    return Supervisor(list(volumes), socks, opts, obs, run_worker, reread).run()

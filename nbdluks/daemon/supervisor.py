@@ -8,20 +8,24 @@ evenly, replaces a worker that dies, and forwards SIGTERM/SIGINT and SIGHUP.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import structlog
 
 from .. import signals
 from . import readiness
+from .cpus import usable_cpus
 from .hardening import stop_with_parent
 from .metrics import Observed
+from .reload import Plan, Reread, prepare
 
 if TYPE_CHECKING:  # serving.py imports this module
     from ..unlock import OpenVolume
@@ -34,21 +38,31 @@ _QUICK_DEATH = 5.0
 _MAX_QUICK_DEATHS = 3
 _SIGNALS = {*signals.STOP, signal.SIGHUP}
 
-# What a worker process runs: (volume, options, listeners, observed, index, handoff) -> status
-Worker = Callable[["OpenVolume", "ServeOptions", list[socket.socket], Observed, int,
+# What a worker process runs: (volumes, options, listeners, observed, index, handoff) -> status
+Worker = Callable[[Sequence["OpenVolume"], "ServeOptions", list[socket.socket], Observed, int,
                    socket.socket], int]
+# Worker slots per process asked for, when a configuration can be reloaded:
+# the workers of earlier configurations drain while the new ones serve.
+_GENERATIONS = 4
 
 
 class Supervisor:
     """The parent of the worker processes: accepts connections and hands
     them round-robin to the workers (over a socketpair each, with
     SCM_RIGHTS), so that a client's connections spread evenly; replaces a
-    worker that dies; forwards SIGTERM/SIGINT and waits for the drain."""
+    worker that dies; forwards SIGTERM/SIGINT and waits for the drain. With
+    `reread`, SIGHUP reloads the configuration: new workers serve the next
+    set of volumes, the old ones retire (reload.py)."""
 
-    def __init__(self, volume: OpenVolume, socks: list[socket.socket], opts: ServeOptions,
-                 obs: Observed, worker: Worker) -> None:
-        self.volume = volume
+    def __init__(self, volumes: list[OpenVolume], socks: list[socket.socket],
+                 opts: ServeOptions, obs: Observed, worker: Worker,
+                 reread: Reread | None = None) -> None:
+        self.volumes = volumes
         self.worker = worker
+        self.reread = reread
+        self.retiring: set[int] = set()  # workers of an earlier configuration
+        self.reload_wanted = False
+        self.reloading: Future[Plan | None] | None = None
         self.socks = socks
         self.opts = opts
         self.obs = obs
@@ -77,7 +91,7 @@ class Supervisor:
                 for _, handoff, _ in self.workers.values():
                     handoff.close()
                 parent_end.close()
-                code = self.worker(self.volume, self.opts, [], self.obs, index, child_end)
+                code = self.worker(self.volumes, self.opts, [], self.obs, index, child_end)
             except BaseException as e:
                 log.error("worker failed", error=str(e), kind=type(e).__name__)
             finally:
@@ -95,9 +109,60 @@ class Supervisor:
         self.stopping = True
         self._tell_workers(signal.SIGTERM)
 
+    @staticmethod
+    def slots(processes: int) -> int:
+        """Worker slots (of the stats table) a reloadable server needs."""
+        return max(1, processes) * _GENERATIONS
+
     def on_hup(self, _sig: int, _frame: object) -> None:
         log.info("SIGHUP received, passing it to the workers")
         self._tell_workers(signal.SIGHUP)
+        self.reload_wanted = self.reread is not None
+
+    def reload(self, pool: ThreadPoolExecutor) -> None:
+        """Start a reload that was asked for, or finish one that is ready
+        (the unlocking runs on a thread: connections keep being accepted)."""
+        if self.reload_wanted and self.reloading is None and not self.stopping:
+            assert self.reread is not None
+            self.reload_wanted = False
+            self.reloading = pool.submit(prepare, list(self.volumes), self.reread,
+                                         usable_cpus())
+        if self.reloading is not None and self.reloading.done():
+            plan, self.reloading = self.reloading.result(), None
+            if plan is not None:
+                self.swap(plan)
+
+    def swap(self, plan: Plan) -> None:
+        """Serve the next set of volumes with new workers; retire the others."""
+        n = max(1, self.opts.processes)
+        free = [i for i in range(self.slots(n)) if i not in self.workers]
+        if len(free) < n or self.stopping:
+            log.error("configuration not reloaded: workers of earlier ones still drain",
+                      draining=len(self.retiring))
+            for volume in plan.volumes:
+                if volume not in self.volumes:
+                    volume.close()
+            return
+        for index in [i for i in self.workers if i not in self.retiring]:
+            self._retire(index, plan.retired)
+        for volume in self.volumes:
+            if volume not in plan.volumes:
+                volume.close()  # the parent's template and key; old workers have their own
+        self.volumes = plan.volumes
+        for index in free[:n]:
+            self.spawn(index)
+        log.info("configuration reloaded", exports=len(plan.volumes), added=plan.added,
+                 retired=plan.retired, failed=plan.failed)
+
+    def _retire(self, index: int, names: list[str]) -> None:
+        """Tell a worker to retire (the export names over a socket of its own)."""
+        self.retiring.add(index)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with ours, theirs:
+            ours.sendall(json.dumps(names).encode())
+            ours.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):  # it is gone: reap() will tell
+                socket.send_fds(self.workers[index][1], [b"r"], [theirs.fileno()])
 
     def _tell_workers(self, sig: int) -> None:
         for pid, _, _ in list(self.workers.values()):
@@ -115,7 +180,7 @@ class Supervisor:
             self.hand_over(conn, tag)
 
     def hand_over(self, conn: socket.socket, tag: bytes) -> None:
-        order = sorted(self.workers)
+        order = sorted(i for i in self.workers if i not in self.retiring)
         for k in range(len(order)):
             index = order[(self.next + k) % len(order)]
             handoff = self.workers[index][1]
@@ -143,6 +208,10 @@ class Supervisor:
             handoff.close()
             self.obs.table.process_gone(index)
             code = os.waitstatus_to_exitcode(status)
+            if index in self.retiring:
+                self.retiring.discard(index)
+                log.info("worker of an earlier configuration retired", worker=index, code=code)
+                continue
             if self.stopping:
                 self.failed |= code != 0
                 continue
@@ -170,14 +239,16 @@ class Supervisor:
             sel.register(sock, selectors.EVENT_READ, b"c")
         for sock in self.obs.http:
             sel.register(sock, selectors.EVENT_READ, b"m")
-        while self.workers:
-            if self.stopping and sel.get_map():
-                for sock in [*self.socks, *self.obs.http]:
-                    sel.unregister(sock)
-            for key, _ in sel.select(timeout=0.2):
-                assert isinstance(key.fileobj, socket.socket)
-                self.accept(key.fileobj, key.data)
-            self.reap()
+        with ThreadPoolExecutor(1, thread_name_prefix="reload") as pool:
+            while self.workers:
+                if self.stopping and sel.get_map():
+                    for sock in [*self.socks, *self.obs.http]:
+                        sel.unregister(sock)
+                for key, _ in sel.select(timeout=0.2):
+                    assert isinstance(key.fileobj, socket.socket)
+                    self.accept(key.fileobj, key.data)
+                self.reap()
+                self.reload(pool)
         sel.close()
         return 1 if self.failed else 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -46,12 +47,52 @@ class NbdServer:
                              stats=stats or StatsTable().slot(0))
         self.listeners: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
+        # Retiring (a newer configuration is served by other processes): the
+        # exports no longer served; connections to them are closed once their
+        # requests are answered, and the process stops when none is left.
+        self._retiring: set[str] | None = None
         self._tick()  # counts reach the shared table at least this often
 
     def _tick(self) -> None:
         self.shared.stats.flush()
+        if self._retiring is not None:
+            self._retire_step()
         if not self._stop.is_set():
             self.loop.call_later(STATS_FLUSH, self._tick)
+
+    def retire(self, names: Iterable[str]) -> None:
+        """Take no new connections; close those to `names` once their
+        requests in flight are answered; stop once no connection is left."""
+        self._retiring = set(names)
+        for srv in self.listeners:
+            srv.close()
+        log.info("retiring", exports=sorted(self._retiring), connections=len(self.registry.live))
+        self._retire_step()
+
+    def retire_from(self, sock: socket.socket) -> None:
+        """retire() with the export names a parent wrote to `sock` (JSON)."""
+        try:
+            sock.setblocking(True)
+            sock.settimeout(5)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            names = json.loads(data)
+        except (OSError, ValueError) as e:
+            log.error("retire message unreadable: retiring every export", error=str(e))
+            names = list(self.exports)
+        finally:
+            sock.close()
+        self.retire(str(n) for n in names)
+
+    def _retire_step(self) -> None:
+        assert self._retiring is not None
+        for conn in list(self.registry.live):
+            if (conn.export is not None and conn.export.name in self._retiring
+                    and not conn.closing):
+                conn.stop()
+        if not self.registry.live:
+            self._stop.set()
 
     @property
     def stopping(self) -> bool:

@@ -9,9 +9,9 @@ from .keys import NewlineKeyError, UnlockOptions, key_check
 from .secrets import MAX_KEYFILE, KeyFileShortError
 from .sources import SourceError, open_source
 from .tokens import UNLOCKING_TYPES, NoTokenError, TokenOptions
-from .volume import OpenVolume, VolumeConfig, VolumeOptions, open_volume
+from .volume import OpenVolume, VolumeConfig, VolumeOptions, open_volume, open_volumes
 
 __all__ = ["MAX_KEYFILE", "UNLOCKING_TYPES", "HeaderCopy", "KeyFileShortError",
            "NewlineKeyError", "NoTokenError", "OpenVolume", "SourceError", "TokenOptions",
            "UnlockOptions", "VolumeConfig", "VolumeOptions", "describe_pins", "key_check",
-           "open_source", "open_volume", "read_copies", "read_copy"]
+           "open_source", "open_volume", "open_volumes", "read_copies", "read_copy"]

@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from ..block import BlockDevice
+from ..errors import NbdluksError
 from ..luks import LuksDevice, Unlocked, Volume
 from ..nbd import UpstreamOptions
 from .headers import HeaderCopy, read_copies
@@ -185,3 +187,36 @@ def _same_source(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def open_volumes(configs: Sequence[VolumeConfig], workers: int
+                 ) -> tuple[list[OpenVolume], dict[str, Exception]]:
+    """Open many volumes, up to `workers` at once (the KDFs run in C with the
+    GIL released); those that fail are logged with their reason and left out.
+    The opened ones in the order given, and each failure by export name."""
+    opened: dict[str, OpenVolume] = {}
+    failed: dict[str, Exception] = {}
+
+    def one(config: VolumeConfig) -> None:
+        try:
+            volume = open_volume(config)
+        except (NbdluksError, OSError) as e:
+            failed[config.name] = e
+            log.error("export not served", export=config.name,
+                      error=_reason(e), kind=type(e).__name__)
+            return
+        opened[config.name] = volume
+        log.info("export unlocked" if volume.header else "export opened", export=config.name,
+                 **volume.log_fields())
+
+    with ThreadPoolExecutor(max(1, min(workers, len(configs))),
+                            thread_name_prefix="unlock") as pool:
+        for _ in pool.map(one, configs):
+            pass
+    return [opened[c.name] for c in configs if c.name in opened], failed
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)

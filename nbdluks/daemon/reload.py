@@ -1,0 +1,50 @@
+"""SIGHUP with a configuration file: read it again and work out the next
+set of volumes, as a diff of the two: an unchanged export keeps its open
+volume (and its clients never notice), an added one is unlocked, a removed
+or changed one is retired (a changed one is a removal plus an addition).
+An export that could not be unlocked before is tried again. A file that
+cannot be read or checked changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from ..errors import NbdluksError
+from ..unlock import OpenVolume, VolumeConfig, open_volumes
+
+log = structlog.get_logger("nbdluks")
+
+# How SIGHUP gets the configuration anew (raises NbdluksError when it cannot).
+Reread = Callable[[], Sequence[VolumeConfig]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    volumes: list[OpenVolume]  # the next set, in the file's order
+    retired: list[str]  # exports whose connections close (removed or changed)
+    added: list[str]
+    failed: list[str]
+
+
+def prepare(current: Sequence[OpenVolume], reread: Reread, unlockers: int) -> Plan | None:
+    """The next set of volumes (new ones unlocked and ready to fork), or
+    None when the configuration cannot be read."""
+    try:
+        configs = reread()
+    except NbdluksError as e:
+        log.error("configuration not reloaded: the one in use stays", error=str(e))
+        return None
+    by_name = {v.name: v for v in current}
+    kept = {c.name for c in configs if c.name in by_name and by_name[c.name].config == c}
+    opened, failed = open_volumes([c for c in configs if c.name not in kept], unlockers)
+    for volume in opened:
+        volume.before_fork()
+    new = {v.name: v for v in opened}
+    return Plan(
+        volumes=[by_name[c.name] if c.name in kept else new[c.name]
+                 for c in configs if c.name in kept or c.name in new],
+        retired=[v.name for v in current if v.name not in kept],
+        added=list(new), failed=sorted(failed))
