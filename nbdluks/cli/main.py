@@ -17,6 +17,7 @@ from ..daemon import (
     SetupError,
     fatal,
     harden_process,
+    raise_open_files_limit,
     run,
     setup_logging,
     usable_cpus,
@@ -86,6 +87,7 @@ def serve_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cfg = load_config(args.config, parser, given)
     args = cfg.server
     daemon_options(args, [])
+    log.debug("open files limit", soft=raise_open_files_limit())
     volumes, failed = open_volumes(cfg.exports, usable_cpus())
     if failed:
         log.error("exports not served", exports=sorted(failed), served=len(volumes))

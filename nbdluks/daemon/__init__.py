@@ -4,11 +4,12 @@ hardening, readiness for supervisors (systemd, pid files), the CPUs it may
 use, logging, and metrics with health over HTTP."""
 
 from .cpus import usable_cpus
-from .hardening import PrivilegeError, harden_process, resolve_user
+from .hardening import PrivilegeError, harden_process, raise_open_files_limit, resolve_user
 from .lifecycle import DaemonOptions, SetupError, run
 from .log import fatal
 from .log import setup as setup_logging
 from .serving import ServeOptions
 
 __all__ = ["DaemonOptions", "PrivilegeError", "ServeOptions", "SetupError", "fatal",
-           "harden_process", "resolve_user", "run", "setup_logging", "usable_cpus"]
+           "harden_process", "raise_open_files_limit", "resolve_user", "run", "setup_logging",
+           "usable_cpus"]

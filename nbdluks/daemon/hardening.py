@@ -9,6 +9,7 @@ supervisor, and dropping root once the sources are open.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -83,3 +84,13 @@ def drop_privileges(uid: int, gid: int) -> bool:
     # A change of uid resets the dumpable flag: set it again.
     harden_process()
     return True
+
+
+def raise_open_files_limit() -> int:
+    """Many volumes hold many descriptors (payloads, range locks, upstream
+    connections): the soft limit goes up to the hard one. The new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

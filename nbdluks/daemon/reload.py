@@ -35,7 +35,7 @@ def prepare(current: Sequence[OpenVolume], reread: Reread, unlockers: int) -> Pl
     try:
         configs = reread()
     except NbdluksError as e:
-        log.error("configuration not reloaded: the one in use stays", error=str(e))
+        log.error("configuration not reloaded", error=str(e), serving="the one in use")
         return None
     by_name = {v.name: v for v in current}
     kept = {c.name for c in configs if c.name in by_name and by_name[c.name].config == c}

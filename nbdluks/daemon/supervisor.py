@@ -137,7 +137,8 @@ class Supervisor:
         n = max(1, self.opts.processes)
         free = [i for i in range(self.slots(n)) if i not in self.workers]
         if len(free) < n or self.stopping:
-            log.error("configuration not reloaded: workers of earlier ones still drain",
+            log.error("configuration not reloaded", serving="the one in use",
+                      error="workers of earlier configurations still drain their clients",
                       draining=len(self.retiring))
             for volume in plan.volumes:
                 if volume not in self.volumes:
