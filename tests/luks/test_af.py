@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -7,15 +8,29 @@ import pytest
 from nbdluks.luks import af
 
 
-def split(key: bytes, stripes: int, hash_name: str) -> bytearray:
+def diffuse(block: bytes, hash_name: str) -> bytes:
+    """cryptsetup's diffuse(), written out plainly: chunk i of the block
+    becomes hash(be32(i) || chunk), truncated to the chunk."""
+    size = hashlib.new(hash_name).digest_size
+    return b"".join(
+        hashlib.new(hash_name, i.to_bytes(4, "big") + block[pos : pos + size]).digest()
+        [: len(block[pos : pos + size])]
+        for i, pos in enumerate(range(0, len(block), size)))
+
+
+def xor(a: bytes, b: bytes) -> bytes:
+    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+
+
+def split(key: bytes, stripes: int, hash_name: str) -> bytes:
     """The inverse of af.merge, with random stripes (as cryptsetup makes them)."""
-    out = bytearray()
-    d = bytearray(len(key))
+    out = b""
+    d = bytes(len(key))
     for _ in range(stripes - 1):
         stripe = os.urandom(len(key))
         out += stripe
-        d = af._diffuse(af._xor(d, stripe), hash_name)
-    return out + af._xor(d, key)
+        d = diffuse(xor(d, stripe), hash_name)
+    return out + xor(d, key)
 
 
 @pytest.mark.parametrize("hash_name", ["sha1", "sha256", "sha512"])
