@@ -93,7 +93,7 @@ def serve_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
         log.error("exports not served", exports=sorted(failed), served=len(volumes))
     try:
         return run(volumes, daemon_options(args, volumes),
-                   lambda: load_config(cfg.path, parser, given).exports)
+                   lambda: load_config(cfg.path, parser, given).exports, len(failed))
     except SetupError as e:
         raise setup_error(e) from None
 

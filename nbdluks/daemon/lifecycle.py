@@ -47,10 +47,11 @@ class DaemonOptions:
     pid_file: str | None = None
 
 
-def run(volumes: Sequence[OpenVolume], opts: DaemonOptions, reread: Reread | None = None
-        ) -> int:
+def run(volumes: Sequence[OpenVolume], opts: DaemonOptions, reread: Reread | None = None,
+        failed: int = 0) -> int:
     """Serve `volumes` until stopped; they are closed on the way out.
-    `reread`: how SIGHUP gets the volumes anew (a configuration file)."""
+    `reread`: how SIGHUP gets the volumes anew (a configuration file);
+    `failed`: how many configured exports could not be opened."""
     socks: list[socket.socket] = []
     http: list[socket.socket] = []
     try:
@@ -59,7 +60,7 @@ def run(volumes: Sequence[OpenVolume], opts: DaemonOptions, reread: Reread | Non
         if opts.run_as is not None and drop_privileges(*opts.run_as):
             log.info("running as", uid=os.getuid(), gid=os.getgid())
         announce(volumes, opts, socks, http)
-        return serving.serve(volumes, socks, opts.serve, http, reread)
+        return serving.serve(volumes, socks, opts.serve, http, reread, failed)
     finally:
         for volume in volumes:
             volume.close()

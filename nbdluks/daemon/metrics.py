@@ -32,6 +32,8 @@ class Monitor:
     table: stats.StatsTable
     unlock_seconds: float | None = None
     upstream: str | None = None  # the role of the NBD source watched ("payload")
+    exports: int = 1  # served
+    failed: int = 0  # configured, but could not be opened or unlocked
 
     def health(self, serving: bool) -> tuple[bool, str]:
         if not serving:
@@ -70,6 +72,10 @@ class Monitor:
             out.family("upstream_reconnects_total", "counter",
                        "connections to the NBD source made again after one was lost",
                        [({"source": self.upstream}, t[stats.RECONNECTS])])
+        out.family("exports", "gauge", "exports served", [({}, self.exports)])
+        out.family("exports_failed", "gauge",
+                   "exports configured but not served (could not be opened or unlocked)",
+                   [({}, self.failed)])
         if self.unlock_seconds is not None:
             out.family("unlock_seconds", "gauge", "seconds the key slot took to open",
                        [({}, round(self.unlock_seconds, 6))])

@@ -87,13 +87,16 @@ def run_worker(volumes: Sequence[OpenVolume], opts: ServeOptions, socks: list[so
 
 
 def serve(volumes: Sequence[OpenVolume], socks: list[socket.socket], opts: ServeOptions,
-          http: list[socket.socket] | None = None, reread: Reread | None = None) -> int:
+          http: list[socket.socket] | None = None, reread: Reread | None = None,
+          failed: int = 0) -> int:
     """Serve until stopped. `reread`: how SIGHUP gets the volumes anew (a
-    configuration file); it needs worker processes, so it always has some."""
+    configuration file); it needs worker processes, so it always has some.
+    `failed`: exports configured but not opened (for metrics)."""
     table = StatsTable(Supervisor.slots(opts.processes) if reread else max(1, opts.processes))
     one = volumes[0] if len(volumes) == 1 else None
     monitor_ = None if not http else Monitor(
-        table, one.unlock_seconds if one else None, one.watched_upstream if one else None)
+        table, one.unlock_seconds if one else None, one.watched_upstream if one else None,
+        exports=len(volumes), failed=failed)
     obs = Observed(table, monitor_, http or [])
     if opts.processes <= 1 and reread is None:
         return run_worker(volumes, opts, socks, obs)

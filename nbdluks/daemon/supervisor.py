@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -150,6 +151,9 @@ class Supervisor:
             if volume not in plan.volumes:
                 volume.close()  # the parent's template and key; old workers have their own
         self.volumes = plan.volumes
+        if self.obs.monitor is not None:  # what the new workers report
+            self.obs = replace(self.obs, monitor=replace(
+                self.obs.monitor, exports=len(plan.volumes), failed=len(plan.failed)))
         for index in free[:n]:
             self.spawn(index)
         log.info("configuration reloaded", exports=len(plan.volumes), added=plan.added,

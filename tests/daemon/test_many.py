@@ -12,13 +12,22 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SYSTEM_PYTHON, Served, Upstream, log_events, need, pattern
+from tests.conftest import (
+    SYSTEM_PYTHON,
+    Served,
+    Upstream,
+    free_port,
+    log_events,
+    need,
+    pattern,
+)
 from tests.luks.reference import Made, fill, luks_format
 
 MiB = 1 << 20
@@ -145,7 +154,8 @@ def test_two_hundred_volumes(nbdluks: Callable[..., Served], volumes, tmp_path: 
              f'[exports.wrong]\npayload = "{made[0][0].payload}"\nkey-file = "{wrong}"\n')
     cfg = write_config(tmp_path, made, range(200), extra)
     started = time.monotonic()
-    served = nbdluks("--config", str(cfg))
+    port = free_port()
+    served = nbdluks("--config", str(cfg), "--metrics", str(port))
     took = time.monotonic() - started
     names = [f"v{i}" for i in range(200)]
     assert listed(served) == [[n, f"volume {n}"] for n in names] + [["raw", ""], ["upstream", ""]]
@@ -156,6 +166,11 @@ def test_two_hundred_volumes(nbdluks: Callable[..., Served], volumes, tmp_path: 
     assert got["upstream"] == digests(up_file.read_bytes())
     failed = log_events(served.log.read_text(), "export not served")
     assert [(e["export"], e["kind"]) for e in failed] == [("wrong", "WrongKeyError")]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert "\nnbdluks_exports 202\n" in metrics and "\nnbdluks_exports_failed 1\n" in metrics
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+        assert r.status == 200  # one failed export is not the server's health
     print(f"200 volumes listed {took:.1f} s after start")
 
 
