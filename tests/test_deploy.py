@@ -66,13 +66,22 @@ def test_compose_file_is_valid_and_uses_a_secret_file() -> None:
     assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
 
 
-@pytest.mark.parametrize("name", ["stores.yml", "tang.yml"])
+@pytest.mark.parametrize("name", ["stores.yml", "tang.yml", "many.yml"])
 def test_other_compose_stacks_run_valid_commands(name: str) -> None:
     compose = yaml.safe_load((ROOT / "deploy" / "compose" / name).read_text())
     args = build_parser().parse_args(compose["services"]["nbdluks"]["command"])
     assert args.command == "serve" and args.user == "nbdluks"
     if name == "tang.yml":  # no secret at all
         assert not args.passphrase_file and "secrets" not in compose
+    if name == "many.yml":  # the exports from a file, which SIGHUP reloads
+        assert args.config == "/data/exports.toml" and not args.payload
+
+
+def test_many_volumes_unit_reloads_its_configuration() -> None:
+    u = unit("nbdluks-many.service")
+    assert u["Type"] == ["notify"] and u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    args = build_parser().parse_args(u["ExecStart"][0].split()[1:])
+    assert args.config == "/etc/nbdluks/exports.toml" and not args.payload
 
 
 def unit(name: str) -> dict[str, list[str]]:

@@ -93,3 +93,50 @@ def test_network_policy_lets_in_clients_only(objects: dict[str, dict[str, Any]])
     nbd_rule = next(r for r in np["ingress"] if r["ports"][0]["port"] == 10809)
     assert nbd_rule["from"] == [{"podSelector": {"matchLabels": {"nbdluks.io/client": "true"}}}]
     assert np["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "nbdluks"}
+
+
+def test_many_volumes_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/k8s-many: the exports from a ConfigMap whose file the server
+    accepts, their passphrases from one Secret, every mount backed."""
+    import os
+
+    import kubernetes_validate
+
+    from nbdluks.cli.arguments import explicit_options, serve_parser
+    from nbdluks.cli.config import load
+
+    out = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy" / "k8s-many")],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    objs = {d["kind"]: d for d in yaml.safe_load_all(out) if d}
+    for obj in objs.values():
+        kubernetes_validate.validate(obj, "1.30", strict=True)
+    spec = objs["Deployment"]["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    args = build_parser().parse_args(c["args"])
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert set(mounts) == set(volumes) == {"config", "passphrases", "tls", "header-client"}
+    assert volumes["config"]["configMap"]["name"] == objs["ConfigMap"]["metadata"]["name"]
+    assert args.config == mounts["config"] + "/exports.toml"
+    text = objs["ConfigMap"]["data"]["exports.toml"]
+    path = ROOT / "build" / "k8s-many-exports.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    # the pod's directories, not this machine's
+    isdir = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda p: str(p).startswith("/etc/nbdluks/")
+                        or isdir(p))
+    cfg = load(str(path), serve_parser(), explicit_options(c["args"]))
+    assert [e.name for e in cfg.exports] == ["db", "vm7"]
+    for e in cfg.exports:
+        assert e.keys.passphrase_file == f"{mounts['passphrases']}/{e.name}"
+
+
+def test_example_configuration_is_valid() -> None:
+    from nbdluks.cli.arguments import explicit_options, serve_parser
+    from nbdluks.cli.config import load
+
+    cfg = load(str(ROOT / "deploy" / "exports.example.toml"), serve_parser(),
+               explicit_options(["serve"]))
+    assert [e.name for e in cfg.exports] == ["db", "vm7", "scratch", "iso"]
+    assert cfg.server.metrics == "127.0.0.1:9101"
