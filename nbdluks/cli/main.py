@@ -46,21 +46,13 @@ log = structlog.get_logger("nbdluks")
 __all__ = ["build_parser", "main"]
 
 
-def process_count(args: argparse.Namespace, multi_process: bool) -> int:
-    if not multi_process:
-        # One upstream connection per process: a FLUSH on one would not
-        # cover another's writes unless the upstream promises multi-conn.
-        return 1
-    return args.processes or min(usable_cpus(), MAX_DEFAULT_PROCESSES)
-
-
-def daemon_options(args: argparse.Namespace, volumes: Sequence[OpenVolume]) -> DaemonOptions:
+def daemon_options(args: argparse.Namespace) -> DaemonOptions:
     server = server_options(args)
     metrics = metrics_address(args.metrics) if args.metrics else None
     run_as = run_as_user(args)
-    multi = all(v.multi_process for v in volumes)
+    processes = args.processes or min(usable_cpus(), MAX_DEFAULT_PROCESSES)
     return DaemonOptions(
-        serve=ServeOptions(server=server, processes=process_count(args, multi)),
+        serve=ServeOptions(server=server, processes=processes),
         listen=listen_options(args), metrics=metrics, run_as=run_as,
         print_uri=args.print_uri, pid_file=args.pid_file)
 
@@ -69,13 +61,15 @@ def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.config:
         return serve_config(args, argv)
     check_args(args)
-    daemon_options(args, [])  # a wrong value is refused before the unlock
+    opts = daemon_options(args)  # a wrong value is refused before the unlock
     config = volume_config(args)
+    # One volume opens before anything listens: a wrong key is one line and
+    # exit 1, with no socket left behind.
     volume = open_volume(config)
     log.info("volume unlocked" if config.payload else "source opened",
              **volume.log_fields())
     try:
-        return run([volume], daemon_options(args, [volume]))
+        return run(lambda: ([volume], 0), opts)
     except SetupError as e:
         raise setup_error(e) from None
 
@@ -85,15 +79,17 @@ def serve_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
     parser = serve_parser()
     given = explicit_options(argv)
     cfg = load_config(args.config, parser, given)
-    args = cfg.server
-    daemon_options(args, [])
+    opts = daemon_options(cfg.server)
     log.debug("open files limit", soft=raise_open_files_limit())
-    volumes, failed = open_volumes(cfg.exports, usable_cpus())
-    if failed:
-        log.error("exports not served", exports=sorted(failed), served=len(volumes))
+
+    def opening() -> tuple[list[OpenVolume], int]:
+        volumes, failed = open_volumes(cfg.exports, usable_cpus())
+        if failed:
+            log.error("exports not served", exports=sorted(failed), served=len(volumes))
+        return volumes, len(failed)
+
     try:
-        return run(volumes, daemon_options(args, volumes),
-                   lambda: load_config(cfg.path, parser, given).exports, len(failed))
+        return run(opening, opts, lambda: load_config(cfg.path, parser, given).exports)
     except SetupError as e:
         raise setup_error(e) from None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -47,16 +47,23 @@ class DaemonOptions:
     pid_file: str | None = None
 
 
-def run(volumes: Sequence[OpenVolume], opts: DaemonOptions, reread: Reread | None = None,
-        failed: int = 0) -> int:
-    """Serve `volumes` until stopped; they are closed on the way out.
-    `reread`: how SIGHUP gets the volumes anew (a configuration file);
-    `failed`: how many configured exports could not be opened."""
+# What serving starts from: the volumes opened, and how many configured
+# exports could not be.
+Opening = Callable[[], tuple[list[OpenVolume], int]]
+
+
+def run(opening: Opening, opts: DaemonOptions, reread: Reread | None = None) -> int:
+    """Listen, open the volumes (clients that connect meanwhile wait in the
+    listen queue), drop root, serve until stopped; the volumes are closed on
+    the way out. `reread`: how SIGHUP gets the volumes anew (a
+    configuration file)."""
     socks: list[socket.socket] = []
     http: list[socket.socket] = []
+    volumes: list[OpenVolume] = []
     try:
         socks = bind_listeners(opts.listen)
         http = bind_metrics(opts.metrics)
+        volumes, failed = opening()
         if opts.run_as is not None and drop_privileges(*opts.run_as):
             log.info("running as", uid=os.getuid(), gid=os.getgid())
         announce(volumes, opts, socks, http)

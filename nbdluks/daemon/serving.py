@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -92,6 +92,12 @@ def serve(volumes: Sequence[OpenVolume], socks: list[socket.socket], opts: Serve
     """Serve until stopped. `reread`: how SIGHUP gets the volumes anew (a
     configuration file); it needs worker processes, so it always has some.
     `failed`: exports configured but not opened (for metrics)."""
+    if opts.processes > 1 and not all(v.multi_process for v in volumes):
+        # One upstream connection per process: a FLUSH on one would not
+        # cover another's writes unless the upstream promises multi-conn.
+        log.info("one process: an NBD source does not allow multi-conn",
+                 exports=[v.name for v in volumes if not v.multi_process])
+        opts = replace(opts, processes=1)
     table = StatsTable(Supervisor.slots(opts.processes) if reread else max(1, opts.processes))
     one = volumes[0] if len(volumes) == 1 else None
     monitor_ = None if not http else Monitor(

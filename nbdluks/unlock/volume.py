@@ -10,9 +10,11 @@ source is one line, not a client's I/O error.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +23,7 @@ import structlog
 
 from ..block import BlockDevice
 from ..errors import NbdluksError
-from ..luks import LuksDevice, Unlocked, Volume
+from ..luks import Argon2, LuksDevice, Unlocked, Volume
 from ..nbd import UpstreamOptions
 from .headers import HeaderCopy, read_copies
 from .keys import UnlockOptions, unlock
@@ -134,15 +136,43 @@ class OpenVolume:
             self._template = None
 
 
-def open_volume(config: VolumeConfig) -> OpenVolume:
+class MemoryGate:
+    """Unlocks that run at once take at most `cap_kib` KiB of Argon2 memory
+    together (one that needs more than the cap runs alone)."""
+
+    def __init__(self, cap_kib: int) -> None:
+        self.cap = max(1, cap_kib)
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, kib: int) -> Iterator[None]:
+        kib = min(kib, self.cap)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + kib <= self.cap)
+            self.used += kib
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= kib
+                self._cond.notify_all()
+
+
+def half_the_memory_kib() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2048
+
+
+def open_volume(config: VolumeConfig, gate: MemoryGate | None = None) -> OpenVolume:
     """Open the sources, unlock through the first header copy that opens,
-    and stack the LUKS layer over the payload."""
+    and stack the LUKS layer over the payload. `gate`: shared by unlocks
+    that run at once, for the memory their KDFs take."""
     opts = config.options
     if config.raw is not None:
         dev = open_source(config.raw, read_only=opts.read_only, upstream=opts.upstream)
         return OpenVolume(config, dev)
     assert config.payload is not None
-    copy, unlocked, took = _unlock(config)
+    copy, unlocked, took = _unlock(config, gate)
     assert copy.vol is not None
     try:
         payload = open_source(config.payload, read_only=opts.read_only, upstream=opts.upstream)
@@ -158,7 +188,8 @@ def open_volume(config: VolumeConfig) -> OpenVolume:
     return OpenVolume(config, dev, copy.vol, unlocked.keyslot, took)
 
 
-def _unlock(config: VolumeConfig) -> tuple[HeaderCopy, Unlocked, float]:
+def _unlock(config: VolumeConfig, gate: MemoryGate | None
+            ) -> tuple[HeaderCopy, Unlocked, float]:
     """Read the header copies and unlock through the first that opens."""
     assert config.payload is not None
     headers: Sequence[str] = config.headers or (config.payload,)
@@ -169,15 +200,24 @@ def _unlock(config: VolumeConfig) -> tuple[HeaderCopy, Unlocked, float]:
             assert copy.vol is not None
             for w in copy.vol.warnings:
                 log.warning(w, source=copy.source)
-        started = time.monotonic()
-        copy, unlocked = unlock(copies, keys)
-        took = time.monotonic() - started
+        with gate.hold(_argon2_kib(copies, keys)) if gate else contextlib.nullcontext():
+            started = time.monotonic()
+            copy, unlocked = unlock(copies, keys)
+            took = time.monotonic() - started
     finally:
         for c in copies:
             c.close()
     if len(copies) > 1 or len(headers) > 1:
         log.info("header copy in use", source=copy.source)
     return copy, unlocked, took
+
+
+def _argon2_kib(copies: Sequence[HeaderCopy], keys: UnlockOptions) -> int:
+    """The most Argon2 memory an unlock with these keys may take, KiB."""
+    if keys.volume_key_file:
+        return 0
+    return max((s.kdf.memory for c in copies if c.vol is not None for s in c.vol.keyslots
+                if isinstance(s.kdf, Argon2) and keys.key_slot in (None, s.id)), default=0)
 
 
 def _same_source(a: str, b: str) -> bool:
@@ -189,17 +229,20 @@ def _same_source(a: str, b: str) -> bool:
         return False
 
 
-def open_volumes(configs: Sequence[VolumeConfig], workers: int
+def open_volumes(configs: Sequence[VolumeConfig], workers: int, argon2_cap_kib: int | None = None
                  ) -> tuple[list[OpenVolume], dict[str, Exception]]:
     """Open many volumes, up to `workers` at once (the KDFs run in C with the
-    GIL released); those that fail are logged with their reason and left out.
-    The opened ones in the order given, and each failure by export name."""
+    GIL released) and with at most `argon2_cap_kib` of Argon2 memory (default:
+    half the machine's) at once; those that fail are logged with their reason
+    and left out. The opened ones in the order given, and each failure by
+    export name."""
+    gate = MemoryGate(argon2_cap_kib or half_the_memory_kib())
     opened: dict[str, OpenVolume] = {}
     failed: dict[str, Exception] = {}
 
     def one(config: VolumeConfig) -> None:
         try:
-            volume = open_volume(config)
+            volume = open_volume(config, gate)
         except (NbdluksError, OSError) as e:
             failed[config.name] = e
             log.error("export not served", export=config.name,

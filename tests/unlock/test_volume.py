@@ -1,0 +1,59 @@
+"""Opening many volumes: in parallel, never more Argon2 memory at once than
+the cap, failures by name."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from nbdluks.unlock import UnlockOptions, VolumeConfig, open_volumes
+from nbdluks.unlock.volume import MemoryGate
+from tests.conftest import need
+from tests.luks.reference import luks_format
+
+
+def test_the_gate_holds_back_what_does_not_fit() -> None:
+    gate = MemoryGate(100)
+    release_a = threading.Event()
+    entered: dict[str, threading.Event] = {n: threading.Event() for n in "abc"}
+
+    def take(name: str, kib: int, until: threading.Event | None = None) -> None:
+        with gate.hold(kib):
+            entered[name].set()
+            if until is not None:
+                until.wait(30)
+
+    a = threading.Thread(target=take, args=("a", 80, release_a))
+    a.start()
+    assert entered["a"].wait(10)
+    b = threading.Thread(target=take, args=("b", 50))
+    c = threading.Thread(target=take, args=("c", 1000))  # more than the cap: alone
+    b.start()
+    c.start()
+    assert not entered["b"].wait(0.3) and not entered["c"].is_set()
+    release_a.set()
+    for t in (a, b, c):
+        t.join(10)
+    assert entered["b"].is_set() and entered["c"].is_set() and gate.used == 0
+
+
+def test_volumes_open_in_parallel_within_the_cap(tmp_path: Path) -> None:
+    need("cryptsetup")
+    configs = []
+    for i in range(4):
+        made = luks_format(tmp_path, name=f"v{i}", pbkdf="argon2id", size=20 << 20,
+                           passphrase=f"pass {i}".encode())
+        key = tmp_path / f"v{i}.pass"
+        if i == 2:
+            key = tmp_path / "wrong"
+            key.write_bytes(b"wrong")
+        configs.append(VolumeConfig(name=f"v{i}", payload=str(made.payload),
+                                    keys=UnlockOptions(key_file=str(key))))
+    # a cap below one volume's 32 KiB: one unlock at a time, all still open
+    opened, failed = open_volumes(configs, workers=4, argon2_cap_kib=16)
+    try:
+        assert [v.name for v in opened] == ["v0", "v1", "v3"]
+        assert list(failed) == ["v2"] and "no key slot" in str(failed["v2"])
+    finally:
+        for v in opened:
+            v.close()
