@@ -72,6 +72,16 @@ class Monitor:
             out.family("upstream_reconnects_total", "counter",
                        "connections to the NBD source made again after one was lost",
                        [({"source": self.upstream}, t[stats.RECONNECTS])])
+        per = sorted(t.exports.items())
+        out.family("export_requests_total", "counter", "requests answered, by export",
+                   [({"export": name}, c[stats.EXPORT_REQUESTS]) for name, c in per])
+        out.family("export_request_errors_total", "counter",
+                   "requests answered with an error, by export",
+                   [({"export": name}, c[stats.EXPORT_ERRORS]) for name, c in per])
+        out.family("export_bytes_total", "counter", "data bytes read and written, by export",
+                   [({"export": name, "direction": d}, c[cell]) for name, c in per
+                    for d, cell in (("read", stats.EXPORT_READ),
+                                    ("write", stats.EXPORT_WRITTEN))])
         out.family("exports", "gauge", "exports served", [({}, self.exports)])
         out.family("exports_failed", "gauge",
                    "exports configured but not served (could not be opened or unlocked)",

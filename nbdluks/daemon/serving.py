@@ -30,6 +30,11 @@ from .supervisor import Supervisor
 log = structlog.get_logger("nbdluks")
 
 
+# Exports a reloadable server counts requests of, at least (more when it
+# starts with more): those added beyond it are counted in the totals only.
+_EXPORT_ROWS = 256
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """How the server serves: its limits (for the whole server), by how many
@@ -98,7 +103,9 @@ def serve(volumes: Sequence[OpenVolume], socks: list[socket.socket], opts: Serve
         log.info("one process: an NBD source does not allow multi-conn",
                  exports=[v.name for v in volumes if not v.multi_process])
         opts = replace(opts, processes=1)
-    table = StatsTable(Supervisor.slots(opts.processes) if reread else max(1, opts.processes))
+    table = StatsTable(Supervisor.slots(opts.processes) if reread else max(1, opts.processes),
+                       exports=max(_EXPORT_ROWS, 2 * len(volumes)) if reread else len(volumes))
+    table.add_exports([v.name for v in volumes])
     one = volumes[0] if len(volumes) == 1 else None
     monitor_ = None if not http else Monitor(
         table, one.unlock_seconds if one else None, one.watched_upstream if one else None,

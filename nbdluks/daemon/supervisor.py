@@ -151,6 +151,10 @@ class Supervisor:
             if volume not in plan.volumes:
                 volume.close()  # the parent's template and key; old workers have their own
         self.volumes = plan.volumes
+        uncounted = self.obs.table.add_exports([v.name for v in plan.volumes])
+        if uncounted:
+            log.warning("exports counted in the totals only (the table of exports is full)",
+                        exports=uncounted)
         if self.obs.monitor is not None:  # what the new workers report
             self.obs = replace(self.obs, monitor=replace(
                 self.obs.monitor, exports=len(plan.volumes), failed=len(plan.failed)))

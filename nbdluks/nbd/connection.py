@@ -62,6 +62,7 @@ class Connection(asyncio.Protocol):
         self.negotiation = Negotiation(self, shared.loop, shared.exports, shared.options)
         self.neg: Negotiated | None = None
         self.export: Export | None = None
+        self.stats_row = -1  # the export's counters (stats.Stats.row)
         self.flow = Flow(shared.options.max_inflight, shared.budget, shared.buffers, self._wake)
         self.decoder = RequestDecoder(alloc=self.flow.alloc_data)
         self._backlog: collections.deque[Request] = collections.deque()
@@ -155,6 +156,7 @@ class Connection(asyncio.Protocol):
         """Negotiation is over: transmission starts with `leftover`."""
         self.neg = result
         self.export = self.shared.exports[result.export.name]
+        self.stats_row = self.shared.stats.row(result.export.name)
         self.log = self.log.bind(export=result.export.name)
         self.log.debug(
             "export negotiated",
@@ -215,7 +217,8 @@ class Connection(asyncio.Protocol):
         req.started = time.monotonic_ns()
         err = Errno.EINVAL if req.oversized else validate(req, self.neg)
         if err:
-            self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started)
+            self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started,
+                                      row=self.stats_row)
             self.log.debug(
                 "request refused", cmd=req.cmd, offset=req.offset, length=req.length,
                 error=err.name,
@@ -237,7 +240,8 @@ class Connection(asyncio.Protocol):
                 self.bytes_read += (data := req.length)
             elif req.cmd == Cmd.WRITE:
                 self.bytes_written += (data := req.length)
-        self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started, data)
+        self.shared.stats.request(req.cmd, err, time.monotonic_ns() - req.started, data,
+                                  self.stats_row)
         self._send(frames)
         del frames, result
         self.flow.give_back(req)

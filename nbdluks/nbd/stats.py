@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import mmap
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .constants import Cmd, Errno
 
@@ -50,20 +50,30 @@ UPSTREAM = EVICTED + 1  # the payload's upstream state (a gauge)
 RECONNECTS = UPSTREAM + 1
 _CELLS = RECONNECTS + 1
 _GAUGES = (CONNECTIONS, UPSTREAM)
+# Per export, after a slot's cells: requests, errors, bytes read, bytes written.
+EXPORT_REQUESTS, EXPORT_ERRORS, EXPORT_READ, EXPORT_WRITTEN = range(4)
+_PER_EXPORT = 4
 
 
 class Stats:
     """The counters of one process: its slot of a StatsTable."""
 
-    __slots__ = ("_acc", "_c")
+    __slots__ = ("_acc", "_c", "_rows")
 
-    def __init__(self, cells: memoryview) -> None:
+    def __init__(self, cells: memoryview, rows: dict[str, int] | None = None) -> None:
         self._c = cells
         self._acc = [0] * len(cells)  # counted, not yet flushed
+        self._rows = rows if rows is not None else {}
 
-    def request(self, cmd: int, err: int, ns: int, data: int = 0) -> None:
+    def row(self, export: str) -> int:
+        """The first cell of an export's counters; -1: it has none."""
+        row = self._rows.get(export)
+        return -1 if row is None else _CELLS + row * _PER_EXPORT
+
+    def request(self, cmd: int, err: int, ns: int, data: int = 0, row: int = -1) -> None:
         """A request answered after `ns` nanoseconds, with NBD error `err` (0:
-        none), having moved `data` bytes (a READ's or a WRITE's)."""
+        none), having moved `data` bytes (a READ's or a WRITE's), on the
+        export whose counters start at `row` (-1: none)."""
         a = self._acc
         k = cmd if cmd < _NCMD - 1 else _NCMD - 1
         a[REQUESTS + k] += 1
@@ -73,6 +83,12 @@ class Stats:
             a[BYTES_READ if cmd == 0 else BYTES_WRITTEN] += data
         a[LATENCY + k * _NBUCKET + bisect_left(_BOUNDS_NS, ns)] += 1
         a[LATENCY_SUM_NS + k] += ns
+        if row >= 0:
+            a[row + EXPORT_REQUESTS] += 1
+            if err:
+                a[row + EXPORT_ERRORS] += 1
+            elif data:
+                a[row + (EXPORT_READ if cmd == 0 else EXPORT_WRITTEN)] += data
 
     def flush(self) -> None:
         """Publish what was counted since the last flush."""
@@ -109,6 +125,7 @@ class Totals:
 
     cells: list[int]
     upstream_states: list[int]  # one per slot
+    exports: dict[str, list[int]] = field(default_factory=dict)  # name -> its 4 counters
 
     def __getitem__(self, cell: int) -> int:
         return self.cells[cell]
@@ -139,26 +156,47 @@ class Totals:
 
 
 class StatsTable:
-    """Slots for `processes` processes, shared with the children forked later."""
+    """Slots for `processes` processes, shared with the children forked later;
+    each with counters for up to `exports` exports, given rows by name in the
+    parent (`add_exports`) before the processes that serve them fork."""
 
-    def __init__(self, processes: int = 1) -> None:
+    def __init__(self, processes: int = 1, exports: int = 0) -> None:
         self.processes = processes
-        self._mem = mmap.mmap(-1, processes * _CELLS * 8)  # MAP_SHARED | MAP_ANONYMOUS
+        self.capacity = exports
+        self._width = _CELLS + exports * _PER_EXPORT
+        self._mem = mmap.mmap(-1, processes * self._width * 8)  # MAP_SHARED | MAP_ANONYMOUS
         self._cells = memoryview(self._mem).cast("Q")
+        self.rows: dict[str, int] = {}
+
+    def add_exports(self, names: list[str]) -> list[str]:
+        """Give rows to exports that have none; those left without (the
+        table is full) are returned."""
+        left = []
+        for name in names:
+            if name not in self.rows:
+                if len(self.rows) < self.capacity:
+                    self.rows[name] = len(self.rows)
+                else:
+                    left.append(name)
+        return left
 
     def slot(self, index: int) -> Stats:
-        return Stats(self._cells[index * _CELLS : (index + 1) * _CELLS])
+        w = self._width
+        return Stats(self._cells[index * w : (index + 1) * w], self.rows)
 
     def process_gone(self, index: int) -> None:
         """A slot's process died: what it had open is not open any more."""
         for cell in _GAUGES:
-            self._cells[index * _CELLS + cell] = 0
+            self._cells[index * self._width + cell] = 0
 
     def totals(self) -> Totals:
-        cells = [0] * _CELLS
+        w = self._width
+        cells = [0] * w
         snapshot = self._cells.tolist()
         for i in range(self.processes):
-            for j, v in enumerate(snapshot[i * _CELLS : (i + 1) * _CELLS]):
+            for j, v in enumerate(snapshot[i * w : (i + 1) * w]):
                 cells[j] += v
-        states = [snapshot[i * _CELLS + UPSTREAM] for i in range(self.processes)]
-        return Totals(cells, states)
+        states = [snapshot[i * w + UPSTREAM] for i in range(self.processes)]
+        exports = {name: cells[_CELLS + r * _PER_EXPORT : _CELLS + (r + 1) * _PER_EXPORT]
+                   for name, r in self.rows.items()}
+        return Totals(cells[:_CELLS], states, exports)

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     SYSTEM_PYTHON,
@@ -166,9 +167,27 @@ def test_two_hundred_volumes(nbdluks: Callable[..., Served], volumes, tmp_path: 
     assert got["upstream"] == digests(up_file.read_bytes())
     failed = log_events(served.log.read_text(), "export not served")
     assert [(e["export"], e["kind"]) for e in failed] == [("wrong", "WrongKeyError")]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        metrics = r.read().decode()
-    assert "\nnbdluks_exports 202\n" in metrics and "\nnbdluks_exports_failed 1\n" in metrics
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    def read_bytes(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+                   name: str) -> float:
+        return samples.get(("nbdluks_export_bytes_total",
+                            (("direction", "read"), ("export", name))), 0)
+
+    sizes = {name: int(got[name][2]) for name in ("v0", "v199", "raw", "upstream")}  # type: ignore[call-overload]
+    # counts reach the shared table when a connection closes (or within 0.5 s)
+    wait_for(lambda: all(read_bytes(scrape(), n) == 2 * min(sz, MiB)
+                         for n, sz in sizes.items()))
+    samples = scrape()
+    assert samples[("nbdluks_exports", ())] == 202
+    assert samples[("nbdluks_exports_failed", ())] == 1
+    for name in sizes:
+        assert samples[("nbdluks_export_requests_total", (("export", name),))] >= 2
+    assert ("nbdluks_export_requests_total", (("export", "wrong"),)) not in samples
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
         assert r.status == 200  # one failed export is not the server's health
     print(f"200 volumes listed {took:.1f} s after start")

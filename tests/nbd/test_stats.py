@@ -73,3 +73,21 @@ def test_upstream_state_and_reconnects() -> None:
     b.upstream(False)
     table.process_gone(1)  # a dead worker's connection does not count as down
     assert table.totals().upstream == stats.UPSTREAM_UP
+
+
+def test_per_export_counters() -> None:
+    table = StatsTable(2, exports=2)
+    assert table.add_exports(["a", "b", "c"]) == ["c"]  # the table holds two
+    assert table.add_exports(["b", "a"]) == []  # rows are kept by name
+    one, two = table.slot(0), table.slot(1)
+    assert one.row("c") == -1
+    one.request(int(Cmd.READ), 0, 1000, 4096, one.row("a"))
+    two.request(int(Cmd.READ), 0, 1000, 512, two.row("a"))
+    two.request(int(Cmd.WRITE), 0, 1000, 1024, two.row("b"))
+    two.request(int(Cmd.WRITE), int(Errno.EIO), 1000, 0, two.row("b"))
+    one.request(int(Cmd.FLUSH), 0, 1000, 0, one.row("c"))  # totals only
+    one.flush()
+    two.flush()
+    t = table.totals()
+    assert t.exports == {"a": [2, 0, 4608, 0], "b": [2, 1, 0, 1024]}
+    assert t.requests(int(Cmd.READ)) == 2 and t.requests(int(Cmd.FLUSH)) == 1
