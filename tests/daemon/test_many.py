@@ -1,6 +1,7 @@
 """Many volumes in one server (`serve --config`): 200 volumes made by
 cryptsetup (LUKS1 attached, LUKS2 detached, several KDFs, each its own
-passphrase), a raw file and an nbdkit export, listed and read byte-exact;
+passphrase), a raw file, an nbdkit export and a Tang-bound volume, listed
+and read byte-exact;
 one wrong key leaves the rest served; SIGHUP adds and removes exports while a
 client reads an unchanged one without an error."""
 
@@ -30,6 +31,8 @@ from tests.conftest import (
     pattern,
 )
 from tests.luks.reference import Made, fill, luks_format
+from tests.unlock.test_tokens import TANGD, Tang, bind
+from tests.unlock.test_tokens import volume as tang_volume
 
 MiB = 1 << 20
 pytestmark = pytest.mark.slow
@@ -150,8 +153,13 @@ def test_two_hundred_volumes(nbdluks: Callable[..., Served], volumes, tmp_path: 
     upstreams.append(up)
     wrong = tmp_path / "wrong.pass"
     wrong.write_bytes(b"not the passphrase")
+    need("clevis", "socat", TANGD)
+    tang = Tang(tmp_path, "a")
+    bound, bound_plain, bound_header = tang_volume(tmp_path, detached=True)
+    bind(bound_header, bound.payload.parent / "vol.pass", "tang", {"url": tang.url})
     extra = (f'[exports.raw]\nraw = "{raw}"\nread-only = true\n\n'
              f'[exports.upstream]\nraw = "{up.uri}"\n\n'
+             f'[exports.tang]\npayload = "{bound.payload}"\nheader = "{bound_header}"\n\n'
              f'[exports.wrong]\npayload = "{made[0][0].payload}"\nkey-file = "{wrong}"\n')
     cfg = write_config(tmp_path, made, range(200), extra)
     started = time.monotonic()
@@ -159,12 +167,15 @@ def test_two_hundred_volumes(nbdluks: Callable[..., Served], volumes, tmp_path: 
     served = nbdluks("--config", str(cfg), "--metrics", str(port))
     took = time.monotonic() - started
     names = [f"v{i}" for i in range(200)]
-    assert listed(served) == [[n, f"volume {n}"] for n in names] + [["raw", ""], ["upstream", ""]]
-    got = read(served, [*names, "raw", "upstream"])
+    assert listed(served) == [[n, f"volume {n}"] for n in names] + [
+        ["raw", ""], ["upstream", ""], ["tang", ""]]
+    got = read(served, [*names, "raw", "upstream", "tang"])
     for i in range(200):
         assert got[f"v{i}"] == digests(made[i][1]), f"v{i}"
     assert got["raw"] == digests(raw.read_bytes())
     assert got["upstream"] == digests(up_file.read_bytes())
+    assert got["tang"] == digests(bound_plain)
+    tang.stop()
     failed = log_events(served.log.read_text(), "export not served")
     assert [(e["export"], e["kind"]) for e in failed] == [("wrong", "WrongKeyError")]
     def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -183,7 +194,7 @@ def test_two_hundred_volumes(nbdluks: Callable[..., Served], volumes, tmp_path: 
     wait_for(lambda: all(read_bytes(scrape(), n) == 2 * min(sz, MiB)
                          for n, sz in sizes.items()))
     samples = scrape()
-    assert samples[("nbdluks_exports", ())] == 202
+    assert samples[("nbdluks_exports", ())] == 203
     assert samples[("nbdluks_exports_failed", ())] == 1
     for name in sizes:
         assert samples[("nbdluks_export_requests_total", (("export", name),))] >= 2
