@@ -51,6 +51,7 @@ class NbdServer:
         # exports no longer served; connections to them are closed once their
         # requests are answered, and the process stops when none is left.
         self._retiring: set[str] | None = None
+        self._flushed: set[str] = set()  # retired exports flushed already
         self._tick()  # counts reach the shared table at least this often
 
     def _tick(self) -> None:
@@ -87,12 +88,28 @@ class NbdServer:
 
     def _retire_step(self) -> None:
         assert self._retiring is not None
+        busy = set()
         for conn in list(self.registry.live):
-            if (conn.export is not None and conn.export.name in self._retiring
-                    and not conn.closing):
-                conn.stop()
+            if conn.export is not None and conn.export.name in self._retiring:
+                busy.add(conn.export.name)
+                if not conn.closing:
+                    conn.stop()
+        # A retired export whose clients are gone: what they wrote, flushed now.
+        for name in self._retiring - busy - self._flushed:
+            self._flushed.add(name)
+            export = self.exports.get(name)
+            if export is not None and export.device.caps.flush:
+                self.loop.create_task(self._flush(export))
         if not self.registry.live:
             self._stop.set()
+
+    async def _flush(self, export: Export, event: str = "flush failed") -> bool:
+        try:
+            await self.dispatcher.call(export.device.flush)
+        except OSError as e:
+            log.error(event, export=export.name, error=e.strerror)
+            return False
+        return True
 
     @property
     def stopping(self) -> bool:
@@ -199,12 +216,8 @@ class NbdServer:
                 if conn.transport is not None and not conn.closed.is_set():
                     conn.transport.abort()
         for export in self.exports.values():
-            if export.device.caps.flush:
-                try:
-                    await self.dispatcher.call(export.device.flush)
-                except OSError as e:
-                    log.error("final flush failed", export=export.name, error=e.strerror)
-                    status = 1
+            if export.device.caps.flush and not await self._flush(export, "final flush failed"):
+                status = 1
         self.dispatcher.shutdown()
         self.shared.stats.flush()
         log.info("server stopped")
