@@ -24,7 +24,7 @@ from ..daemon import (
 )
 from ..errors import NbdluksError
 from ..nbd import UriError, parse_uri
-from ..unlock import OpenVolume, open_volume, open_volumes
+from ..unlock import OpenVolume, VolumeConfig, open_volume, open_volumes
 from .arguments import MAX_DEFAULT_PROCESSES, build_parser, explicit_options, serve_parser
 from .config import load as load_config
 from .inspect import inspect
@@ -88,8 +88,15 @@ def serve_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
             log.error("exports not served", exports=sorted(failed), served=len(volumes))
         return volumes, len(failed)
 
+    def reread() -> tuple[VolumeConfig, ...]:
+        new = load_config(cfg.path, parser, given)
+        if vars(new.server) != vars(cfg.server):
+            log.warning("the [server] table changed: it takes effect at a restart",
+                        config=cfg.path)
+        return new.exports
+
     try:
-        return run(opening, opts, lambda: load_config(cfg.path, parser, given).exports)
+        return run(opening, opts, reread)
     except SetupError as e:
         raise setup_error(e) from None
 
