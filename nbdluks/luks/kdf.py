@@ -9,6 +9,10 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2i, Argon2id
 
 from .volume import Argon2, Kdf, Pbkdf2
 
+# OpenSSL's PBKDF2 takes its iteration count as a C int (hashlib refuses
+# more): a header asking for more is not computable here.
+PBKDF2_MAX_ITERATIONS = 2**31 - 1
+
 
 def derive(kdf: Kdf, secret: bytes | bytearray, length: int) -> bytearray:
     if isinstance(kdf, Pbkdf2):

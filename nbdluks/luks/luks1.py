@@ -6,8 +6,9 @@ import itertools
 import struct
 
 from .cipher import CipherSpec
-from .errors import HeaderError, LuksError, NotLuksError
+from .errors import HeaderError, LuksError, NotLuksError, UnsupportedError
 from .hashes import digest_size
+from .kdf import PBKDF2_MAX_ITERATIONS
 from .volume import SECTOR, Digest, Keyslot, Pbkdf2, Segment, UnusableSlot, Volume
 
 MAGIC = b"LUKS\xba\xbe"
@@ -83,6 +84,9 @@ def _unservable(cipher: str, key_bytes: int, mk_iter: int) -> str | None:
         return f"its key size of {key_bytes} bytes is out of range"
     if mk_iter == 0:
         return "its volume key digest has zero iterations"
+    if mk_iter > PBKDF2_MAX_ITERATIONS:
+        return (f"its volume key digest has {mk_iter} iterations: more than PBKDF2 "
+                f"computes here ({PBKDF2_MAX_ITERATIONS})")
     try:
         CipherSpec.parse(cipher).check_key_size(key_bytes)
     except LuksError as e:
@@ -124,6 +128,11 @@ def _slots(raw: list[tuple[int, int, bytes, int, int]], cipher: str, hname: str,
         if iterations == 0:
             unusable.append(UnusableSlot(i, "pbkdf2", HeaderError(
                 f"LUKS1 key slot {i} has zero iterations")))
+            continue
+        if iterations > PBKDF2_MAX_ITERATIONS:
+            unusable.append(UnusableSlot(i, "pbkdf2", UnsupportedError(
+                f"LUKS1 key slot {i} has {iterations} iterations: more than PBKDF2 "
+                f"computes here ({PBKDF2_MAX_ITERATIONS})")))
             continue
         slots.append(
             Keyslot(

@@ -15,6 +15,7 @@ from . import luks2_json
 from .cipher import CipherSpec
 from .errors import Argon2MemoryError, HeaderError, LuksError, NotLuksError, UnsupportedError
 from .hashes import digest_size
+from .kdf import PBKDF2_MAX_ITERATIONS
 from .luks2_json import BIN_SIZE
 from .volume import (
     Argon2,
@@ -36,6 +37,8 @@ CSUM_OFFSET = 448
 CSUM_SIZE = 64
 SECTOR_SIZES = (512, 1024, 2048, 4096)
 DEFAULT_ARGON2_MAX_KIB = 4 * 1024 * 1024  # 4 GiB
+# json-c, which cryptsetup parses with, stops at 32 levels of nesting.
+MAX_JSON_DEPTH = 31
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,26 @@ def _json_area(area: bytes, name: str) -> dict[str, Any]:
         metadata, end = json.JSONDecoder().raw_decode(decoded)
     except (UnicodeDecodeError, ValueError) as e:
         raise HeaderError(f"{name} header JSON is invalid: {e}") from None
+    except RecursionError:
+        raise HeaderError(f"{name} header JSON is nested too deeply") from None
+    if _depth(metadata) > MAX_JSON_DEPTH:
+        raise HeaderError(f"{name} header JSON is nested deeper than {MAX_JSON_DEPTH} levels")
     if decoded[end:].strip(" \t\n\r"):  # json-c takes the whitespace, not more
         raise HeaderError(f"{name} header JSON area holds bytes after the JSON object")
     if not isinstance(metadata, dict):
         raise HeaderError(f"{name} header JSON is not an object")
     return metadata
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest (the outermost counts 1); no recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def parse(data: bytes, *, argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB) -> Volume:
@@ -249,7 +267,7 @@ def _digests(digests_j: dict[str, Any], seg_id: str
                 raise UnsupportedError(f"digest type {d['type']!r} is not supported")
             usable.append(Digest(
                 _hash(d.get("hash"), f"digest {did} hash"),
-                _int(d.get("iterations"), f"digest {did} iterations", 1, 2**32 - 1),
+                _iterations(d.get("iterations"), f"digest {did} iterations"),
                 _b64(d.get("salt"), f"digest {did} salt"),
                 _b64(d.get("digest"), f"digest {did} digest"),
                 tuple(int(r) for r in d["keyslots"]),
@@ -324,12 +342,20 @@ def _hash(value: Any, what: str) -> str:
     return value
 
 
+def _iterations(value: Any, what: str) -> int:
+    n = _int(value, what, 1, 2**32 - 1)
+    if n > PBKDF2_MAX_ITERATIONS:
+        raise UnsupportedError(f"{what} {n}: more than PBKDF2 computes here "
+                               f"({PBKDF2_MAX_ITERATIONS})")
+    return n
+
+
 def _kdf(k: dict[str, Any], where: str, argon2_max_kib: int) -> Kdf:
     kind = k["type"]
     if kind == "pbkdf2":
         return Pbkdf2(
             _hash(k["hash"], f"{where} hash"),
-            _int(k["iterations"], f"{where} iterations", 1, 2**32 - 1),
+            _iterations(k["iterations"], f"{where} iterations"),
             _b64(k["salt"], f"{where} salt"),
         )
     if kind in ("argon2i", "argon2id"):

@@ -125,6 +125,13 @@ def _areas_overlap(md: Md) -> None:
     md["keyslots"]["1"]["area"]["offset"] = md["keyslots"]["0"]["area"]["offset"]
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def _leading_space(area: bytes) -> bytes:
     return b" " + area[:-1]
 
@@ -161,6 +168,8 @@ REFUSED: list[tuple[str, Callable[..., Any], str]] = [
     ("a digest naming a missing segment", _set("digests", "0", "segments",
                                                  value=["0", "3"]), "json"),
     ("a crypt segment in no digest", _set("digests", "0", "segments", value=[]), "json"),
+    ("JSON nested 32 levels deep (json-c's limit)", _set("config", "x", value=_nested(30)),
+     "json"),
     ("a token naming a missing keyslot", _set("tokens", "0", "keyslots", value=["5"]), "json"),
     ("a token keyslot that is a number", _set("tokens", "0", "keyslots", value=[1]), "json"),
     ("a token without a type", _del("tokens", "0", "type"), "json"),
@@ -239,6 +248,11 @@ ACCEPTED: list[tuple[str, Callable[..., Any], str]] = [
      "unservable"),
     ("an 8 KiB sector", _set("segments", "0", "sector_size", value=8192), "unservable"),
     ("an unknown digest type", _set("digests", "0", "type", value="future"), "unservable"),
+    ("JSON nested 31 levels deep", _set("config", "x", value=_nested(29)), "ok"),
+    ("a key slot with 2^31 PBKDF2 iterations",
+     _set("keyslots", "1", "kdf", "iterations", value=2**31), "slot 1"),
+    ("a digest with 2^31 iterations", _set("digests", "0", "iterations", value=2**31),
+     "unservable"),
     # found by the hypothesis test below: "base64" that is not even ASCII
     ("a digest salt that is not ASCII", _set("digests", "0", "salt", value="\x80"),
      "unservable"),
@@ -322,6 +336,8 @@ LUKS1: list[tuple[str, Callable[[bytearray], None], str]] = [
     ("a cipher we lack", _field(8, b"serpent".ljust(32, b"\0")), "unservable"),
     ("whirlpool (OpenSSL's legacy provider)", _field(72, b"whirlpool".ljust(32, b"\0")), "ok"),
     ("a digest with zero iterations", _field(164, bytes(4)), "unservable"),
+    ("a slot with 2^31 iterations", _slot_field(1, 4, ">I", 2**31), "slot 1"),
+    ("a digest with 2^31 iterations", _field(164, struct.pack(">I", 2**31)), "unservable"),
 ]
 
 
@@ -404,3 +420,28 @@ def test_hostile_metadata_gets_a_verdict_never_a_crash(base: Path, data: st.Data
         header.parse(bytes(raw))
     except LuksError as e:
         assert "not understood" not in str(e)  # every refusal by a rule
+
+
+def test_a_primary_nested_past_any_parser_leaves_the_secondary(base: Path, tmp_path: Path
+                                                                ) -> None:
+    """Nesting Python's own parser cannot follow (RecursionError) damages that
+    copy only: the other one opens, as cryptsetup opens it."""
+    path = tmp_path / "deep.img"
+    shutil.copyfile(base, path)
+    with open(path, "r+b") as f:
+        hdr_size = struct.unpack_from(">Q", f.read(16), 8)[0]
+        f.seek(0)
+        block = bytearray(f.read(hdr_size))
+        text = bytes(block[4096:]).split(b"\0", 1)[0]
+        deep = text.replace(b'"config":{', b'"config":{"x":' + b"[" * 5000 + b"1"
+                            + b"]" * 5000 + b",", 1)
+        assert deep != text and len(deep) < hdr_size - 4096
+        block[4096:] = deep + bytes(hdr_size - 4096 - len(deep))
+        block[448 : 448 + 64] = bytes(64)
+        block[448 : 448 + 32] = hashlib.sha256(block).digest()
+        f.seek(0)
+        f.write(block)
+    vol = ours(path)
+    assert isinstance(vol, Volume), vol
+    assert vol.copy == "secondary" and "nested too deeply" in vol.warnings[0]
+    assert cryptsetup_accepts(path, tmp_path)
