@@ -13,9 +13,9 @@ import os
 import selectors
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -63,7 +63,8 @@ class Supervisor:
         self.reread = reread
         self.retiring: set[int] = set()  # workers of an earlier configuration
         self.reload_wanted = False
-        self.reloading: Future[Plan | None] | None = None
+        self.reloading: threading.Thread | None = None  # unlocking the next set
+        self.plan: list[Plan | None] = []
         self.socks = socks
         self.opts = opts
         self.obs = obs
@@ -120,18 +121,28 @@ class Supervisor:
         self._tell_workers(signal.SIGHUP)
         self.reload_wanted = self.reread is not None
 
-    def reload(self, pool: ThreadPoolExecutor) -> None:
+    def reload(self) -> None:
         """Start a reload that was asked for, or finish one that is ready
-        (the unlocking runs on a thread: connections keep being accepted)."""
+        (the unlocking runs on a daemon thread: connections keep being
+        accepted, and a stop does not wait for it)."""
         if self.reload_wanted and self.reloading is None and not self.stopping:
-            assert self.reread is not None
             self.reload_wanted = False
-            self.reloading = pool.submit(prepare, list(self.volumes), self.reread,
-                                         usable_cpus())
-        if self.reloading is not None and self.reloading.done():
-            plan, self.reloading = self.reloading.result(), None
-            if plan is not None:
+            self.plan = []
+            self.reloading = threading.Thread(target=self._prepare, args=(list(self.volumes),),
+                                              name="reload", daemon=True)
+            self.reloading.start()
+        if self.reloading is not None and not self.reloading.is_alive():
+            self.reloading = None
+            plan = self.plan[0] if self.plan else None
+            if plan is not None and not self.stopping:
                 self.swap(plan)
+
+    def _prepare(self, volumes: list[OpenVolume]) -> None:
+        assert self.reread is not None
+        try:
+            self.plan.append(prepare(volumes, self.reread, usable_cpus()))
+        except Exception as e:  # a bug, not a bad file: the served set stays
+            log.error("configuration not reloaded", error=str(e), kind=type(e).__name__)
 
     def swap(self, plan: Plan) -> None:
         """Serve the next set of volumes with new workers; retire the others."""
@@ -248,16 +259,15 @@ class Supervisor:
             sel.register(sock, selectors.EVENT_READ, b"c")
         for sock in self.obs.http:
             sel.register(sock, selectors.EVENT_READ, b"m")
-        with ThreadPoolExecutor(1, thread_name_prefix="reload") as pool:
-            while self.workers:
-                if self.stopping and sel.get_map():
-                    for sock in [*self.socks, *self.obs.http]:
-                        sel.unregister(sock)
-                for key, _ in sel.select(timeout=0.2):
-                    assert isinstance(key.fileobj, socket.socket)
-                    self.accept(key.fileobj, key.data)
-                self.reap()
-                self.reload(pool)
+        while self.workers:
+            if self.stopping and sel.get_map():
+                for sock in [*self.socks, *self.obs.http]:
+                    sel.unregister(sock)
+            for key, _ in sel.select(timeout=0.2):
+                assert isinstance(key.fileobj, socket.socket)
+                self.accept(key.fileobj, key.data)
+            self.reap()
+            self.reload()
         sel.close()
         return 1 if self.failed else 0
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,10 +252,26 @@ def open_volumes(configs: Sequence[VolumeConfig], workers: int, argon2_cap_kib: 
         log.info("export unlocked" if volume.header else "export opened", export=config.name,
                  **volume.log_fields())
 
-    with ThreadPoolExecutor(max(1, min(workers, len(configs))),
-                            thread_name_prefix="unlock") as pool:
-        for _ in pool.map(one, configs):
-            pass
+    todo: queue.SimpleQueue[VolumeConfig] = queue.SimpleQueue()
+    for config in configs:
+        todo.put(config)
+
+    def work() -> None:
+        while True:
+            try:
+                config = todo.get_nowait()
+            except queue.Empty:
+                return
+            one(config)
+
+    # Daemon threads, joined from here: a stop signal ends the wait at once
+    # and the process can exit under a KDF still running (see luks.kdf).
+    threads = [threading.Thread(target=work, name="unlock", daemon=True)
+               for _ in range(max(1, min(workers, len(configs))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     return [opened[c.name] for c in configs if c.name in opened], failed
 
 

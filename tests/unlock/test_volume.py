@@ -3,8 +3,15 @@ the cap, failures by name."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from nbdluks.unlock import UnlockOptions, VolumeConfig, open_volumes
 from nbdluks.unlock.volume import MemoryGate
@@ -57,3 +64,46 @@ def test_volumes_open_in_parallel_within_the_cap(tmp_path: Path) -> None:
     finally:
         for v in opened:
             v.close()
+
+
+def hours_of_pbkdf2(tmp: Path) -> Path:
+    """A LUKS2 volume whose only key slot asks for 2^31-1 PBKDF2 iterations
+    (what a hostile header can ask: hours of CPU)."""
+    from tests.luks.test_verdicts import write_json
+
+    made = luks_format(tmp, detached=True, size=1 << 20)
+    assert made.header is not None
+
+    def slow(md: dict[str, Any]) -> None:
+        md["keyslots"]["0"]["kdf"]["iterations"] = 2**31 - 1
+
+    write_json(made.header, slow)
+    return made.header
+
+
+@pytest.mark.parametrize("config", [False, True], ids=["one volume", "--config"])
+def test_a_stop_ends_a_long_unlock_at_once(tmp_path: Path, config: bool) -> None:
+    need("cryptsetup")
+    header = hours_of_pbkdf2(tmp_path)
+    payload, key = tmp_path / "vol.payload", tmp_path / "vol.pass"
+    if config:
+        cfg = tmp_path / "exports.toml"
+        cfg.write_text(f'[exports.a]\npayload = "{payload}"\nheader = "{header}"\n'
+                       f'key-file = "{key}"\n')
+        args = ["--config", str(cfg), "-k", str(tmp_path / "s.sock")]
+    else:
+        args = ["--payload", str(payload), "--header", str(header), "--key-file", str(key)]
+    proc = subprocess.Popen([sys.executable, "-m", "nbdluks", "serve", *args,
+                             "--log-format", "json"], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)  # well into the KDF (it would take many minutes)
+        assert proc.poll() is None
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        took = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < 2.0, took
+    assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
