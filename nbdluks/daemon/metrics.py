@@ -21,8 +21,10 @@ from ..nbd import COMMANDS, Totals, stats
 # A request head larger than this, or slower than this, is dropped.
 _MAX_HEAD = 8192
 _TIMEOUT = 5.0
-# HTTP connections a process answers at once; more are closed at once (a
-# flood of idle connections must not cost the NBD clients file descriptors).
+# HTTP connections a process answers at once (a flood of idle connections
+# must not cost the NBD clients file descriptors); past it, a new connection
+# evicts the oldest that has not sent its request yet, so that a probe always
+# gets in (it asks at once), and is closed itself only when every one has.
 MAX_HTTP = 32
 _SERVED = [c for c in COMMANDS if c != "DISC"]  # DISC is not a request with a reply
 
@@ -173,12 +175,14 @@ class Observed:
 
 class Responder:
     """One process's HTTP side: at most MAX_HTTP connections answered at
-    once (more are closed at once), each with _TIMEOUT to ask and to read."""
+    once (see MAX_HTTP), each with _TIMEOUT to ask and to read."""
 
     def __init__(self, monitor: Monitor, serving: Callable[[], bool]) -> None:
         self.monitor = monitor
         self.serving = serving
         self.open = 0
+        # Connections that have not sent their request head, oldest first.
+        self.waiting: dict[asyncio.StreamWriter, None] = {}
 
     async def listen(self, sock: socket.socket) -> asyncio.Server:
         """Answer on a listening socket."""
@@ -196,17 +200,24 @@ class Responder:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> None:
         if self.open >= MAX_HTTP:
-            writer.transport.abort()
-            return
+            if not self.waiting:
+                writer.transport.abort()
+                return
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            oldest.transport.abort()  # its handler ends and counts itself out
         self.open += 1
+        self.waiting[writer] = None
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
+            self.waiting.pop(writer, None)
             writer.write(respond(self.monitor, head, self.serving()))
             await asyncio.wait_for(writer.drain(), _TIMEOUT)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
                 ConnectionError):
             pass  # a client that went away, or never asked
         finally:
+            self.waiting.pop(writer, None)
             self.open -= 1
             writer.close()
             with contextlib.suppress(OSError):
