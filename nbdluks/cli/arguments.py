@@ -48,6 +48,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 def _listen_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("listening")
     g.add_argument("-k", "--socket", metavar="PATH", help="listen on a unix socket")
+    g.add_argument("--socket-mode", metavar="MODE",
+                   help="permissions of the unix socket file, octal, e.g. 660 (default: "
+                   "from the umask; with --user the file belongs to that user)")
     g.add_argument("-b", "--bind", metavar="ADDR", help="TCP address (default 127.0.0.1)")
     g.add_argument("-p", "--port", type=int, help=f"TCP port (default {DEFAULT_PORT})")
     g.add_argument("-x", "--export-name", default="", metavar="NAME",

@@ -202,11 +202,25 @@ def volume_config(args: argparse.Namespace) -> VolumeConfig:
 def listen_options(args: argparse.Namespace) -> list[Listen]:
     """Where to listen; none given: the default (or systemd's sockets)."""
     listens = []
+    if args.socket_mode is not None and not args.socket:
+        raise UsageError("--socket-mode needs -k/--socket")
     if args.socket:
-        listens.append(Listen(socket_path=args.socket))
+        listens.append(Listen(socket_path=args.socket, mode=socket_mode(args.socket_mode)))
     if args.bind or args.port is not None:
         listens.append(Listen(host=args.bind or "127.0.0.1", port=args.port or DEFAULT_PORT))
     return listens
+
+
+def socket_mode(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise UsageError(f"--socket-mode {text}: give permissions in octal, 000..777")
+    return mode
 
 
 def setup_error(e: SetupError) -> UsageError:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from ..errors import NbdluksError
-from ..nbd import DEFAULT_PORT, Listen, TlsMode, activated, address, bind, cleanup
+from ..nbd import DEFAULT_PORT, Listen, TlsMode, activated, address, bind, cleanup, give
 from ..unlock import OpenVolume
 from . import readiness, serving
 from .hardening import drop_privileges
@@ -64,6 +64,8 @@ def run(opening: Opening, opts: DaemonOptions, reread: Reread | None = None) -> 
         socks = bind_listeners(opts.listen)
         http = bind_metrics(opts.metrics)
         volumes, failed = opening()
+        if opts.run_as is not None:
+            give(socks, *opts.run_as)
         if opts.run_as is not None and drop_privileges(*opts.run_as):
             log.info("running as", uid=os.getuid(), gid=os.getgid())
         announce(volumes, opts, socks, http)

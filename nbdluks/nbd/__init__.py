@@ -8,7 +8,7 @@ from .client import NbdClient, NbdClientError
 from .commands import Export
 from .constants import DEFAULT_PORT, Cmd
 from .handshake import TlsMode
-from .listen import Listen, activated, address, bind, cleanup
+from .listen import Listen, activated, address, bind, cleanup, give
 from .options import MiB, ServerOptions
 from .server import NbdServer
 from .stats import COMMANDS, StatsTable, Totals
@@ -20,4 +20,5 @@ __all__ = ["COMMANDS", "DEFAULT_PORT", "Cmd", "Export", "Listen", "MiB", "NbdCli
            "NbdClientError", "NbdDevice", "NbdServer", "NbdUri", "ServerCredentials",
            "ServerOptions", "StatsTable", "TlsConfigError", "TlsFileMissingError", "TlsMode",
            "Totals", "UpstreamOptions", "UriError", "activated", "address", "bind", "cleanup",
+           "give",
            "is_nbd_uri", "parse_uri", "stats"]

@@ -18,6 +18,7 @@ class Listen:
     host: str | None = None
     port: int | None = None
     socket_path: str | None = None
+    mode: int | None = None  # of the socket file (None: from the umask)
 
     def __str__(self) -> str:
         if self.socket_path:
@@ -36,6 +37,8 @@ def bind(where: Listen, backlog: int = 128) -> list[socket.socket]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
+            if where.mode is not None:
+                os.chmod(path, where.mode)
             sock.listen(backlog)
         except BaseException:
             sock.close()
@@ -108,6 +111,16 @@ def address(sock: socket.socket) -> str:
     if sock.family == socket.AF_INET6:
         return f"[{name[0]}]:{name[1]}"
     return f"{name[0]}:{name[1]}"
+
+
+def give(socks: list[socket.socket], uid: int, gid: int) -> None:
+    """The unix socket files we created now belong to uid:gid (the user a
+    server switches to: its clients connect as that user, and it removes
+    the files at exit)."""
+    for sock in socks:
+        path = _paths.get(sock)
+        if path:
+            os.chown(path, uid, gid)
 
 
 def cleanup(socks: list[socket.socket]) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -223,3 +224,52 @@ def test_user_that_does_not_exist_is_refused_before_the_unlock(tmp_path: Path) -
                         "--user", "no-such-user-here", "-k", str(tmp_path / "s.sock")],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--user no-such-user-here: no user" in p.stderr
+
+
+def test_user_owns_its_unix_socket_and_removes_it(tmp_path: Path) -> None:
+    """With --user and -k, the socket file belongs to the user (its clients
+    connect as that user) and goes away at exit; --socket-mode sets its mode."""
+    import pwd
+    import stat
+
+    need("nbdinfo", "runuser")
+    nobody = pwd.getpwnam("nobody")
+    # like /tmp: anyone may create, the owner removes (and nobody can reach it)
+    public = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chmod(public, 0o1777)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(pattern(1 << 20, seed=5))
+    sock = public / "s.sock"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "nbdluks", "serve", "--raw", str(disk),
+                                 "-k", str(sock), "--socket-mode", "660", "--user", "nobody",
+                                 "--processes", "2", "--log-format", "json"],
+                                stdout=f, stderr=subprocess.STDOUT)
+    try:
+        from tests.conftest import wait_listening
+
+        wait_listening(proc, str(sock), None, log)
+        st = os.stat(sock)
+        assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        size = run(["runuser", "-u", "nobody", "--", "nbdinfo", "--size",
+                    f"nbd+unix:///?socket={sock}"]).stdout
+        assert int(size) == 1 << 20
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert not sock.exists(), log.read_text()
+    public.rmdir()
+
+
+def test_socket_mode_is_checked(tmp_path: Path) -> None:
+    for mode, message in (("999", "--socket-mode 999: give permissions in octal"),
+                          ("1777", "--socket-mode 1777"), ("rw", "--socket-mode rw")):
+        p = subprocess.run([sys.executable, "-m", "nbdluks", "serve", "--raw", "/dev/null",
+                            "-k", str(tmp_path / "s.sock"), "--socket-mode", mode],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "nbdluks", "serve", "--raw", "/dev/null",
+                        "--socket-mode", "660"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--socket-mode needs -k/--socket" in p.stderr
