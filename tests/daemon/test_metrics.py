@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from nbdluks.daemon.metrics import Monitor, respond
@@ -301,3 +303,22 @@ def test_a_flood_of_idle_http_connections_never_starves_healthz(nbdluks, tmp_pat
         for s in idle:
             s.close()
     assert srv.stop() == 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(head=st.one_of(
+    st.binary(max_size=600),
+    st.builds(lambda m, t, v: f"{m} {t} {v}\r\n\r\n".encode(),
+              st.sampled_from(["GET", "HEAD", "POST", "", "G\x00T"]),
+              st.text(max_size=40), st.sampled_from(["HTTP/1.1", "HTTP/1.0", "", "x y"]))),
+    serving=st.booleans())
+def test_any_request_head_gets_an_http_answer(head: bytes, serving: bool) -> None:
+    """The sans-IO responder: whatever the head, a well-formed response."""
+    out = respond(Monitor(StatsTable(1)), head, serving)
+    status_line, _, rest = out.partition(b"\r\n")
+    assert status_line.split(b" ")[0] == b"HTTP/1.1"
+    assert int(status_line.split(b" ")[1]) in (200, 400, 404, 405, 503)
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    length = int(next(h for h in headers.split(b"\r\n") if h.startswith(b"Content-Length:"))
+                 .split(b":")[1])
+    assert len(body) in (0, length)  # HEAD: no body
