@@ -13,9 +13,20 @@ def main() -> int:
     from . import signals
 
     signals.on_startup()
-    from .cli import main as cli_main
+    try:
+        from .cli import main as cli_main
 
-    return cli_main()
+        return cli_main()
+    except signals.Stopped:
+        # A stop while importing or parsing, before anything was opened:
+        # exit 0, as a stop before serving does (and `serve --help` says).
+        return 0
+    except Exception:
+        if signals.requested() is not None:
+            # The stop surfaced as another error: C code (numpy's import of
+            # its extensions) turns the exception a handler raises into its own.
+            return 0
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ ignored.
 from __future__ import annotations
 
 import signal
+import sys
 
 STOP = (signal.SIGTERM, signal.SIGINT)
 
@@ -34,7 +35,18 @@ class Stopped(KeyboardInterrupt):
 
 
 def _raise(signum: int, _frame: object) -> None:
+    # Noted too: where Python swallows the exception (a signal that lands in
+    # a weakref callback, such as the import system's, is only printed), the
+    # server still sees the stop when it starts (stop_requested).
+    global _requested
+    _requested = signum
     raise Stopped(signum)
+
+
+def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """A Stopped that Python could not raise is noted (see _raise), not news."""
+    if not isinstance(unraisable.exc_value, Stopped):
+        sys.__unraisablehook__(unraisable)
 
 
 def _note(signum: int, _frame: object) -> None:
@@ -54,6 +66,7 @@ def _ignore_hup(_signum: int, _frame: object) -> None:
 
 
 def on_startup() -> None:
+    sys.unraisablehook = _unraisable
     for sig in STOP:
         signal.signal(sig, _raise)
     signal.signal(signal.SIGHUP, _ignore_hup)
@@ -69,6 +82,11 @@ def defer() -> None:
 
 def stop_requested() -> bool:
     return _requested is not None
+
+
+def requested() -> int | None:
+    """The stop signal that came, if one did."""
+    return _requested
 
 
 def reload_requested() -> bool:

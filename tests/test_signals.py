@@ -142,3 +142,34 @@ def test_stop_while_workers_are_spawned(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert stopped_within(proc, 15) == 0, log.read_text()
         assert not sock.exists()
+
+
+SWALLOWED = r"""
+import os, signal, time, weakref
+from nbdluks import signals
+
+signals.on_startup()
+
+class Thing:
+    pass
+
+def callback(_ref):  # as the import system's module-lock callbacks run
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)  # the handler runs here: its Stopped cannot leave a callback
+
+thing = Thing()
+ref = weakref.ref(thing, callback)
+del thing
+print("still running, stop noted:", signals.requested() == signal.SIGTERM)
+"""
+
+
+def test_a_stop_python_swallows_is_still_seen() -> None:
+    """A stop signal that lands in a weakref callback (where Python only
+    prints exceptions) is noted, so the server stops when it starts, and
+    prints no traceback. Such a stop once hung a server's startup."""
+    p = subprocess.run([sys.executable, "-c", SWALLOWED], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "stop noted: True" in p.stdout
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr

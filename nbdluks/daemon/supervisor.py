@@ -249,6 +249,9 @@ class Supervisor:
         for sig in signals.STOP:
             signal.signal(sig, self.on_signal)
         signal.signal(signal.SIGHUP, self.on_hup)
+        stop = signals.requested()
+        if stop is not None:  # a stop that came before these handlers
+            self.on_signal(stop, None)
         for i in range(self.opts.processes):
             if self.stopping:  # a stop during the spawning reaches the workers spawned
                 break
