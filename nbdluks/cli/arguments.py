@@ -130,7 +130,7 @@ def _key_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token-id", type=int, metavar="N", help="use only token N")
     g.add_argument("--token-type", metavar="TYPE", help="use only tokens of TYPE (clevis)")
     g.add_argument("--tang-timeout", type=float, default=_TOKENS.timeout, metavar="S",
-                   help="seconds a Tang server may take to answer "
+                   help="seconds a whole Tang exchange (lookup, connect, TLS, answer) may take "
                    f"(default {_TOKENS.timeout:.0f})")
 
 

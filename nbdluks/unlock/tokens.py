@@ -22,6 +22,7 @@ from ..luks import (
     unlock_with_passphrase,
     wipe,
 )
+from .clevis.jose import clip, label
 from .clevis.pins import PinError, decrypt
 
 log = structlog.get_logger("nbdluks.open")
@@ -35,7 +36,7 @@ class TokenOptions:
 
     token_id: int | None = None
     token_type: str | None = None
-    timeout: float = 10.0  # seconds per Tang request
+    timeout: float = 10.0  # seconds per Tang exchange: connect, send and the whole answer
 
 
 class TokenError(LuksError):
@@ -66,7 +67,11 @@ def unlock_with_tokens(vol: Volume, read_area: Callable[[Keyslot], bytes], opts:
         try:
             unlocked = _unlock_with(vol, token, read_area, opts, only_slot)
         except (PinError, LuksError) as e:
-            failures.append(f"token {token.id} ({token.type}): {e}")
+            failures.append(f"token {token.id} ({label(token.type)}): {e}")
+            continue
+        except Exception as e:  # one token's bug must not keep the next from being tried
+            failures.append(f"token {token.id} ({label(token.type)}): unexpected "
+                            f"{type(e).__name__}")
             continue
         if failures:  # (when none unlocks, the error names them all, on one line)
             log.warning("tokens did not unlock before this one", failures=failures)
@@ -77,7 +82,7 @@ def unlock_with_tokens(vol: Volume, read_area: Callable[[Keyslot], bytes], opts:
 def _unlock_with(vol: Volume, token: Token, read_area: Callable[[Keyslot], bytes],
                  opts: TokenOptions, only_slot: int | None) -> Unlocked:
     if token.type not in UNLOCKING_TYPES:
-        raise UnsupportedError(f"tokens of type {token.type!r} cannot unlock here")
+        raise UnsupportedError(f"tokens of type {clip(token.type)} cannot unlock here")
     slots = [k for k in token.keyslots if only_slot is None or k == only_slot]
     if not slots:
         raise WrongKeyError(f"the token is not bound to key slot {only_slot}")

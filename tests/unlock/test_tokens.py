@@ -8,18 +8,21 @@ import http.server
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nbdluks.unlock.clevis import pins
-from tests.conftest import free_port, need, pattern, run, wait_listening
+from tests.conftest import free_port, log_events, need, pattern, run, wait_listening
 from tests.luks.reference import Made, fill, luks_format
+from tests.unlock.clevis.hostile import Raw, b64d, b64e, read_request
 
 MiB = 1 << 20
 TANGD = "/usr/libexec/tangd"
@@ -270,12 +273,61 @@ def test_a_corrupt_token_fails_cleanly_and_a_passphrase_still_works(
          str(tmp_path / "t.json"), str(target)])
     p = serve("--payload", str(made.payload), "--header", str(target), "-k",
               str(tmp_path / "x.sock"))
-    assert p.returncode == 1 and "token 0 (clevis): tang: the JWE does not decrypt" in p.stderr
+    assert p.returncode == 1, p.stderr
+    assert f"token 0 (clevis): tang {tangs[0].url}: the JWE does not decrypt" in p.stderr
     # a key option bypasses the tokens
     srv = nbdluks("--payload", str(made.payload), "--header", str(target),
                   "--passphrase-file", str(tmp_path / "vol.pass"))
     assert served(srv.uri, tmp_path) == data
     assert srv.stop() == 0
+
+
+def retarget(token: dict[str, Any], url: str) -> dict[str, Any]:
+    """The token with its tang pin's URL changed (its JWE then no longer
+    decrypts, but the server is asked first)."""
+    hdr = json.loads(b64d(token["jwe"]["protected"]))
+    hdr["clevis"]["tang"]["url"] = url
+    return {**token, "jwe": {**token["jwe"], "protected": b64e(json.dumps(hdr).encode())}}
+
+
+def garbage(sock: socket.socket, stop: threading.Event) -> None:
+    read_request(sock)
+    sock.sendall(b"GARBAGE\r\n")
+
+
+@pytest.mark.parametrize("first", ["garbage server", "space in the url"])
+def test_a_broken_token_before_a_working_one(nbdluks, tangs, tmp_path: Path,
+                                             first: str) -> None:
+    """Token 0 fails (a server that answers garbage, a URL that cannot be):
+    token 1, the same binding intact, still opens the volume."""
+    tangs.append(Tang(tmp_path, "a"))
+    made, data, target = volume(tmp_path, detached=True)
+    bind(target, tmp_path / "vol.pass", "tang", {"url": tangs[0].url})
+    good = json.loads(run(["cryptsetup", "token", "export", "--token-id", "0",
+                           str(target)]).stdout)
+    hostile = Raw(garbage)
+    try:
+        url = hostile.url if first == "garbage server" else "http://tang host"
+        (tmp_path / "bad.json").write_text(json.dumps(retarget(good, url)))
+        (tmp_path / "good.json").write_text(json.dumps(good))
+        run(["cryptsetup", "token", "remove", "--token-id", "0", str(target)])
+        for n, name in enumerate(("bad.json", "good.json")):
+            run(["cryptsetup", "token", "import", "--token-id", str(n), "--json-file",
+                 str(tmp_path / name), str(target)])
+        out = run([sys.executable, "-m", "nbdluks", "inspect", str(target)]).stdout
+        assert f"0: clevis, key slots 1, tang {url} (key " in out, out
+        assert f"1: clevis, key slots 1, tang {tangs[0].url} (key " in out, out
+        srv = nbdluks("--payload", str(made.payload), "--header", str(target))
+        assert served(srv.uri, tmp_path) == data
+        assert srv.stop() == 0
+    finally:
+        hostile.close()
+    reason = ("the answer is not HTTP" if first == "garbage server" else
+              "the URL is empty or holds a space, a control or a non-ASCII character")
+    [warning] = log_events(srv.log_text(), "tokens did not unlock before this one")
+    assert warning["failures"] == [f"token 0 (clevis): tang {url}: {reason}"]
+    [unlocked] = log_events(srv.log_text(), "unlocked through a token")
+    assert unlocked["token"] == 1
 
 
 @pytest.mark.parametrize(("flags", "code", "message"), [

@@ -22,6 +22,12 @@ from ...errors import NbdluksError
 
 _GCM_KEY_BYTES = {"A128GCM": 16, "A192GCM": 24, "A256GCM": 32}
 
+# José refuses compressed content larger than 256 KiB; what a clevis pin
+# holds (a passphrase, or one share of a key) inflates to far less than the
+# 64 KiB allowed here, and the inflating stops as soon as that is passed.
+MAX_COMPRESSED = 256 * 1024
+MAX_INFLATED = 64 * 1024
+
 
 class JoseError(NbdluksError):
     """A JWE or JWK that cannot be used (never holds secret material)."""
@@ -34,6 +40,23 @@ def b64d(text: Any) -> bytes:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise JoseError("a base64url field is malformed") from None
+
+
+def clip(value: Any, limit: int = 60) -> str:
+    """A value from outside, for a message: its repr on one line, cut short."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return "a large number"
+    text = repr(value) if isinstance(value, str | int | float | bool | None) \
+        else type(value).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def label(value: Any) -> str:
+    """A name from outside (a pin's, a token type's), bare when it is short
+    printable ASCII, or else clipped."""
+    if isinstance(value, str) and len(value) <= 40 and value.isascii() and value.isprintable():
+        return value
+    return clip(value)
 
 
 def b64e(data: bytes) -> str:
@@ -50,10 +73,7 @@ class Jwe:
 
     @property
     def header(self) -> dict[str, Any]:
-        try:
-            hdr = json.loads(b64d(self.protected))
-        except ValueError:
-            raise JoseError("the JWE protected header is not JSON") from None
+        hdr = loads(b64d(self.protected), "the JWE protected header")
         if not isinstance(hdr, dict):
             raise JoseError("the JWE protected header is not an object")
         return hdr
@@ -82,23 +102,51 @@ class Jwe:
         hdr = self.header
         enc = hdr.get("enc")
         if enc not in _GCM_KEY_BYTES:
-            raise JoseError(f"JWE content encryption {enc!r} is not supported")
+            raise JoseError(f"JWE content encryption {clip(enc)} is not supported")
         if len(cek) != _GCM_KEY_BYTES[enc]:
             raise JoseError("the recovered content key has the wrong size")
+        zipped = "zip" in hdr
+        if zipped and hdr["zip"] != "DEF":
+            raise JoseError(f"JWE compression {clip(hdr['zip'])} is not supported")
+        if zipped and len(self.ciphertext) > MAX_COMPRESSED:
+            raise JoseError(f"the JWE's compressed content is larger than "
+                            f"{MAX_COMPRESSED // 1024} KiB")
         try:
             plain = AESGCM(bytes(cek)).decrypt(self.iv, self.ciphertext + self.tag,
                                                self.protected.encode())
         except (InvalidTag, ValueError):
             raise JoseError("the JWE does not decrypt with the recovered key") from None
-        if hdr.get("zip") == "DEF":
-            plain = zlib.decompress(plain, -15)
-        return bytearray(plain)
+        return inflate(plain) if zipped else bytearray(plain)
+
+
+def loads(data: bytes | str, what: str) -> Any:
+    """JSON from outside: anything malformed (or nested too deep) is a JoseError."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise JoseError(f"{what} is not JSON") from None
+
+
+def inflate(data: bytes) -> bytearray:
+    """Raw DEFLATE (RFC 1951) content, refused once it passes MAX_INFLATED bytes:
+    no more than that is ever inflated."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        out = inflater.decompress(data, MAX_INFLATED + 1)
+    except zlib.error:
+        raise JoseError("the JWE's compressed content is not valid DEFLATE") from None
+    if len(out) > MAX_INFLATED:
+        raise JoseError(f"the JWE's compressed content inflates to more than "
+                        f"{MAX_INFLATED // 1024} KiB")
+    if not inflater.eof or inflater.unused_data:
+        raise JoseError("the JWE's compressed content is truncated or has data past its end")
+    return bytearray(out)
 
 
 def content_key_bytes(header: dict[str, Any]) -> int:
     enc = header.get("enc")
     if enc not in _GCM_KEY_BYTES:
-        raise JoseError(f"JWE content encryption {enc!r} is not supported")
+        raise JoseError(f"JWE content encryption {clip(enc)} is not supported")
     return _GCM_KEY_BYTES[enc]
 
 
@@ -106,9 +154,9 @@ def ecdh_es_key(header: dict[str, Any], z: bytes) -> bytes:
     """ECDH-ES direct key agreement: the content key from the shared secret
     Z (RFC 7518 4.6.2, the Concat KDF with SHA-256)."""
     if header.get("alg") != "ECDH-ES":
-        raise JoseError(f"JWE key management {header.get('alg')!r} is not ECDH-ES")
-    enc = str(header["enc"])
+        raise JoseError(f"JWE key management {clip(header.get('alg'))} is not ECDH-ES")
     size = content_key_bytes(header)
+    enc = str(header["enc"])
     apu = b64d(header["apu"]) if "apu" in header else b""
     apv = b64d(header["apv"]) if "apv" in header else b""
     info = b"".join(len(x).to_bytes(4, "big") + x for x in (enc.encode(), apu, apv))

@@ -6,6 +6,8 @@ To recover it we blind C with a fresh E = eG: the server sees only C + E,
 answers s(C + E), and s(C + E) - eS = sC = cS is the shared point; the
 server never learns it. The point arithmetic, which `cryptography` does not
 expose, comes from the `ecdsa` package.
+
+The request and its answer travel over HTTP (http.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 
 from ecdsa import curves, ellipticcurve
 
-from .jose import JoseError, b64d, b64e, ecdh_es_key, thumbprint
+from .http import Endpoint
+from .jose import JoseError, b64d, b64e, ecdh_es_key, loads, thumbprint
 
 _CURVES = {"P-256": curves.NIST256p, "P-384": curves.NIST384p, "P-521": curves.NIST521p}
 
@@ -32,7 +35,7 @@ def _point(curve: curves.Curve, crv: str, jwk: Any, what: str) -> ellipticcurve.
     if not isinstance(jwk, dict) or jwk.get("kty") != "EC" or jwk.get("crv") != crv:
         raise JoseError(f"{what} is not an EC key on {crv}")
     x, y = int.from_bytes(b64d(jwk.get("x")), "big"), int.from_bytes(b64d(jwk.get("y")), "big")
-    if not curve.curve.contains_point(x, y):
+    if max(x, y) >= curve.curve.p() or not curve.curve.contains_point(x, y):
         raise JoseError(f"{what} is not a point of {crv}")
     return ellipticcurve.PointJacobi.from_affine(ellipticcurve.Point(curve.curve, x, y))
 
@@ -55,7 +58,8 @@ class TangPin:
 
     @classmethod
     def from_header(cls, hdr: dict[str, Any]) -> TangPin:
-        tang = hdr.get("clevis", {}).get("tang")
+        clevis = hdr.get("clevis")
+        tang = clevis.get("tang") if isinstance(clevis, dict) else None
         if not isinstance(tang, dict) or not isinstance(tang.get("url"), str):
             raise JoseError("the tang pin has no url")
         kid, epk = hdr.get("kid"), hdr.get("epk")
@@ -87,12 +91,10 @@ class Recovery:
         blinded = client + self.curve.generator * self._e
         self.url = f"{pin.url}/rec/{pin.kid}"
         self.request = json.dumps(_jwk(pin.crv, blinded, self.size)).encode()
+        self.endpoint = Endpoint.parse(pin.url, pin.kid)
 
     def finish(self, reply: bytes) -> bytes:
-        try:
-            jwk = json.loads(reply)
-        except ValueError:
-            raise JoseError("the Tang server's answer is not JSON") from None
+        jwk = loads(reply, "the Tang server's answer")
         answer = _point(self.curve, self.pin.crv, jwk, "the Tang server's answer")
         server = _point(self.curve, self.pin.crv, self.pin.server_key, "the advertised key")
         shared = (answer + (-(server * self._e))).to_affine()

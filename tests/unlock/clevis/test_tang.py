@@ -8,6 +8,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from nbdluks.unlock.clevis.http import Answer, Endpoint
 from nbdluks.unlock.clevis.jose import JoseError, b64d, b64e, ecdh_es_key, thumbprint
 from nbdluks.unlock.clevis.tang import Recovery, TangPin
 
@@ -63,3 +64,38 @@ def test_a_kid_that_matches_no_advertised_key() -> None:
            "clevis": {"tang": {"url": "http://t", "adv": {"keys": [jwk(key, "P-521", 66)]}}}}
     with pytest.raises(JoseError, match="no advertised key matches"):
         TangPin.from_header(hdr)
+
+
+def test_endpoints_as_curl_takes_clevis_urls() -> None:
+    ep = Endpoint.parse("tang.example:7500", "KID")  # no scheme: http
+    assert (ep.tls, ep.host, ep.port, ep.authority, ep.target) \
+        == (False, "tang.example", 7500, "tang.example:7500", "/rec/KID")
+    ep = Endpoint.parse("HTTPS://[::1]/base/", "KID")
+    assert (ep.tls, ep.host, ep.port, ep.authority, ep.target) \
+        == (True, "::1", 443, "[::1]", "/base/rec/KID")
+    assert ep.request(b"{}") == (b"POST /base/rec/KID HTTP/1.1\r\nHost: [::1]\r\n"
+                                 b"Content-Type: application/jwk+json\r\n"
+                                 b"Accept: application/jwk+json\r\nContent-Length: 2\r\n"
+                                 b"Connection: close\r\n\r\n{}")
+    for bad in ("file:///etc/passwd", "gopher://t/", "http://t t/", "http://t/\x00", ""):
+        with pytest.raises(JoseError):
+            Endpoint.parse(bad, "KID")
+
+
+BODY = b'{"kty": "EC"}'
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n" + BODY,
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked\r\n\r\n5;ext=1\r\n" + BODY[:5]
+    + b"\r\n8\r\n" + BODY[5:] + b"\r\n0\r\nTrailer: x\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Type: application/jwk+json\r\n\r\n" + BODY,
+], ids=["interim-then-length", "chunked", "to-the-end"])
+def test_answers_fed_byte_by_byte(raw: bytes) -> None:
+    answer = Answer()
+    for i in range(len(raw)):
+        if answer.feed(raw[i:i + 1]):
+            break
+    else:
+        answer.end()
+    assert answer.complete and bytes(answer.body) == BODY
