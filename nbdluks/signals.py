@@ -6,8 +6,8 @@ binding ends the program at once -- also as PID 1 in a container, where a
 signal without a handler is ignored. Just before an event loop starts, stop
 signals only set a flag that the loop looks at once its own handlers are in
 place (`defer`, `stop_requested`, `reload_requested`). SIGHUP asks for the
-TLS certificates to be read again; until there is a server to reload, it is
-ignored.
+TLS certificates (and a configuration file) to be read again; one that comes
+before there is a server to reload is noted and acted on once it serves.
 """
 
 from __future__ import annotations
@@ -59,17 +59,20 @@ def _note_hup(_signum: int, _frame: object) -> None:
     _reload = True
 
 
-def _ignore_hup(_signum: int, _frame: object) -> None:
+def _early_hup(_signum: int, _frame: object) -> None:
+    global _reload
+    _reload = True
     import structlog  # not before it is needed: this module loads first
 
-    structlog.get_logger("nbdluks").info("SIGHUP ignored: nothing to reload yet")
+    structlog.get_logger("nbdluks").info("SIGHUP noted: nothing to reload yet, "
+                                         "reloading once serving")
 
 
 def on_startup() -> None:
     sys.unraisablehook = _unraisable
     for sig in STOP:
         signal.signal(sig, _raise)
-    signal.signal(signal.SIGHUP, _ignore_hup)
+    signal.signal(signal.SIGHUP, _early_hup)
 
 
 def defer() -> None:

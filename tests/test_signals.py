@@ -123,7 +123,7 @@ def test_sighup_during_startup_is_ignored(tmp_path: Path,
         proc.send_signal(signal.SIGTERM)
         assert stopped_within(proc, 20) == 0
         text = log.read_text()
-        assert "SIGHUP ignored" in text and "nothing to reload" in text
+        assert "SIGHUP noted" in text and "nothing to reload" in text
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -29,9 +29,12 @@ class Plan:
     failed: list[str]
 
 
-def prepare(current: Sequence[OpenVolume], reread: Reread, unlockers: int) -> Plan | None:
+def prepare(current: Sequence[OpenVolume], reread: Reread, unlockers: int,
+            processes: int) -> Plan | None:
     """The next set of volumes (new ones unlocked and ready to fork), or
-    None when the configuration cannot be read."""
+    None when the configuration cannot be read. With several `processes`, a
+    new volume whose NBD source lacks multi-conn is not served: a FLUSH
+    through one process's connection would not cover another's writes."""
     try:
         configs = reread()
     except NbdluksError as e:
@@ -40,7 +43,15 @@ def prepare(current: Sequence[OpenVolume], reread: Reread, unlockers: int) -> Pl
     by_name = {v.name: v for v in current}
     kept = {c.name for c in configs if c.name in by_name and by_name[c.name].config == c}
     opened, failed = open_volumes([c for c in configs if c.name not in kept], unlockers)
-    for volume in opened:
+    for volume in list(opened):
+        if processes > 1 and not volume.multi_process:
+            log.error("export not served", export=volume.name, kind="MultiConnError",
+                      error=f"its NBD source does not allow multi-conn, and {processes} "
+                      "processes serve")
+            failed[volume.name] = ValueError("no multi-conn")
+            opened.remove(volume)
+            volume.close()
+            continue
         volume.before_fork()
     new = {v.name: v for v in opened}
     return Plan(

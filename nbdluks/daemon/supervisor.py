@@ -140,7 +140,8 @@ class Supervisor:
     def _prepare(self, volumes: list[OpenVolume]) -> None:
         assert self.reread is not None
         try:
-            self.plan.append(prepare(volumes, self.reread, usable_cpus()))
+            self.plan.append(prepare(volumes, self.reread, usable_cpus(),
+                                     max(1, self.opts.processes)))
         except Exception as e:  # a bug, not a bad file: the served set stays
             log.error("configuration not reloaded", error=str(e), kind=type(e).__name__)
 
@@ -252,6 +253,8 @@ class Supervisor:
         stop = signals.requested()
         if stop is not None:  # a stop that came before these handlers
             self.on_signal(stop, None)
+        if signals.reload_requested():  # a reload asked for while starting
+            self.reload_wanted = self.reread is not None
         for i in range(self.opts.processes):
             if self.stopping:  # a stop during the spawning reaches the workers spawned
                 break

@@ -252,3 +252,32 @@ def test_reload_adds_and_removes_while_a_client_reads(nbdluks: Callable[..., Ser
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(60) == 0
     assert not os.path.exists(str(served.socket))
+
+
+def test_reload_refuses_an_upstream_without_multi_conn(nbdluks: Callable[..., Served],
+                                                        volumes, tmp_path: Path) -> None:
+    """Two processes serve; an added NBD source that does not allow
+    multi-conn is not served (a FLUSH through one process's connection would
+    not cover the other's writes); the rest of the reload is."""
+    made = volumes
+    img = tmp_path / "nomc.img"
+    img.write_bytes(bytes(1 << 20))
+    sock = tmp_path / "nomc.sock"
+    up = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock),
+                           "--filter=multi-conn", "file", str(img),
+                           "multi-conn-mode=disable"])
+    try:
+        cfg = write_config(tmp_path, made, range(0, 2))
+        served = nbdluks("--config", str(cfg))
+        write_config(tmp_path, made, range(0, 3),
+                     f'[exports.nomc]\nraw = "nbd+unix:///?socket={sock}"\n')
+        served.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: bool(log_events(served.log.read_text(), "configuration reloaded")))
+        (event,) = log_events(served.log.read_text(), "configuration reloaded")
+        assert event["added"] == ["v2"] and event["failed"] == ["nomc"]
+        assert [n for n, _ in listed(served)] == ["v0", "v1", "v2"]
+        refused = log_events(served.log.read_text(), "export not served")
+        assert [(e["export"], e["kind"]) for e in refused] == [("nomc", "MultiConnError")]
+    finally:
+        up.kill()
+        up.wait()
