@@ -239,3 +239,34 @@ def test_luks1_overlapping_slots_bad_stripes_and_a_corrupt_state(tmp_path: Path)
     struct.pack_into(">I", data, 208 + 48 * 3, 0x12345678)  # a corrupt state: unusable only
     vol = header.parse(bytes(data))
     assert [s.id for s in vol.keyslots] == [0] and "corrupt state" in str(vol.unusable[0].reason)
+
+
+def test_a_healthy_header_is_read_in_two_small_reads(luks2: Made) -> None:
+    """Two reads of the header device: 4 KiB, then both LUKS2 copies (not the
+    8 MiB probe), and the result is the whole probe's."""
+    from nbdluks.block import FileDevice
+    from nbdluks.luks.volume import HEADER_PROBE
+    from nbdluks.unlock.headers import read_header
+
+    class Counting(FileDevice):
+        reads: list[int] = []
+
+        def _pread_into(self, buf: memoryview, offset: int) -> None:
+            self.reads.append(len(buf))
+            super()._pread_into(buf, offset)
+
+    dev = Counting(str(luks2.header_path), read_only=True)
+    with dev:
+        vol, _ = read_header(dev)
+    assert dev.reads == [4096, 2 * 16384]
+    with open(luks2.header_path, "rb") as f:
+        whole = header.parse(f.read(HEADER_PROBE))
+    assert vol.identity() == whole.identity() and vol.copy == whole.copy
+
+
+def test_a_damaged_primary_is_read_whole(luks2: Made) -> None:
+    assert luks2.header
+    flip(luks2.header, 100)  # inside the primary's binary header: its checksum fails
+    dev, vol, _ = open_it(luks2)
+    with dev:
+        assert vol.copy == "secondary"
