@@ -13,6 +13,8 @@ import structlog
 from .. import signals
 from ..daemon import (
     DaemonOptions,
+    Opening,
+    Reread,
     ServeOptions,
     SetupError,
     fatal,
@@ -68,8 +70,12 @@ def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     volume = open_volume(config)
     log.info("volume unlocked" if config.payload else "source opened",
              **volume.log_fields())
+    return run_daemon(lambda: ([volume], 0), opts)
+
+
+def run_daemon(opening: Opening, opts: DaemonOptions, reread: Reread | None = None) -> int:
     try:
-        return run(lambda: ([volume], 0), opts)
+        return run(opening, opts, reread)
     except SetupError as e:
         raise setup_error(e) from None
 
@@ -95,10 +101,7 @@ def serve_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         config=cfg.path)
         return new.exports
 
-    try:
-        return run(opening, opts, reread)
-    except SetupError as e:
-        raise setup_error(e) from None
+    return run_daemon(opening, opts, reread)
 
 
 def probe_command(args: argparse.Namespace) -> int:

@@ -5,11 +5,14 @@ use, logging, and metrics with health over HTTP."""
 
 from .cpus import usable_cpus
 from .hardening import PrivilegeError, harden_process, raise_open_files_limit, resolve_user
-from .lifecycle import DaemonOptions, SetupError, run
+from .lifecycle import DaemonOptions, Opening, SetupError, run
 from .log import fatal
 from .log import setup as setup_logging
+from .reload import Reread
 from .serving import ServeOptions
 
-__all__ = ["DaemonOptions", "PrivilegeError", "ServeOptions", "SetupError", "fatal",
-           "harden_process", "raise_open_files_limit", "resolve_user", "run", "setup_logging",
-           "usable_cpus"]
+__all__ = [
+    "DaemonOptions", "Opening", "PrivilegeError", "Reread", "ServeOptions", "SetupError", "fatal",
+    "harden_process", "raise_open_files_limit", "resolve_user", "run", "setup_logging",
+    "usable_cpus",
+]

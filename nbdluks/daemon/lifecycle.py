@@ -65,9 +65,9 @@ def run(opening: Opening, opts: DaemonOptions, reread: Reread | None = None) -> 
         http = bind_metrics(opts.metrics)
         volumes, failed = opening()
         if opts.run_as is not None:
-            give(socks, *opts.run_as)
-        if opts.run_as is not None and drop_privileges(*opts.run_as):
-            log.info("running as", uid=os.getuid(), gid=os.getgid())
+            give(socks, *opts.run_as)  # its clients connect as that user
+            if drop_privileges(*opts.run_as):
+                log.info("running as", uid=os.getuid(), gid=os.getgid())
         announce(volumes, opts, socks, http)
         return serving.serve(volumes, socks, opts.serve, http, reread, failed)
     finally:

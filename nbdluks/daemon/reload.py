@@ -43,19 +43,20 @@ def prepare(current: Sequence[OpenVolume], reread: Reread, unlockers: int,
     by_name = {v.name: v for v in current}
     kept = {c.name for c in configs if c.name in by_name and by_name[c.name].config == c}
     opened, failed = open_volumes([c for c in configs if c.name not in kept], unlockers)
-    for volume in list(opened):
+    new: dict[str, OpenVolume] = {}
+    refused: list[str] = []
+    for volume in opened:
         if processes > 1 and not volume.multi_process:
             log.error("export not served", export=volume.name, kind="MultiConnError",
                       error=f"its NBD source does not allow multi-conn, and {processes} "
                       "processes serve")
-            failed[volume.name] = ValueError("no multi-conn")
-            opened.remove(volume)
+            refused.append(volume.name)
             volume.close()
-            continue
-        volume.before_fork()
-    new = {v.name: v for v in opened}
+        else:
+            volume.before_fork()
+            new[volume.name] = volume
     return Plan(
         volumes=[by_name[c.name] if c.name in kept else new[c.name]
                  for c in configs if c.name in kept or c.name in new],
         retired=[v.name for v in current if v.name not in kept],
-        added=list(new), failed=sorted(failed))
+        added=list(new), failed=sorted([*failed, *refused]))

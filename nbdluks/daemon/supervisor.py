@@ -48,12 +48,9 @@ _GENERATIONS = 4
 
 
 class Supervisor:
-    """The parent of the worker processes: accepts connections and hands
-    them round-robin to the workers (over a socketpair each, with
-    SCM_RIGHTS), so that a client's connections spread evenly; replaces a
-    worker that dies; forwards SIGTERM/SIGINT and waits for the drain. With
-    `reread`, SIGHUP reloads the configuration: new workers serve the next
-    set of volumes, the old ones retire (reload.py)."""
+    """The parent of the worker processes (see the module). With `reread`,
+    SIGHUP reloads the configuration: new workers serve the next set of
+    volumes, the old ones retire (reload.py)."""
 
     def __init__(self, volumes: list[OpenVolume], socks: list[socket.socket],
                  opts: ServeOptions, obs: Observed, worker: Worker,

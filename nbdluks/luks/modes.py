@@ -50,11 +50,16 @@ class Mode:
         raise NotImplementedError
 
 
-class Cbc(Mode):
+class _Numpy(Mode):
+    """A mode built on ECB passes of one key, with its IV generator."""
+
     def __init__(self, data: Ecb, ivs: IvGen, sector_size: int) -> None:
         super().__init__(sector_size)
         self._data = data
         self._ivs = ivs
+
+
+class Cbc(_Numpy):
 
     def decrypt(self, buf: Buffer, first_iv: int) -> None:
         data, count = self.view(buf)
@@ -77,11 +82,7 @@ class Cbc(Mode):
             data[:, i, :] = prev
 
 
-class EcbMode(Mode):
-    def __init__(self, data: Ecb, ivs: IvGen, sector_size: int) -> None:
-        super().__init__(sector_size)
-        self._data = data
-
+class EcbMode(_Numpy):
     def decrypt(self, buf: Buffer, first_iv: int) -> None:
         data, count = self.view(buf)
         if count:
@@ -93,12 +94,7 @@ class EcbMode(Mode):
             data[...] = self._data.encrypt(data)
 
 
-class Ctr(Mode):
-    def __init__(self, data: Ecb, ivs: IvGen, sector_size: int) -> None:
-        super().__init__(sector_size)
-        self._data = data
-        self._ivs = ivs
-
+class Ctr(_Numpy):
     def encrypt(self, buf: Buffer, first_iv: int) -> None:
         """XOR with the keystream: decryption is the same."""
         data, count = self.view(buf)
