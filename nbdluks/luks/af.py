@@ -1,4 +1,5 @@
-"""The anti-forensic splitter of LUKS: merging the stripes back into the key.
+"""The anti-forensic splitter of LUKS: a key split into stripes, and the
+stripes merged back into the key.
 
 Stripe by stripe: d = H(d XOR stripe), then key = d XOR last stripe, where H
 hashes each digest-sized chunk i of its input as hash(be32(i) || chunk).
@@ -10,25 +11,51 @@ one integer XOR and a copy of a prepared hash per chunk.
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 
-def merge(material: bytes | bytearray, key_size: int, stripes: int, hash_name: str) -> bytearray:
-    if len(material) < key_size * stripes:
-        raise ValueError("key material shorter than key_size * stripes")
+def _diffuse(chunks: list[tuple[hashlib._Hash, int, int]], mixed: bytes, key_size: int) -> int:
+    out = bytearray(key_size)
+    for prepared, start, end in chunks:
+        h = prepared.copy()
+        h.update(mixed[start:end])
+        out[start:end] = h.digest()[: end - start]
+    return int.from_bytes(out, "big")
+
+
+def _chunks(key_size: int, hash_name: str) -> list[tuple[hashlib._Hash, int, int]]:
+    """Each chunk's hash with its index already in it: copy() is cheaper than new()."""
     size = hashlib.new(hash_name).digest_size
-    # Each chunk's hash with its index already in it: copy() is cheaper than new().
-    chunks = [(hashlib.new(hash_name, i.to_bytes(4, "big")), pos, min(pos + size, key_size))
-              for i, pos in enumerate(range(0, key_size, size))]
+    return [(hashlib.new(hash_name, i.to_bytes(4, "big")), pos, min(pos + size, key_size))
+            for i, pos in enumerate(range(0, key_size, size))]
+
+
+def split(key: bytes | bytearray, stripes: int, hash_name: str) -> bytearray:
+    """key_size * stripes bytes: stripes-1 random ones (from the OS's CSPRNG),
+    then the last chosen so that `merge` gives the key back."""
+    key_size = len(key)
+    chunks = _chunks(key_size, hash_name)
+    material = bytearray(secrets.token_bytes(key_size * (stripes - 1)))
     view = memoryview(material)
     d = 0
     for s in range(stripes - 1):
         mixed = (d ^ int.from_bytes(view[s * key_size : (s + 1) * key_size], "big")
                  ).to_bytes(key_size, "big")
-        out = bytearray(key_size)
-        for prepared, start, end in chunks:
-            h = prepared.copy()
-            h.update(mixed[start:end])
-            out[start:end] = h.digest()[: end - start]
-        d = int.from_bytes(out, "big")
+        d = _diffuse(chunks, mixed, key_size)
+    view.release()
+    material += (d ^ int.from_bytes(key, "big")).to_bytes(key_size, "big")
+    return material
+
+
+def merge(material: bytes | bytearray, key_size: int, stripes: int, hash_name: str) -> bytearray:
+    if len(material) < key_size * stripes:
+        raise ValueError("key material shorter than key_size * stripes")
+    chunks = _chunks(key_size, hash_name)
+    view = memoryview(material)
+    d = 0
+    for s in range(stripes - 1):
+        mixed = (d ^ int.from_bytes(view[s * key_size : (s + 1) * key_size], "big")
+                 ).to_bytes(key_size, "big")
+        d = _diffuse(chunks, mixed, key_size)
     last = int.from_bytes(view[(stripes - 1) * key_size : stripes * key_size], "big")
     return bytearray((d ^ last).to_bytes(key_size, "big"))

@@ -13,8 +13,9 @@ from .volume import SECTOR, Digest, Keyslot, Pbkdf2, Segment, UnusableSlot, Volu
 
 MAGIC = b"LUKS\xba\xbe"
 PHDR_SIZE = 592
-_PHDR = struct.Struct(">6sH32s32s32sII20s32sI40s")
-_SLOT = struct.Struct(">II32sII")
+PHDR = struct.Struct(">6sH32s32s32sII20s32sI40s")
+SLOT = struct.Struct(">II32sII")
+SLOTS_AT = 208  # the first of the 48-byte key slot records
 SLOT_ACTIVE = 0x00AC71F3
 SLOT_INACTIVE = 0x0000DEAD
 NUM_SLOTS = 8
@@ -52,14 +53,14 @@ def parse(data: bytes) -> Volume:
     if len(data) < PHDR_SIZE:
         raise HeaderError(f"LUKS1 header truncated: {len(data)} of {PHDR_SIZE} bytes")
     (magic, version, cipher_name, cipher_mode, hash_spec, payload_offset, key_bytes,
-     mk_digest, mk_salt, mk_iter, uuid) = _PHDR.unpack_from(data)
+     mk_digest, mk_salt, mk_iter, uuid) = PHDR.unpack_from(data)
     if magic != MAGIC:
         raise NotLuksError("not a LUKS header (no LUKS magic)")
     if version != 1:
         raise HeaderError(f"not a LUKS1 header (version {version})")
     cipher = f"{_cstr(cipher_name, 'cipher name')}-{_cstr(cipher_mode, 'cipher mode')}"
     hname, unservable = _hash_name(_cstr(hash_spec, "hash spec"))
-    raw = [_SLOT.unpack_from(data, 208 + 48 * i) for i in range(NUM_SLOTS)]
+    raw = [SLOT.unpack_from(data, SLOTS_AT + 48 * i) for i in range(NUM_SLOTS)]
     _check_areas(raw, key_bytes, payload_offset)
     if unservable is None:
         unservable = _unservable(cipher, key_bytes, mk_iter)

@@ -32,7 +32,7 @@ from .volume import (
 MAGIC_PRIMARY = b"LUKS\xba\xbe"
 MAGIC_SECONDARY = b"SKUL\xba\xbe"
 HDR_SIZES = tuple(0x4000 << i for i in range(9))  # 16 KiB .. 4 MiB
-_BIN = struct.Struct(">6sHQQ48s32s64s40s48sQ")
+BIN = struct.Struct(">6sHQQ48s32s64s40s48sQ")
 CSUM_OFFSET = 448
 CSUM_SIZE = 64
 SECTOR_SIZES = (512, 1024, 2048, 4096)
@@ -63,7 +63,7 @@ def _read_copy(data: bytes, offset: int, magic: bytes, name: str) -> _Copy:
     if len(data) < offset + BIN_SIZE:
         raise HeaderError(f"{name} header truncated")
     (mg, version, hdr_size, seqid, label, csum_alg, _salt, uuid, subsystem,
-     hdr_offset) = _BIN.unpack_from(data, offset)
+     hdr_offset) = BIN.unpack_from(data, offset)
     if mg != magic:
         raise HeaderError(f"{name} header has no LUKS2 magic")
     if version != 2:
