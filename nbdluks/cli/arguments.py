@@ -10,6 +10,7 @@ from .. import __version__
 from ..luks import C_HELPER
 from ..nbd import DEFAULT_PORT, MiB, ServerOptions, TlsMode, UpstreamOptions
 from ..unlock import TokenOptions, UnlockOptions
+from .lifecycle import format_args, new_key_args, pbkdf_args, volume_args
 
 _SERVER = ServerOptions()
 _UPSTREAM = UpstreamOptions()
@@ -179,7 +180,56 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true", help="machine-readable output")
     _key_args(insp)
     _log_args(insp)
+    _lifecycle_parsers(sub)
     return parser
+
+
+def _format_key_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the first key (a file, /dev/fd/N or -; default: typed twice "
+                             "on the terminal)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--passphrase-file", metavar="F", help="its first line")
+    x.add_argument("--key-file", metavar="F", help="its bytes, exactly")
+    g.add_argument("--keyfile-offset", type=int, default=0, metavar="N",
+                   help="skip N bytes of the key file")
+    g.add_argument("--keyfile-size", type=int, metavar="N", help="read N bytes of the key file")
+
+
+def _lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fmt = sub.add_parser("format", help="make a new LUKS volume (cryptsetup luksFormat)")
+    volume_args(fmt)
+    _format_key_args(fmt)
+    format_args(fmt)
+    pbkdf_args(fmt)
+    _log_args(fmt)
+    for name, what in (("add-key", "add a key slot (luksAddKey)"),
+                       ("change-key", "change the passphrase of a key slot (luksChangeKey)")):
+        p = sub.add_parser(name, help=what)
+        volume_args(p)
+        _key_args(p)
+        new_key_args(p, slot=name == "add-key")
+        pbkdf_args(p)
+        _log_args(p)
+    for name, what in (("remove-key", "wipe the key slot the key opens (luksRemoveKey)"),
+                       ("kill-slot", "wipe a key slot by number (luksKillSlot)")):
+        p = sub.add_parser(name, help=what)
+        if name == "kill-slot":
+            p.add_argument("slot", type=int, metavar="N", help="the key slot to wipe")
+        volume_args(p)
+        _key_args(p)
+        p.add_argument("--force", action="store_true",
+                       help="even the last key slot (the data is then lost); kill-slot: "
+                       "without a key of another slot")
+        _log_args(p)
+    for name, what in (("header-backup", "save the header and key slots (luksHeaderBackup)"),
+                       ("header-restore", "put a header backup back (luksHeaderRestore)")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("file", metavar="FILE", help="the backup file")
+        volume_args(p)
+        if name == "header-restore":
+            p.add_argument("--force", action="store_true",
+                           help="restore a backup of another volume, or over no header")
+        _log_args(p)
 
 
 def serve_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,8 @@ from ..unlock import OpenVolume, VolumeConfig, open_volume, open_volumes
 from .arguments import MAX_DEFAULT_PROCESSES, build_parser, explicit_options, serve_parser
 from .config import load as load_config
 from .inspect import inspect
+from .lifecycle import COMMANDS as LIFECYCLE
+from .lifecycle import run as run_lifecycle
 from .options import (
     UsageError,
     check_args,
@@ -127,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return inspect(args)
         if args.command == "probe":
             return probe_command(args)
+        if args.command in LIFECYCLE:
+            return run_lifecycle(args)
         return serve(args, sys.argv[1:] if argv is None else argv)
     except signals.Stopped as e:
         log.info("stopped before serving", signal=e.name)

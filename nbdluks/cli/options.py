@@ -120,6 +120,10 @@ _INT_RANGES: dict[str, tuple[int, int | None, str]] = {
     "keyfile_size": (1, MAX_KEYFILE, "--keyfile-size"),
     "key_slot": (0, 31, "--key-slot"),
     "argon2_max_memory": (8, None, "--argon2-max-memory"),
+    "new_key_slot": (0, 31, "--new-key-slot"),
+    "slot": (0, 31, "the key slot"),
+    "offset": (0, None, "--offset"),
+    "iter_time": (1, None, "-i/--iter-time"),
 }
 # The longest unix socket path (sun_path, with its terminating NUL).
 _MAX_SOCKET_PATH = 107

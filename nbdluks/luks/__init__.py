@@ -3,7 +3,22 @@
 and LuksDevice, the plaintext view of a payload. Parsing and unlocking do
 no I/O: the caller reads and passes bytes in."""
 
+from .calibrate import (
+    ARGON2_MAX_MEMORY,
+    ARGON2_MAX_PARALLEL,
+    ARGON2_MIN_MEMORY,
+    ARGON2_MIN_TIME,
+    PBKDF2_MIN_ITERATIONS,
+    argon2_cost,
+    pbkdf2_iterations,
+)
+from .create import FormatSpec, NewHeader, new_header
 from .device import LuksDevice
+from .edit import EditError, Header, Luks1Header, Luks2Header, Plan, header_of
+from .edit import add_key as plan_add_key
+from .edit import remove_key as plan_remove_key
+from .edit import replace_key as plan_replace_key
+from .encode import Step, Sync, Write
 from .errors import Argon2MemoryError, HeaderError, LuksError, UnsupportedError, WrongKeyError
 from .evp import C_HELPER
 from .header import FIRST_PROBE, probe_size
@@ -16,10 +31,15 @@ from .unlock import (
     unlock_with_volume_key,
     wipe,
 )
+from .seal import SlotSpec, new_volume_key, with_new_salt
 from .volume import HEADER_PROBE, Argon2, Keyslot, Pbkdf2, Token, Volume
 
 __all__ = [
-    "C_HELPER", "DEFAULT_ARGON2_MAX_KIB", "FIRST_PROBE", "HEADER_PROBE", "Argon2",
+    "ARGON2_MAX_MEMORY", "ARGON2_MAX_PARALLEL", "ARGON2_MIN_MEMORY", "ARGON2_MIN_TIME",
+    "PBKDF2_MIN_ITERATIONS", "C_HELPER", "EditError", "FormatSpec", "Header", "Luks1Header", "Luks2Header", "NewHeader",
+    "Plan", "SlotSpec", "Step", "Sync", "Write", "argon2_cost", "header_of", "new_header",
+    "new_volume_key", "pbkdf2_iterations", "plan_add_key", "plan_remove_key",
+    "plan_replace_key", "with_new_salt", "DEFAULT_ARGON2_MAX_KIB", "FIRST_PROBE", "HEADER_PROBE", "Argon2",
     "Argon2MemoryError", "HeaderError", "Keyslot", "LuksDevice", "LuksError", "Pbkdf2",
     "SlotsSkippedError", "Token", "Unlocked", "UnsupportedError", "Volume", "WrongKeyError",
     "parse_header", "probe_size", "unlock_with_passphrase", "unlock_with_volume_key", "wipe",

@@ -65,10 +65,10 @@ def parse(data: bytes) -> Volume:
     if unservable is None:
         unservable = _unservable(cipher, key_bytes, mk_iter)
     slots, unusable = _slots(raw, cipher, hname, key_bytes)
-    # Without a payload offset (a detached header) the header ends after the
-    # last key material.
-    end = max((s.area_offset + s.area_size for s in slots), default=PHDR_SIZE)
-    metadata = payload_offset * SECTOR if payload_offset else end
+    # The header ends after the last slot's key material, active or not
+    # (cryptsetup's LUKS_device_sectors): a luksHeaderBackup holds that much,
+    # less than an attached payload's offset.
+    metadata = max(r[3] + -(-key_bytes * STRIPES // SECTOR) for r in raw) * SECTOR
     segment = Segment(
         offset=payload_offset * SECTOR, size=None, iv_tweak=0, cipher=cipher, sector_size=SECTOR
     )

@@ -4,9 +4,10 @@ volume key) or recovered through clevis tokens (Tang, sss), and the result:
 an OpenVolume ready to serve."""
 
 from .clevis.pins import describe as describe_pins
-from .headers import HeaderCopy, read_copies, read_copy
+from .headers import HeaderCopy, read_copies, read_copy, read_header
 from .keys import NewlineKeyError, UnlockOptions, key_check
-from .secrets import MAX_KEYFILE, KeyFileShortError
+from .keys import unlock as unlock_copies
+from .secrets import MAX_KEYFILE, KeyFileShortError, SecretError, read_new_secret, read_secret
 from .sources import SourceError, open_source
 from .tokens import UNLOCKING_TYPES, NoTokenError, TokenOptions
 from .volume import OpenVolume, VolumeConfig, VolumeOptions, open_volume, open_volumes
@@ -14,4 +15,5 @@ from .volume import OpenVolume, VolumeConfig, VolumeOptions, open_volume, open_v
 __all__ = ["MAX_KEYFILE", "UNLOCKING_TYPES", "HeaderCopy", "KeyFileShortError",
            "NewlineKeyError", "NoTokenError", "OpenVolume", "SourceError", "TokenOptions",
            "UnlockOptions", "VolumeConfig", "VolumeOptions", "describe_pins", "key_check",
-           "open_source", "open_volume", "open_volumes", "read_copies", "read_copy"]
+           "open_source", "open_volume", "open_volumes", "read_copies", "read_copy",
+           "read_header", "read_new_secret", "read_secret", "unlock_copies", "SecretError"]

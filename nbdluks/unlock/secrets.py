@@ -31,9 +31,9 @@ class KeyFileShortError(SecretError):
 
 
 def read_secret(path: str, *, offset: int = 0, size: int | None = None,
-                first_line: bool = False) -> bytearray:
+                first_line: bool = False, prompt: str = "Enter passphrase: ") -> bytearray:
     """Read a secret. `first_line`: a passphrase file, up to its first newline."""
-    buf = _read(path, offset, MAX_KEYFILE if size is None else size)
+    buf = _read(path, offset, MAX_KEYFILE if size is None else size, prompt)
     if first_line:
         nl = buf.find(b"\n")
         if nl >= 0:
@@ -66,7 +66,32 @@ def ends_in_newline(path: str) -> bool:
         return False
 
 
-def _prompt(limit: int) -> bytearray:
+def read_new_secret(passphrase_file: str | None, key_file: str | None = None, *,
+                    offset: int = 0, size: int | None = None,
+                    prompt: str = "Enter new passphrase: ") -> bytearray:
+    """A new secret: a key file's bytes, a passphrase file's first line, or
+    typed on the terminal twice (as cryptsetup asks for a new one)."""
+    if key_file:
+        return read_secret(key_file, offset=offset, size=size)
+    path = passphrase_file or "-"
+    if path != "-" or not sys.stdin.isatty():
+        return read_secret(path, first_line=True)
+    first = read_secret("-", first_line=True, prompt=prompt)
+    again = read_secret("-", first_line=True, prompt="Verify passphrase: ")
+    try:
+        if first != again:
+            wipe_buffer(first)
+            raise SecretError("the passphrases typed do not match")
+    finally:
+        wipe_buffer(again)
+    return first
+
+
+def wipe_buffer(buf: bytearray) -> None:
+    buf[:] = bytes(len(buf))
+
+
+def _prompt(limit: int, text: str) -> bytearray:
     """A passphrase typed on the terminal, not echoed (as cryptsetup asks)."""
     fd = sys.stdin.fileno()
     old = termios.tcgetattr(fd)
@@ -76,7 +101,7 @@ def _prompt(limit: int) -> bytearray:
     try:
         # Echo off first, then the prompt: what is typed after it is never shown.
         termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)
-        os.write(2, b"Enter passphrase: ")
+        os.write(2, text.encode())
         while len(buf) <= limit:
             c = os.read(fd, 1)
             if not c or c == b"\n":
@@ -88,10 +113,10 @@ def _prompt(limit: int) -> bytearray:
     return buf
 
 
-def _read(path: str, offset: int, limit: int) -> bytearray:
+def _read(path: str, offset: int, limit: int, prompt: str) -> bytearray:
     """Up to limit + 1 bytes after `offset` (one more tells "too long")."""
     if path == "-" and offset == 0 and sys.stdin.isatty():
-        return _prompt(limit)
+        return _prompt(limit, prompt)
     try:
         fd = sys.stdin.buffer.fileno() if path == "-" else os.open(path,
                                                                   os.O_RDONLY | os.O_CLOEXEC)

@@ -1,0 +1,192 @@
+"""The volume's life on the command line: `format`, `add-key`,
+`change-key`, `remove-key`, `kill-slot`, `header-backup`, `header-restore`
+(`bind`, `unbind` in binding.py): cryptsetup's option names, our sources."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..luks import FormatSpec, LuksError
+from ..manage import (
+    KDF_TYPES,
+    KdfOptions,
+    ManageError,
+    NewKey,
+    Target,
+    add_key,
+    change_key,
+    format_volume,
+    header_backup,
+    header_restore,
+    kill_slot,
+    remove_key,
+)
+from ..nbd import UpstreamOptions
+from .options import UsageError, check_args, unlock_options
+
+COMMANDS = ("format", "add-key", "change-key", "remove-key", "kill-slot", "header-backup",
+            "header-restore")
+_KDF = KdfOptions()
+
+
+def volume_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the volume (a path to a file or block device, or an NBD URI)")
+    g.add_argument("--header", metavar="SRC", action="append",
+                   help="the detached LUKS header (default: at the start of the payload)")
+    g.add_argument("--payload", metavar="SRC", help="the encrypted payload")
+    g.add_argument("--upstream-timeout", type=float, default=UpstreamOptions().timeout,
+                   metavar="S", help="seconds an NBD source may take to answer")
+
+
+def pbkdf_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the new key slot's KDF (cryptsetup's defaults: argon2id for "
+                             "LUKS2, pbkdf2 for LUKS1, benchmarked to --iter-time)")
+    g.add_argument("--pbkdf", choices=KDF_TYPES, help="the KDF")
+    g.add_argument("--hash", default=_KDF.hash, help=f"PBKDF2 and AF hash (default {_KDF.hash})")
+    g.add_argument("-i", "--iter-time", type=int, default=_KDF.iter_time, metavar="MS",
+                   help=f"milliseconds the KDF takes here (default {_KDF.iter_time})")
+    g.add_argument("--pbkdf-force-iterations", type=int, metavar="N",
+                   help="iterations (PBKDF2) or time cost (Argon2), no benchmark")
+    g.add_argument("--pbkdf-memory", type=int, metavar="KiB",
+                   help="Argon2 memory (default 1048576, at most half the RAM)")
+    g.add_argument("--pbkdf-parallel", type=int, metavar="N",
+                   help="Argon2 threads (default: up to 4, one per CPU)")
+
+
+def new_key_args(p: argparse.ArgumentParser, *, slot: bool = True) -> None:
+    g = p.add_argument_group("the new key (a file, /dev/fd/N or -; default: typed twice "
+                             "on the terminal)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--new-passphrase-file", metavar="F", help="its first line")
+    x.add_argument("--new-key-file", metavar="F", help="its bytes, exactly")
+    g.add_argument("--new-keyfile-offset", type=int, default=0, metavar="N",
+                   help="skip N bytes of the new key file")
+    g.add_argument("--new-keyfile-size", type=int, metavar="N",
+                   help="read N bytes of the new key file")
+    if slot:
+        g.add_argument("--new-key-slot", type=int, metavar="N",
+                       help="the slot for the new key (default: the first free)")
+
+
+def format_args(p: argparse.ArgumentParser) -> None:
+    spec = FormatSpec()
+    g = p.add_argument_group("the new volume (cryptsetup luksFormat's options)")
+    g.add_argument("--type", choices=("luks1", "luks2"), default="luks2",
+                   help="the LUKS version (default luks2)")
+    g.add_argument("-c", "--cipher", default=spec.cipher, help=f"default {spec.cipher}")
+    g.add_argument("-s", "--key-size", type=int, default=spec.key_size * 8, metavar="BITS",
+                   help=f"volume key size in bits (default {spec.key_size * 8})")
+    g.add_argument("--sector-size", type=int, default=spec.sector_size,
+                   help="encryption sector size, 512..4096 (LUKS2; default 512)")
+    g.add_argument("--label", default="", help="LUKS2 label")
+    g.add_argument("--subsystem", default="", help="LUKS2 subsystem")
+    g.add_argument("--uuid", default="", help="the volume's UUID (default: random)")
+    g.add_argument("--luks2-metadata-size", type=int, default=spec.metadata_size,
+                   metavar="BYTES", help="one LUKS2 metadata copy, 16 KiB..4 MiB, a power of 2")
+    g.add_argument("--luks2-keyslots-size", type=int, metavar="BYTES",
+                   help="the LUKS2 key slots area (default: up to the data, 16 MiB in all)")
+    g.add_argument("--offset", type=int, metavar="SECTORS",
+                   help="where the data starts in the payload, in 512-byte sectors")
+    g.add_argument("--key-slot", type=int, metavar="N", help="the first key's slot (default 0)")
+    g.add_argument("--force", action="store_true",
+                   help="write over an existing LUKS header (that volume is lost)")
+    g.add_argument("--volume-key-file", metavar="F",
+                   help="use this volume key instead of a random one")
+
+
+def target(args: argparse.Namespace) -> Target:
+    headers = args.header or []
+    if len(headers) > 1:
+        raise UsageError("--header: give one header to change (copies are for serve)")
+    source = headers[0] if headers else args.payload
+    if not source:
+        raise UsageError("give --payload (the header at its start) or --header")
+    return Target(source, UpstreamOptions(timeout=args.upstream_timeout),
+                  getattr(args, "argon2_max_memory", Target("").argon2_max_kib))
+
+
+def kdf_options(args: argparse.Namespace, version: int | None) -> KdfOptions:
+    kdf = KdfOptions(pbkdf=args.pbkdf, hash=args.hash, iter_time=args.iter_time,
+                     force_iterations=args.pbkdf_force_iterations, memory=args.pbkdf_memory,
+                     parallel=args.pbkdf_parallel)
+    try:
+        kdf.check(version or 2)
+    except ManageError as e:
+        raise UsageError(str(e)) from None
+    return kdf
+
+
+def new_key(args: argparse.Namespace) -> NewKey:
+    if args.new_keyfile_offset < 0 or (args.new_keyfile_size is not None
+                                       and args.new_keyfile_size < 1):
+        raise UsageError("--new-keyfile-offset/--new-keyfile-size: must be 0+ / 1+ bytes")
+    if args.new_key_file is None and (args.new_keyfile_offset or args.new_keyfile_size):
+        raise UsageError("--new-keyfile-offset/--new-keyfile-size need --new-key-file")
+    new = NewKey(args.new_passphrase_file, args.new_key_file, args.new_keyfile_offset,
+                 args.new_keyfile_size)
+    old = [args.passphrase_file, args.key_file, args.volume_key_file]
+    if "-" in old and (new.passphrase_file in (None, "-") and new.key_file in (None, "-")):
+        raise UsageError("standard input cannot give both the existing key and the new one: "
+                         "give one of them as a file")
+    return new
+
+
+def format_command(args: argparse.Namespace) -> int:
+    check_args(args)
+    spec = FormatSpec(
+        version=1 if args.type == "luks1" else 2, cipher=args.cipher,
+        key_size=_key_bytes(args.key_size), sector_size=args.sector_size, uuid=args.uuid,
+        label=args.label, subsystem=args.subsystem, metadata_size=args.luks2_metadata_size,
+        keyslots_size=args.luks2_keyslots_size,
+        offset=None if args.offset is None else args.offset * 512)
+    try:
+        spec.check()
+    except LuksError as e:
+        raise UsageError(str(e)) from None
+    kdf = kdf_options(args, spec.version)
+    headers = args.header or []
+    if len(headers) > 1 or not (headers or args.payload):
+        raise UsageError("give --payload, and --header for a detached header")
+    new = NewKey(args.passphrase_file, args.key_file, args.keyfile_offset, args.keyfile_size)
+    done = format_volume(headers[0] if headers else args.payload, args.payload, spec, kdf,
+                         new, upstream=UpstreamOptions(timeout=args.upstream_timeout),
+                         volume_key_file=args.volume_key_file, slot=args.key_slot,
+                         force=args.force)
+    print(f"LUKS{done.version} volume {done.uuid} formatted: key slot {done.slot}, data "
+          f"at {done.data_offset} bytes")
+    return 0
+
+
+def _key_bytes(bits: int) -> int:
+    if bits <= 0 or bits % 8:
+        raise UsageError(f"--key-size {bits}: a positive number of bits, a multiple of 8")
+    return bits // 8
+
+
+def run(args: argparse.Namespace) -> int:
+    """One lifecycle command; its exit status."""
+    if args.command == "format":
+        return format_command(args)
+    check_args(args)
+    where = target(args)
+    if args.command == "header-backup":
+        size = header_backup(where, args.file)
+        print(f"header backup written to {args.file} ({size} bytes)")
+        return 0
+    if args.command == "header-restore":
+        vol = header_restore(where, args.file, force=args.force)
+        print(f"header of volume {vol.uuid} restored from {args.file}")
+        return 0
+    keys = unlock_options(args)
+    if args.command == "add-key":
+        slot = add_key(where, keys, new_key(args), kdf_options(args, None), args.new_key_slot)
+        print(f"key slot {slot} added")
+    elif args.command == "change-key":
+        slot = change_key(where, keys, new_key(args), kdf_options(args, None))
+        print(f"key slot {slot} changed")
+    elif args.command == "remove-key":
+        print(f"key slot {remove_key(where, keys, force=args.force)} removed")
+    else:
+        kill_slot(where, keys, args.slot, force=args.force)
+        print(f"key slot {args.slot} killed")
+    return 0

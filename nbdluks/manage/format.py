@@ -1,0 +1,105 @@
+"""`format`: a new LUKS volume on any source, as cryptsetup's luksFormat
+makes it (layout, defaults, wipe), with the volume key from the OS's CSPRNG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..luks import (
+    FormatSpec,
+    Volume,
+    new_header,
+    new_volume_key,
+    plan_add_key,
+    wipe,
+)
+from ..nbd import UpstreamOptions
+from ..unlock import open_source, read_secret
+from .kdf import KdfOptions, digest_iterations, slot_spec
+from .keys import NewKey
+from .store import HeaderStore, ManageError, reread
+
+_MAGICS = (b"LUKS\xba\xbe", b"SKUL\xba\xbe")
+
+
+@dataclass(frozen=True)
+class Formatted:
+    uuid: str
+    slot: int
+    data_offset: int
+    version: int
+
+
+def _existing(store: HeaderStore) -> bytes:
+    """The first 4 KiB, read to tell whether a LUKS header is there."""
+    buf = bytearray(min(4096, store.dev.size))
+    store.dev.pread_into(memoryview(buf), 0)
+    return bytes(buf)
+
+
+def _payload_size(payload: str, upstream: UpstreamOptions) -> int:
+    with open_source(payload, read_only=True, upstream=upstream) as dev:
+        return dev.size
+
+
+def format_volume(header: str, payload: str | None, spec: FormatSpec, kdf: KdfOptions,
+                  new: NewKey, *, upstream: UpstreamOptions, volume_key_file: str | None = None,
+                  slot: int | None = None, force: bool = False) -> Formatted:
+    """Format the volume whose header lives on `header` (its payload on
+    `payload` when detached; None: the header is at the payload's start)."""
+    spec.check()
+    kdf.check(spec.version)
+    detached = payload is not None and payload != header
+    payload_size = _payload_size(payload, upstream) if detached and payload else None
+    with HeaderStore.open(header, upstream, create_size=4096 if detached else 0) as store:
+        before = _existing(store)
+        if any(m in before[:6] for m in _MAGICS) and not force:
+            raise ManageError(f"{header} already holds a LUKS header: formatting would "
+                              "destroy that volume (forcing it is possible)")
+        key = _volume_key(spec.key_size, volume_key_file)
+        try:
+            secret = new.read()
+            try:
+                spec = replace(spec, digest_iterations=digest_iterations(kdf, spec.key_size))
+                room = None if store.grows() else store.dev.size
+                made = new_header(spec, key, detached=detached, room=room)
+                _check_sizes(made.data_offset, made.header_size, spec.sector_size,
+                             payload_size if detached else store.dev.size, detached)
+                plan = plan_add_key(made.header, key, secret,
+                                    slot_spec(kdf, spec.version, spec.cipher, spec.key_size),
+                                    slot)
+            finally:
+                wipe(secret)
+        finally:
+            wipe(key)
+        if _existing(store) != before:
+            raise ManageError(f"{header} changed while it was being formatted: nothing "
+                              "was written")
+        store.grow(made.header_size)
+        store.apply([*made.wipe, *plan.steps], check=False)
+        vol: Volume = reread(store, 4 * 1024 * 1024)
+        assert plan.slot is not None
+        return Formatted(vol.uuid, plan.slot, made.data_offset, vol.version)
+
+
+def _volume_key(size: int, path: str | None) -> bytearray:
+    if path is None:
+        return new_volume_key(size)
+    key = read_secret(path)
+    if len(key) != size:
+        n = len(key)
+        wipe(key)
+        raise ManageError(f"the volume key file holds {n} bytes; the key size is {size}")
+    return key
+
+
+def _check_sizes(data_offset: int, header_size: int, sector: int, payload_size: int | None,
+                 detached: bool) -> None:
+    if payload_size is None:
+        return
+    need = data_offset + sector
+    if not detached:
+        need = max(need, header_size + sector)
+    if payload_size < need:
+        raise ManageError(f"the payload holds {payload_size} bytes: too small for data "
+                          f"starting at {data_offset} (at least {need} bytes needed)")
