@@ -165,6 +165,11 @@ class BlockDevice:
         """What the device tells about itself in the log."""
         return {}
 
+    def sector_hint(self) -> int:
+        """The encryption sector size that suits the device (cryptsetup's
+        device_optimal_encryptionsector_size_for): 512..4096."""
+        return sector_size_for(self.min_block)
+
     def close(self) -> None:
         pass
 
@@ -217,6 +222,12 @@ class BlockDevice:
 
     def _read_extents(self, offset: int, length: int) -> list[Extent] | None:
         return None
+
+
+def sector_size_for(block: int) -> int:
+    if block >= 4096:
+        return 512 if block % 4096 else 4096
+    return block if block in (512, 1024, 2048) else 512
 
 
 def zero_fill(dev: BlockDevice, offset: int, length: int, fua: bool, chunk: int = 1 << 20) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
 import time
 
-from .base import BlockDevice, Buffer, Capabilities, Extent, zero_fill
+from .base import BlockDevice, Buffer, Capabilities, Extent, sector_size_for, zero_fill
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -27,6 +29,19 @@ _PROBE_BACKOFF = 10.0
 
 # errnos meaning "this file system or device cannot do that", not a failure
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
+
+
+_BLKSSZGET = 0x1268  # logical block size (int)
+_BLKPBSZGET = 0x127B  # physical block size (unsigned int)
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, request, buf)
+    except OSError:
+        return 512
+    return buf[0]
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -166,6 +181,17 @@ class FileDevice(BlockDevice):
             else:
                 raise
         return out
+
+    def sector_hint(self) -> int:
+        st = os.fstat(self.fd)
+        if not self.is_block:
+            return sector_size_for(st.st_blksize)  # as cryptsetup, the file system's block
+        logical = _ioctl_int(self.fd, _BLKSSZGET)
+        physical = _ioctl_int(self.fd, _BLKPBSZGET)
+        if logical >= 4096 or logical >= physical or physical <= 512 or physical > 4096 \
+                or physical % max(logical, 1):
+            return sector_size_for(logical)
+        return sector_size_for(physical)
 
     def reopen(self) -> FileDevice:
         """Another device on the same open file (a duplicated descriptor): a

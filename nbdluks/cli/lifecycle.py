@@ -76,8 +76,10 @@ def format_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-c", "--cipher", default=spec.cipher, help=f"default {spec.cipher}")
     g.add_argument("-s", "--key-size", type=int, default=spec.key_size * 8, metavar="BITS",
                    help=f"volume key size in bits (default {spec.key_size * 8})")
-    g.add_argument("--sector-size", type=int, default=spec.sector_size,
-                   help="encryption sector size, 512..4096 (LUKS2; default 512)")
+    g.add_argument("--sector-size", type=int,
+                   help="encryption sector size, 512..4096 (LUKS2; default: what suits the "
+                   "payload, as cryptsetup picks it: a file's file system block, a device's "
+                   "block size; LUKS1: 512)")
     g.add_argument("--label", default="", help="LUKS2 label")
     g.add_argument("--subsystem", default="", help="LUKS2 subsystem")
     g.add_argument("--uuid", default="", help="the volume's UUID (default: random)")

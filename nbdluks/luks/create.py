@@ -31,7 +31,7 @@ class FormatSpec:
     version: int = 2
     cipher: str = "aes-xts-plain64"
     key_size: int = 64  # bytes
-    sector_size: int = 512
+    sector_size: int | None = None  # None: what suits the payload (LUKS1: 512)
     hash: str = "sha256"
     uuid: str = ""  # "": a random one
     label: str = ""
@@ -44,13 +44,13 @@ class FormatSpec:
     def check(self) -> None:
         CipherSpec.parse(self.cipher).check_key_size(self.key_size)
         if self.version == 1:
-            if self.sector_size != SECTOR:
+            if self.sector_size not in (None, SECTOR):
                 raise EditError("LUKS1 supports only 512-byte sectors")
             if "-" not in self.cipher:
                 raise EditError(f"LUKS1 needs a cipher with a mode, not {self.cipher!r}")
         elif self.version != 2:
             raise EditError(f"LUKS version {self.version} is not one of 1, 2")
-        if self.sector_size not in SECTOR_SIZES:
+        if self.sector_size is not None and self.sector_size not in SECTOR_SIZES:
             raise EditError(f"sector size {self.sector_size} is not one of {SECTOR_SIZES}")
         if self.metadata_size not in HDR_SIZES:
             raise EditError(f"LUKS2 metadata size {self.metadata_size} is not one of "
@@ -59,9 +59,10 @@ class FormatSpec:
                                                0 < self.keyslots_size <= MAX_KEYSLOTS_SIZE):
             raise EditError(f"LUKS2 keyslots size {self.keyslots_size} is not a multiple of "
                             f"4096 up to {MAX_KEYSLOTS_SIZE}")
-        if self.offset is not None and self.offset % self.sector_size:
+        self.canonical_uuid()
+        if self.offset is not None and self.offset % (self.sector_size or SECTOR):
             raise EditError(f"the data offset {self.offset} is not a multiple of the "
-                            f"{self.sector_size}-byte sector")
+                            f"{self.sector_size or SECTOR}-byte sector")
 
     def canonical_uuid(self) -> str:
         if not self.uuid:

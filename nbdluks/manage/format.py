@@ -37,9 +37,19 @@ def _existing(store: HeaderStore) -> bytes:
     return bytes(buf)
 
 
-def _payload_size(payload: str, upstream: UpstreamOptions) -> int:
+def _payload(payload: str, upstream: UpstreamOptions) -> tuple[int, int]:
+    """A detached payload's size and the sector size that suits it."""
     with open_source(payload, read_only=True, upstream=upstream) as dev:
-        return dev.size
+        return dev.size, dev.sector_hint()
+
+
+def _sector_size(spec: FormatSpec, hint: int) -> FormatSpec:
+    """The sector size not given: 512 for LUKS1; for LUKS2 what suits the
+    payload (cryptsetup picks the same), unless the data offset is not aligned to it."""
+    if spec.sector_size is not None:
+        return spec
+    size = 512 if spec.version == 1 or (spec.offset or 0) % hint else hint
+    return replace(spec, sector_size=size)
 
 
 def format_volume(header: str, payload: str | None, spec: FormatSpec, kdf: KdfOptions,
@@ -50,8 +60,9 @@ def format_volume(header: str, payload: str | None, spec: FormatSpec, kdf: KdfOp
     spec.check()
     kdf.check(spec.version)
     detached = payload is not None and payload != header
-    payload_size = _payload_size(payload, upstream) if detached and payload else None
-    with HeaderStore.open(header, upstream, create_size=4096 if detached else 0) as store:
+    payload_size, hint = _payload(payload, upstream) if detached and payload else (None, 0)
+    with HeaderStore.open(header, upstream, create=detached) as store:
+        spec = _sector_size(spec, hint or store.dev.sector_hint())
         before = _existing(store)
         if any(m in before[:6] for m in _MAGICS) and not force:
             raise ManageError(f"{header} already holds a LUKS header: formatting would "
@@ -63,7 +74,7 @@ def format_volume(header: str, payload: str | None, spec: FormatSpec, kdf: KdfOp
                 spec = replace(spec, digest_iterations=digest_iterations(kdf, spec.key_size))
                 room = None if store.grows() else store.dev.size
                 made = new_header(spec, key, detached=detached, room=room)
-                _check_sizes(made.data_offset, made.header_size, spec.sector_size,
+                _check_sizes(made.data_offset, made.header_size, spec.sector_size or 512,
                              payload_size if detached else store.dev.size, detached)
                 plan = plan_add_key(made.header, key, secret,
                                     slot_spec(kdf, spec.version, spec.cipher, spec.key_size),

@@ -22,7 +22,7 @@ import structlog
 from ..block import BlockDevice
 from ..errors import NbdluksError
 from ..luks import HeaderError, Step, Sync, Volume, Write
-from ..nbd import UpstreamOptions
+from ..nbd import UpstreamOptions, is_nbd_uri
 from ..unlock import HeaderCopy, SourceError, open_source, read_header
 
 log = structlog.get_logger("nbdluks.manage")
@@ -73,11 +73,11 @@ class HeaderStore:
     raw: bytes = b""
 
     @classmethod
-    def open(cls, source: str, upstream: UpstreamOptions, *, create_size: int = 0
+    def open(cls, source: str, upstream: UpstreamOptions, *, create: bool = False
              ) -> HeaderStore:
-        """Open `source` for writing and lock it. `create_size`: a local file
-        that does not exist yet is created (mode 0600) with this size."""
-        if create_size and not os.path.exists(source) and "://" not in source:
+        """Open `source` for writing and lock it. `create`: a local file that
+        does not exist yet is created (empty, mode 0600)."""
+        if create and not is_nbd_uri(source) and not os.path.exists(source):
             fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.close(fd)
         try:

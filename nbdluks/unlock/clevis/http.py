@@ -1,8 +1,9 @@
 """A Tang server's HTTP, as clevis's curl speaks it: an http or https URL
-(one without a scheme is http), a POST, no redirect followed. The answer is
-read by a small HTTP/1.1 parser fed what arrives (`Answer`, sans I/O), with
-every part bounded in size. Only `exchange` does I/O: the whole exchange
-(name lookup, connect, TLS, send and every read) has one deadline.
+(one without a scheme is http), a POST to /rec (or, at binding, a GET of
+/adv), no redirect followed. The answer is read by a small HTTP/1.1 parser
+fed what arrives (`Answer`, sans I/O), with every part bounded in size.
+Only `exchange` and `fetch` do I/O: the whole exchange (name lookup,
+connect, TLS, send and every read) has one deadline.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str, kid: str) -> Endpoint:
+        return cls.at(url, f"/rec/{kid}")
+
+    @classmethod
+    def at(cls, url: str, suffix: str) -> Endpoint:
+        """The endpoint whose target is the URL's path + `suffix` ("/adv/...")."""
         if not _URL_TEXT.fullmatch(url):
             raise JoseError("the URL is empty or holds a space, a control or a non-ASCII "
                             "character")
@@ -58,7 +64,7 @@ class Endpoint:
             raise JoseError("the URL has a query or a fragment")
         tls = scheme == "https"
         return cls(tls, parts.hostname, port or (443 if tls else 80), parts.netloc,
-                   f"{parts.path.rstrip('/')}/rec/{kid}")
+                   f"{parts.path.rstrip('/')}{suffix}")
 
     def request(self, body: bytes) -> bytes:
         """The HTTP/1.1 POST of `body` (the blinded key)."""
@@ -67,13 +73,27 @@ class Endpoint:
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
         return head.encode("ascii") + body
 
+    def get(self) -> bytes:
+        """The HTTP/1.1 GET of the target (an advertisement, a JWS)."""
+        return (f"GET {self.target} HTTP/1.1\r\nHost: {self.authority}\r\n"
+                "Accept: application/jose+json\r\nConnection: close\r\n\r\n").encode("ascii")
 
-# An answer is a JWK of a few hundred bytes: bounds far above that.
+
+# An answer is a JWK of a few hundred bytes, or an advertisement of a few KiB:
+# bounds far above that.
 MAX_HEAD = 16 * 1024
 MAX_BODY = 64 * 1024
 MAX_RAW = 1024 * 1024  # all bytes read, chunk framing included
 _STATUS = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([\t -~]*))?")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+
+
+class HttpStatusError(JoseError):
+    """The server answered with a status other than 2xx: `status` says which."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Answer:
@@ -132,8 +152,9 @@ class Answer:
                 continue
             if not 200 <= code < 300:
                 reason = (status[2] or b"").decode("ascii", "replace").strip()[:60]
-                raise JoseError(f"HTTP {code} {reason}".rstrip()
-                                + (": redirects are not followed" if 300 <= code < 400 else ""))
+                raise HttpStatusError(
+                    f"HTTP {code} {reason}".rstrip()
+                    + (": redirects are not followed" if 300 <= code < 400 else ""), code)
             self._framing = self._headers(lines[1:])
             return True
 
@@ -190,9 +211,18 @@ class Answer:
 
 def exchange(endpoint: Endpoint, body: bytes, timeout: float) -> bytes:
     """POST `body`, read the answer: all of it within `timeout` seconds."""
+    return _round_trip(endpoint, endpoint.request(body), timeout)
+
+
+def fetch(endpoint: Endpoint, timeout: float) -> bytes:
+    """GET the target, read the answer: all of it within `timeout` seconds."""
+    return _round_trip(endpoint, endpoint.get(), timeout)
+
+
+def _round_trip(endpoint: Endpoint, request: bytes, timeout: float) -> bytes:
     conn = Connection(endpoint, time.monotonic() + timeout)
     try:
-        conn.send(endpoint.request(body))
+        conn.send(request)
         answer = Answer()
         while not answer.complete:
             data = conn.recv()

@@ -1,6 +1,7 @@
 """The JOSE pieces clevis uses, sans I/O: base64url, JWE in its compact and
-flattened forms, JWK points and thumbprints, the ECDH-ES Concat KDF and
-A*GCM decryption (RFC 7516, 7518, 7638). Crypto from `cryptography`.
+flattened forms, JWK points and thumbprints, the ECDH-ES Concat KDF, A*GCM
+decryption and encryption, and the verifying of a JWS in its JSON forms, a
+Tang advertisement (RFC 7515, 7516, 7518, 7638). Crypto from `cryptography`.
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ import base64
 import binascii
 import hashlib
 import json
+import secrets
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 
@@ -164,11 +168,100 @@ def ecdh_es_key(header: dict[str, Any], z: bytes) -> bytes:
     return ConcatKDFHash(hashes.SHA256(), size, info).derive(z)
 
 
+# A key's required members, which its thumbprint hashes (as jose's).
+_THP_MEMBERS = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
+
+
 def thumbprint(jwk: dict[str, Any], alg: str = "sha256") -> str:
-    """RFC 7638 thumbprint of an EC public key (clevis also accepts SHA-1)."""
-    try:
-        members = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
-    except KeyError:
-        raise JoseError("an advertised key is not an EC key") from None
+    """RFC 7638 thumbprint of an EC (or RSA) public key (clevis also accepts SHA-1)."""
+    names = _THP_MEMBERS.get(str(jwk.get("kty")), ())
+    if not names or any(k not in jwk for k in names):
+        raise JoseError("an advertised key is not an EC or RSA key")
+    members = {k: jwk[k] for k in names}
     text = json.dumps(members, separators=(",", ":"), sort_keys=True)
     return b64e(hashlib.new(alg, text.encode()).digest())
+
+
+def dumps(value: Any) -> str:
+    """JSON as jose writes it (jansson's JSON_COMPACT | JSON_SORT_KEYS)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def seal(header: dict[str, Any], cek: bytes | bytearray, plain: bytes | bytearray) -> str:
+    """The compact JWE of `plain` under the protected `header`, its content
+    encrypted with `cek` (enc A*GCM, no encrypted key: alg "dir" or "ECDH-ES"),
+    as `jose jwe enc -c` writes it: a fresh 96-bit IV, a 128-bit tag."""
+    if len(cek) != content_key_bytes(header):
+        raise JoseError("the content key has the wrong size")
+    protected = b64e(dumps(header).encode())
+    iv = secrets.token_bytes(12)
+    sealed = AESGCM(cek).encrypt(iv, plain, protected.encode())
+    return ".".join((protected, "", b64e(iv), b64e(sealed[:-16]), b64e(sealed[-16:])))
+
+
+# JWS algorithms as jose verifies them: (curve name, its class) for ECDSA.
+_ES: dict[str, tuple[str, ec.EllipticCurve]] = {
+    "ES256": ("P-256", ec.SECP256R1()), "ES384": ("P-384", ec.SECP384R1()),
+    "ES512": ("P-521", ec.SECP521R1()), "ES256K": ("secp256k1", ec.SECP256K1())}
+_SHA: dict[str, type[hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+
+
+def jws_signatures(jws: Any) -> list[tuple[str, bytes, bytes]]:
+    """The signatures of a JWS in its general or flattened JSON form: for
+    each, its algorithm, signing input and signature."""
+    if not isinstance(jws, dict) or not isinstance(jws.get("payload"), str):
+        raise JoseError("the JWS is not an object with a payload")
+    sigs = jws.get("signatures", [jws])
+    if not isinstance(sigs, list) or not sigs:
+        raise JoseError("the JWS has no signatures")
+    out = []
+    for sig in sigs:
+        protected = sig.get("protected") if isinstance(sig, dict) else None
+        if not isinstance(protected, str):
+            raise JoseError("a JWS signature has no protected header")
+        hdr = loads(b64d(protected), "a JWS protected header")
+        unprotected = sig.get("header", {})
+        if not isinstance(hdr, dict) or not isinstance(unprotected, dict):
+            raise JoseError("a JWS header is not an object")
+        alg = hdr.get("alg", unprotected.get("alg"))
+        out.append((alg if isinstance(alg, str) else "", f"{protected}.{jws['payload']}".encode(),
+                    b64d(sig.get("signature"))))
+    return out
+
+
+def jws_verifies(signatures: list[tuple[str, bytes, bytes]], jwk: dict[str, Any]) -> bool:
+    """Whether one of the signatures verifies with the public key `jwk`."""
+    kalg = jwk.get("alg")
+    for alg, data, signature in signatures:
+        if (kalg is None or kalg == alg) and _verify(jwk, alg, data, signature):
+            return True
+    return False
+
+
+def _verify(jwk: dict[str, Any], alg: str, data: bytes, signature: bytes) -> bool:
+    try:
+        if alg in _ES and jwk.get("kty") == "EC" and jwk.get("crv") == _ES[alg][0]:
+            curve = _ES[alg][1]
+            size = (curve.key_size + 7) // 8
+            if len(signature) != 2 * size:
+                return False
+            key = ec.EllipticCurvePublicNumbers(_int(jwk, "x"), _int(jwk, "y"), curve)
+            rs = encode_dss_signature(int.from_bytes(signature[:size], "big"),
+                                      int.from_bytes(signature[size:], "big"))
+            key.public_key().verify(rs, data, ec.ECDSA(_SHA[alg[2:5]]()))
+        elif alg[:2] in ("RS", "PS") and alg[2:] in _SHA and jwk.get("kty") == "RSA":
+            digest = _SHA[alg[2:]]()
+            pad = padding.PKCS1v15() if alg[0] == "R" else \
+                padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)
+            rsa.RSAPublicNumbers(_int(jwk, "e"), _int(jwk, "n")).public_key().verify(
+                signature, data, pad, digest)
+        else:
+            return False
+    except (InvalidSignature, ValueError, JoseError):
+        return False
+    return True
+
+
+def _int(jwk: dict[str, Any], name: str) -> int:
+    return int.from_bytes(b64d(jwk.get(name)), "big")

@@ -143,19 +143,24 @@ def _tang(node: _Tang, timeout: float) -> bytearray:
             return node.jwe.decrypt(cek)
         finally:
             _wipe(cek)
-    except JoseError as e:
-        raise PinError(f"{node.where}: {e}") from None
-    except TimeoutError:
-        raise PinError(f"{node.where}: timed out (no answer within {timeout:g} s)") from None
-    except ssl.SSLCertVerificationError as e:
-        raise PinError(f"{node.where}: TLS: certificate verify failed: "
-                       f"{e.verify_message}") from None
-    except ssl.SSLError as e:
-        raise PinError(f"{node.where}: TLS: {e.reason or type(e).__name__}") from None
-    except OSError as e:
-        raise PinError(f"{node.where}: {e.strerror or type(e).__name__}") from None
-    except UnicodeError:  # (a host name the resolver cannot encode)
-        raise PinError(f"{node.where}: the URL's host name is not valid") from None
+    except (JoseError, OSError, UnicodeError) as e:
+        raise PinError(f"{node.where}: {reason(e, timeout)}") from None
+
+
+def reason(e: JoseError | OSError | UnicodeError, timeout: float) -> str:
+    """Why a Tang server could not be asked (an exchange, or at binding the
+    fetch of its advertisement), for a message."""
+    if isinstance(e, JoseError):
+        return str(e)
+    if isinstance(e, TimeoutError):
+        return f"timed out (no answer within {timeout:g} s)"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"TLS: certificate verify failed: {e.verify_message}"
+    if isinstance(e, ssl.SSLError):
+        return f"TLS: {e.reason or type(e).__name__}"
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    return "the URL's host name is not valid"  # (one the resolver cannot encode)
 
 
 class _Pool:

@@ -1,4 +1,4 @@
-"""The McCallum-Relyea exchange of a Tang pin, sans I/O.
+"""The McCallum-Relyea exchange of a Tang pin, sans I/O; and its binding.
 
 At binding, clevis made an ephemeral key c, put C = cG in the JWE as `epk`
 and encrypted with the ECDH-ES secret of c and the server's key S = sG.
@@ -8,6 +8,11 @@ server never learns it. The point arithmetic, which `cryptography` does not
 expose, comes from the `ecdsa` package.
 
 The request and its answer travel over HTTP (http.py).
+
+Binding is what clevis-encrypt-tang does: the server's advertisement, a JWS
+of its keys, must be signed by every signing key it lists; the first key
+for deriving keys is S, and the pin's header holds the advertisement's keys,
+the URL, C and the thumbprint of S as `kid`.
 """
 
 from __future__ import annotations
@@ -17,10 +22,21 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from ecdsa import curves, ellipticcurve
 
 from .http import Endpoint
-from .jose import JoseError, b64d, b64e, ecdh_es_key, loads, thumbprint
+from .jose import (
+    JoseError,
+    b64d,
+    b64e,
+    clip,
+    ecdh_es_key,
+    jws_signatures,
+    jws_verifies,
+    loads,
+    thumbprint,
+)
 
 _CURVES = {"P-256": curves.NIST256p, "P-384": curves.NIST384p, "P-521": curves.NIST521p}
 
@@ -102,3 +118,96 @@ class Recovery:
         if shared == ellipticcurve.INFINITY:
             raise JoseError("the Tang server's answer gives no shared key")
         return ecdh_es_key(self.header, shared.x().to_bytes(self.size, "big"))
+
+
+# The thumbprints clevis takes for a trusted signing key ("thp"): SHA-256
+# first, then SHA-1 (clevis-encrypt-tang's CLEVIS_*_THP_ALG*).
+THP_HASHES = ("sha256", "sha1")
+# What jose's key "use" allows (jose_jwk_prm): key_ops say it otherwise.
+_USES = {"sig": ("verify", "sign"), "enc": ("encrypt", "decrypt", "wrapKey", "unwrapKey")}
+_EC: dict[str, ec.EllipticCurve] = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(),
+                                    "P-521": ec.SECP521R1()}
+
+
+def allows(jwk: Any, op: str) -> bool:
+    """Whether a key says it may be used for `op` (`jose jwk use -r -u OP`)."""
+    if not isinstance(jwk, dict):
+        return False
+    ops, use = jwk.get("key_ops"), jwk.get("use")
+    if isinstance(ops, list) and op in ops:
+        return True
+    return isinstance(use, str) and op in _USES.get(use, ())
+
+
+def shown_thp(jwk: dict[str, Any]) -> str:
+    try:
+        return thumbprint(jwk)
+    except JoseError:
+        return f"(a key of type {clip(jwk.get('kty'))})"
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    """A Tang server's advertisement, verified as clevis verifies it: a JWS
+    whose payload is a JWK set, signed by every signing ("verify") key in it."""
+
+    keys: dict[str, Any]  # the payload: what the pin's header holds as "adv"
+    signing: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def verified(cls, jws: Any) -> Advertisement:
+        signatures = jws_signatures(jws)
+        keys = loads(b64d(jws["payload"]), "the advertisement's payload")
+        if not isinstance(keys, dict) or not isinstance(keys.get("keys"), list):
+            raise JoseError("the advertisement's payload is not a JWK set")
+        signing = tuple(k for k in keys["keys"] if allows(k, "verify"))
+        if not signing:
+            raise JoseError("the advertisement has no signing key")
+        for key in signing:
+            if not jws_verifies(signatures, key):
+                raise JoseError(f"the advertisement's signature by its signing key "
+                                f"{shown_thp(key)} is missing or wrong")
+        return cls(keys, signing)
+
+    def thumbprints(self, alg: str = "sha256") -> list[str]:
+        return [thumbprint(k, alg) for k in self.signing]
+
+    def signed_by(self, thp: str) -> bool:
+        """Whether `thp` is the thumbprint of a signing key (in any hash clevis takes)."""
+        return any(thp in self.thumbprints(alg) for alg in THP_HASHES)
+
+    def exchange_key(self) -> dict[str, Any]:
+        """S: the first key for deriving keys, without its key_ops and alg."""
+        for key in self.keys["keys"]:
+            if allows(key, "deriveKey"):
+                return {k: v for k, v in key.items() if k not in ("key_ops", "alg")}
+        raise JoseError("the advertisement has no key exchange key")
+
+
+def binding(url: str, adv: Advertisement) -> tuple[dict[str, Any], bytearray]:
+    """A tang pin's JWE header and content key, as clevis-encrypt-tang and
+    `jose jwe enc` make them: ECDH-ES (A256GCM) of a fresh key c with S."""
+    jwk = adv.exchange_key()
+    crv = jwk.get("crv")
+    if jwk.get("kty") != "EC" or crv not in _EC:
+        raise JoseError(f"the exchange key is not an EC key on a supported curve "
+                        f"({clip(crv)})")
+    curve = _EC[crv]
+    size = (curve.key_size + 7) // 8
+    try:
+        server = ec.EllipticCurvePublicNumbers(int.from_bytes(b64d(jwk.get("x")), "big"),
+                                               int.from_bytes(b64d(jwk.get("y")), "big"),
+                                               curve).public_key()
+    except ValueError:
+        raise JoseError(f"the exchange key is not a point of {crv}") from None
+    client = ec.generate_private_key(curve)
+    z = bytearray(client.exchange(ec.ECDH(), server))
+    c = client.public_key().public_numbers()
+    header = {"alg": "ECDH-ES", "enc": "A256GCM", "kid": thumbprint(jwk),
+              "epk": {"crv": crv, "kty": "EC", "x": b64e(c.x.to_bytes(size, "big")),
+                      "y": b64e(c.y.to_bytes(size, "big"))},
+              "clevis": {"pin": "tang", "tang": {"adv": adv.keys, "url": url}}}
+    try:
+        return header, bytearray(ecdh_es_key(header, bytes(z)))
+    finally:
+        z[:] = bytes(len(z))
