@@ -10,7 +10,14 @@ from .. import __version__
 from ..luks import C_HELPER
 from ..nbd import DEFAULT_PORT, MiB, ServerOptions, TlsMode, UpstreamOptions
 from ..unlock import TokenOptions, UnlockOptions
-from .lifecycle import format_args, new_key_args, pbkdf_args, volume_args
+from .lifecycle import (
+    bind_args,
+    format_args,
+    new_key_args,
+    pbkdf_args,
+    unbind_args,
+    volume_args,
+)
 
 _SERVER = ServerOptions()
 _UPSTREAM = UpstreamOptions()
@@ -221,6 +228,20 @@ def _lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                        help="even the last key slot (the data is then lost); kill-slot: "
                        "without a key of another slot")
         _log_args(p)
+    bnd = sub.add_parser("bind", help="bind to Tang or sss: a clevis token and its key "
+                         "slot (clevis luks bind)")
+    bind_args(bnd)
+    volume_args(bnd)
+    _key_args(bnd)
+    bnd.add_argument("--new-key-slot", type=int, metavar="N",
+                     help="the slot for the binding's key (default: the first free)")
+    pbkdf_args(bnd)
+    _log_args(bnd)
+    unb = sub.add_parser("unbind", help="remove a clevis binding and its key slot "
+                         "(clevis luks unbind)")
+    unbind_args(unb)
+    volume_args(unb)
+    _log_args(unb)
     for name, what in (("header-backup", "save the header and key slots (luksHeaderBackup)"),
                        ("header-restore", "put a header backup back (luksHeaderRestore)")):
         p = sub.add_parser(name, help=what)

@@ -1,6 +1,6 @@
 """The volume's life on the command line: `format`, `add-key`,
-`change-key`, `remove-key`, `kill-slot`, `header-backup`, `header-restore`
-(`bind`, `unbind` in binding.py): cryptsetup's option names, our sources."""
+`change-key`, `remove-key`, `kill-slot`, `header-backup`, `header-restore`,
+`bind`, `unbind`: cryptsetup's (and clevis') option names, our sources."""
 
 from __future__ import annotations
 
@@ -9,23 +9,26 @@ import argparse
 from ..luks import FormatSpec, LuksError
 from ..manage import (
     KDF_TYPES,
+    PINS,
     KdfOptions,
     ManageError,
     NewKey,
     Target,
     add_key,
+    bind,
     change_key,
     format_volume,
     header_backup,
     header_restore,
     kill_slot,
     remove_key,
+    unbind,
 )
 from ..nbd import UpstreamOptions
 from .options import UsageError, check_args, unlock_options
 
 COMMANDS = ("format", "add-key", "change-key", "remove-key", "kill-slot", "header-backup",
-            "header-restore")
+            "header-restore", "bind", "unbind")
 _KDF = KdfOptions()
 
 
@@ -94,6 +97,22 @@ def format_args(p: argparse.ArgumentParser) -> None:
                    help="write over an existing LUKS header (that volume is lost)")
     g.add_argument("--volume-key-file", metavar="F",
                    help="use this volume key instead of a random one")
+
+
+def bind_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pin", choices=PINS, help="the clevis pin")
+    p.add_argument("pin_config", metavar="CONFIG",
+                   help='the pin\'s JSON configuration, as clevis takes it, e.g. '
+                   '\'{"url": "http://tang.example", "thp": "..."}\'')
+    p.add_argument("-y", "--trust", action="store_true",
+                   help="trust a fetched Tang advertisement without a thp (clevis -y)")
+
+
+def unbind_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-id", type=int, required=True, metavar="N",
+                   help="the clevis token to remove, with its key slot")
+    p.add_argument("--force", action="store_true",
+                   help="even when its key slots are the last ones (the data is then lost)")
 
 
 def target(args: argparse.Namespace) -> Target:
@@ -175,6 +194,10 @@ def run(args: argparse.Namespace) -> int:
         size = header_backup(where, args.file)
         print(f"header backup written to {args.file} ({size} bytes)")
         return 0
+    if args.command == "unbind":
+        slots = unbind(where, args.token_id, force=args.force)
+        print(f"token {args.token_id} and key slot {', '.join(map(str, slots))} removed")
+        return 0
     if args.command == "header-restore":
         vol = header_restore(where, args.file, force=args.force)
         print(f"header of volume {vol.uuid} restored from {args.file}")
@@ -186,6 +209,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "change-key":
         slot = change_key(where, keys, new_key(args), kdf_options(args, None))
         print(f"key slot {slot} changed")
+    elif args.command == "bind":
+        bound = bind(where, keys, args.pin, args.pin_config, kdf_options(args, 2),
+                     trust=args.trust, timeout=args.tang_timeout, slot=args.new_key_slot)
+        print(f"bound to {args.pin}: token {bound.token}, key slot {bound.slot}")
     elif args.command == "remove-key":
         print(f"key slot {remove_key(where, keys, force=args.force)} removed")
     else:

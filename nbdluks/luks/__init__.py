@@ -16,6 +16,7 @@ from .create import FormatSpec, NewHeader, new_header
 from .device import LuksDevice
 from .edit import EditError, Header, Luks1Header, Luks2Header, Plan, header_of
 from .edit import add_key as plan_add_key
+from .edit import remove_binding as plan_remove_binding
 from .edit import remove_key as plan_remove_key
 from .edit import replace_key as plan_replace_key
 from .encode import Step, Sync, Write
@@ -38,7 +39,7 @@ __all__ = [
     "ARGON2_MAX_MEMORY", "ARGON2_MAX_PARALLEL", "ARGON2_MIN_MEMORY", "ARGON2_MIN_TIME",
     "PBKDF2_MIN_ITERATIONS", "C_HELPER", "EditError", "FormatSpec", "Header", "Luks1Header", "Luks2Header", "NewHeader",
     "Plan", "SlotSpec", "Step", "Sync", "Write", "argon2_cost", "header_of", "new_header",
-    "new_volume_key", "pbkdf2_iterations", "plan_add_key", "plan_remove_key",
+    "new_volume_key", "pbkdf2_iterations", "plan_add_key", "plan_remove_binding", "plan_remove_key",
     "plan_replace_key", "with_new_salt", "DEFAULT_ARGON2_MAX_KIB", "FIRST_PROBE", "HEADER_PROBE", "Argon2",
     "Argon2MemoryError", "HeaderError", "Keyslot", "LuksDevice", "LuksError", "Pbkdf2",
     "SlotsSkippedError", "Token", "Unlocked", "UnsupportedError", "Volume", "WrongKeyError",

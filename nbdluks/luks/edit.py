@@ -231,7 +231,8 @@ def add_key(header: Header, volume_key: bytes | bytearray, passphrase: bytes | b
     plan = Plan([Write(offset, material), Sync()], slot=sid)
     if token is not None:
         assert isinstance(header, Luks2Header)
-        plan.token = header.add_token({**token, "keyslots": [str(sid)]})
+        plan.token = header.add_token({"type": token["type"], "keyslots": [str(sid)],
+                                       **{k: v for k, v in token.items() if k != "type"}})
     plan.steps += header.writes()
     return plan
 
@@ -246,6 +247,17 @@ def remove_key(header: Header, slot: int, *, token: int | None = None) -> Plan:
         if token is not None:
             header.remove_token(token)
     return Plan([Write(offset, secrets.token_bytes(size)), Sync(), *header.writes()])
+
+
+def remove_binding(header: Luks2Header, token: int) -> Plan:
+    """A token and the key slots it names, wiped in one header write."""
+    slots = [int(k) for k in header.remove_token(token)["keyslots"]]
+    steps: list[Step] = []
+    for slot in slots:
+        offset, size = header.area(slot)
+        steps.append(Write(offset, secrets.token_bytes(size)))
+        header.remove_slot(slot)
+    return Plan([*steps, Sync(), *header.writes()], token=token)
 
 
 def replace_key(header: Luks2Header, old: int, new: int) -> Plan:

@@ -3,12 +3,13 @@
 cryptsetup writes them, in an order a crash cannot break."""
 
 from .backup import header_backup, header_restore
+from .binding import PINS, Bound, bind, unbind
 from .format import Formatted, format_volume
 from .kdf import KDF_TYPES, KdfOptions
 from .keys import NewKey, add_key, change_key, kill_slot, remove_key
 from .store import ConcurrentChangeError, ManageError
 from .target import Target
 
-__all__ = ["KDF_TYPES", "ConcurrentChangeError", "Formatted", "KdfOptions", "ManageError",
+__all__ = ["KDF_TYPES", "PINS", "Bound", "bind", "unbind", "ConcurrentChangeError", "Formatted", "KdfOptions", "ManageError",
            "NewKey", "Target", "add_key", "change_key", "format_volume", "header_backup",
            "header_restore", "kill_slot", "remove_key"]

@@ -3,6 +3,8 @@ copies read and compared, the secret read once (passphrase, key file,
 volume key) or recovered through clevis tokens (Tang, sss), and the result:
 an OpenVolume ready to serve."""
 
+from .clevis.encrypt import EncryptError, UntrustedError
+from .clevis.encrypt import encrypt as clevis_encrypt
 from .clevis.pins import describe as describe_pins
 from .headers import HeaderCopy, read_copies, read_copy, read_header
 from .keys import NewlineKeyError, UnlockOptions, key_check
@@ -12,7 +14,7 @@ from .sources import SourceError, open_source
 from .tokens import UNLOCKING_TYPES, NoTokenError, TokenOptions
 from .volume import OpenVolume, VolumeConfig, VolumeOptions, open_volume, open_volumes
 
-__all__ = ["MAX_KEYFILE", "UNLOCKING_TYPES", "HeaderCopy", "KeyFileShortError",
+__all__ = ["MAX_KEYFILE", "EncryptError", "UntrustedError", "clevis_encrypt", "UNLOCKING_TYPES", "HeaderCopy", "KeyFileShortError",
            "NewlineKeyError", "NoTokenError", "OpenVolume", "SourceError", "TokenOptions",
            "UnlockOptions", "VolumeConfig", "VolumeOptions", "describe_pins", "key_check",
            "open_source", "open_volume", "open_volumes", "read_copies", "read_copy",
