@@ -59,7 +59,8 @@ ALLOWED = {
     "nbd": {"block"},
     "unlock": {"block", "luks", "nbd"},
     "daemon": {"block", "nbd", "unlock"},
-    "cli": {"block", "luks", "nbd", "unlock", "daemon"},
+    "manage": {"block", "luks", "nbd", "unlock"},
+    "cli": {"block", "luks", "nbd", "unlock", "daemon", "manage"},
 }
 TOP = {"nbdluks.__version__", "nbdluks.errors", "nbdluks.signals"}
 # The protocol codec and rules do no I/O (h11 style).
