@@ -18,8 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import luks1, luks2_json
-from .encode import Luks1Slot, Luks2Binary, Step, Sync, Write, luks1_slot, luks1_with_slot
-from .encode import luks2_writes
+from .encode import (
+    Luks1Slot,
+    Luks2Binary,
+    Step,
+    Sync,
+    Write,
+    luks1_slot,
+    luks1_with_slot,
+    luks2_writes,
+)
 from .errors import HeaderError, LuksError
 from .seal import SlotSpec, material_sectors, seal
 from .volume import SECTOR, Argon2, Kdf, Pbkdf2, Volume
@@ -121,9 +129,6 @@ class Luks2Header:
         self.slots[str(slot)] = entry
         self.md["digests"][digest]["keyslots"].append(str(slot))
         return offset, size
-
-    def digest_of(self, slot: int) -> str:
-        return next(d for d, v in self.md["digests"].items() if str(slot) in v["keyslots"])
 
     def area(self, slot: int) -> tuple[int, int]:
         area = self.slots[str(slot)]["area"]

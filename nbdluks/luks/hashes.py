@@ -1,7 +1,7 @@
 """Hash names as LUKS headers spell them, resolved through hashlib.
 
 cryptsetup (libgcrypt) opens volumes made with hashes that OpenSSL 3 keeps
-in its "legacy" provider, such as whirlpool (a cryptsetup --hash choice for
+in its "legacy" provider, such as whirlpool (a hash cryptsetup offers for
 LUKS1). The first time a header names one that hashlib lacks, we load that
 provider, next to the default one, into the default OpenSSL library context:
 hashlib uses the same libcrypto, so hashlib.new and pbkdf2_hmac then have it.

@@ -10,6 +10,23 @@ from .keys import NewKey, add_key, change_key, kill_slot, remove_key
 from .store import ConcurrentChangeError, ManageError
 from .target import Target
 
-__all__ = ["KDF_TYPES", "PINS", "Bound", "bind", "unbind", "ConcurrentChangeError", "Formatted", "KdfOptions", "ManageError",
-           "NewKey", "Target", "add_key", "change_key", "format_volume", "header_backup",
-           "header_restore", "kill_slot", "remove_key"]
+__all__ = [
+           "KDF_TYPES",
+           "PINS",
+           "Bound",
+           "ConcurrentChangeError",
+           "Formatted",
+           "KdfOptions",
+           "ManageError",
+           "NewKey",
+           "Target",
+           "add_key",
+           "bind",
+           "change_key",
+           "format_volume",
+           "header_backup",
+           "header_restore",
+           "kill_slot",
+           "remove_key",
+           "unbind",
+]

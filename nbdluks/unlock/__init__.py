@@ -14,8 +14,32 @@ from .sources import SourceError, open_source
 from .tokens import UNLOCKING_TYPES, NoTokenError, TokenOptions
 from .volume import OpenVolume, VolumeConfig, VolumeOptions, open_volume, open_volumes
 
-__all__ = ["MAX_KEYFILE", "EncryptError", "UntrustedError", "clevis_encrypt", "UNLOCKING_TYPES", "HeaderCopy", "KeyFileShortError",
-           "NewlineKeyError", "NoTokenError", "OpenVolume", "SourceError", "TokenOptions",
-           "UnlockOptions", "VolumeConfig", "VolumeOptions", "describe_pins", "key_check",
-           "open_source", "open_volume", "open_volumes", "read_copies", "read_copy",
-           "read_header", "read_new_secret", "read_secret", "unlock_copies", "SecretError"]
+__all__ = [
+           "MAX_KEYFILE",
+           "UNLOCKING_TYPES",
+           "EncryptError",
+           "HeaderCopy",
+           "KeyFileShortError",
+           "NewlineKeyError",
+           "NoTokenError",
+           "OpenVolume",
+           "SecretError",
+           "SourceError",
+           "TokenOptions",
+           "UnlockOptions",
+           "UntrustedError",
+           "VolumeConfig",
+           "VolumeOptions",
+           "clevis_encrypt",
+           "describe_pins",
+           "key_check",
+           "open_source",
+           "open_volume",
+           "open_volumes",
+           "read_copies",
+           "read_copy",
+           "read_header",
+           "read_new_secret",
+           "read_secret",
+           "unlock_copies",
+]

@@ -1,10 +1,10 @@
 """kill -9 at random moments of add-key, change-key, remove-key, bind and
-format, 100 runs in all (the bind test, last, prints the tally), on headers behind nbdkit whose writes are slowed
-(its delay filter) so that the kills land inside the writes as often as
-before them. After every run cryptsetup must open the volume with every
-key that opened it before and that the change did not remove, with the new
-key when the command reported success, and nbdluks must agree with
-cryptsetup about each of those keys."""
+format, 100 runs in all (the bind test, last, prints the tally), on headers
+behind nbdkit whose writes are slowed (its delay filter) so that the kills
+land inside the writes as often as before them. After every run cryptsetup
+must open the volume with every key that opened it before and that the
+change did not remove, with the new key when the command reported success,
+and nbdluks must agree with cryptsetup about each of those keys."""
 
 from __future__ import annotations
 
@@ -120,9 +120,7 @@ def test_a_kill_at_any_moment_keeps_the_volume_openable(
     try:
         argv = [sys.executable, "-m", "nbdluks", command, "--header", slow.uri,
                 "--log-level", "error"]
-        if command == "add-key":
-            argv += ["--key-file", str(k1), "--new-key-file", str(k2), *PBKDF2]
-        elif command == "change-key":
+        if command == "add-key" or command == "change-key":
             argv += ["--key-file", str(k1), "--new-key-file", str(k2), *PBKDF2]
         elif command == "remove-key":
             argv += ["--key-file", str(k1)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import libnbd, need, pattern, run
+from tests.conftest import need, pattern, run
 from tests.luks.reference import crypt, luks_format
 from tests.manage.conftest import ARGON2, PBKDF2, MiB, cli, digest, dump, keyfile, opens
 
