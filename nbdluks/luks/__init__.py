@@ -12,7 +12,7 @@ from .calibrate import (
     argon2_cost,
     pbkdf2_iterations,
 )
-from .create import FormatSpec, NewHeader, new_header
+from .create import FormatSpec, new_header
 from .device import LuksDevice
 from .edit import EditError, Header, Luks1Header, Luks2Header, Plan, header_of
 from .edit import add_key as plan_add_key
@@ -25,7 +25,8 @@ from .evp import C_HELPER
 from .header import FIRST_PROBE, probe_size
 from .header import parse as parse_header
 from .luks2 import DEFAULT_ARGON2_MAX_KIB
-from .seal import SlotSpec, new_volume_key, with_new_salt
+from .luks2 import HDR_SIZES as LUKS2_HDR_SIZES
+from .seal import SlotSpec, new_volume_key
 from .unlock import (
     SlotsSkippedError,
     Unlocked,
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_ARGON2_MAX_KIB",
     "FIRST_PROBE",
     "HEADER_PROBE",
+    "LUKS2_HDR_SIZES",
     "PBKDF2_MIN_ITERATIONS",
     "Argon2",
     "Argon2MemoryError",
@@ -56,7 +58,6 @@ __all__ = [
     "Luks2Header",
     "LuksDevice",
     "LuksError",
-    "NewHeader",
     "Pbkdf2",
     "Plan",
     "SlotSpec",
@@ -83,5 +84,4 @@ __all__ = [
     "unlock_with_passphrase",
     "unlock_with_volume_key",
     "wipe",
-    "with_new_salt",
 ]

@@ -15,7 +15,7 @@ from . import af
 from .cipher import CipherSpec, SectorCipher
 from .kdf import derive
 from .unlock import wipe
-from .volume import SECTOR, Argon2, Kdf, Pbkdf2
+from .volume import SECTOR, Kdf
 
 SALT_SIZE = 32  # LUKS_SALTSIZE: slot salts and the digest's salt
 STRIPES = 4000
@@ -23,12 +23,6 @@ STRIPES = 4000
 
 def new_volume_key(size: int) -> bytearray:
     return bytearray(secrets.token_bytes(size))
-
-
-def with_new_salt(kdf: Kdf) -> Kdf:
-    if isinstance(kdf, Pbkdf2):
-        return Pbkdf2(kdf.hash, kdf.iterations, secrets.token_bytes(SALT_SIZE))
-    return Argon2(kdf.type, kdf.time, kdf.memory, kdf.cpus, secrets.token_bytes(SALT_SIZE))
 
 
 def material_sectors(key_size: int, stripes: int = STRIPES) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..luks import (
+    DEFAULT_ARGON2_MAX_KIB,
+    LUKS2_HDR_SIZES,
     FormatSpec,
     Volume,
     new_header,
@@ -31,10 +33,20 @@ class Formatted:
 
 
 def _existing(store: HeaderStore) -> bytes:
-    """The first 4 KiB, read to tell whether a LUKS header is there."""
-    buf = bytearray(min(4096, store.dev.size))
-    store.dev.pread_into(memoryview(buf), 0)
-    return bytes(buf)
+    """Where a LUKS header's copies would start (the first 4 KiB, the 512
+    bytes where each possible secondary copy begins), to tell whether one is
+    there and whether that changed."""
+    out = bytearray()
+    for offset, length in ((0, 4096), *((o, 512) for o in LUKS2_HDR_SIZES)):
+        buf = bytearray(max(0, min(length, store.dev.size - offset)))
+        store.dev.pread_into(memoryview(buf), offset)
+        out += buf
+    return bytes(out)
+
+
+def _holds_luks(existing: bytes) -> bool:
+    starts = [0, *range(4096, len(existing), 512)]
+    return any(existing[i : i + 6] in _MAGICS for i in starts)
 
 
 def _payload(payload: str, upstream: UpstreamOptions) -> tuple[int, int]:
@@ -64,7 +76,7 @@ def format_volume(header: str, payload: str | None, spec: FormatSpec, kdf: KdfOp
     with HeaderStore.open(header, upstream, create=detached) as store:
         spec = _sector_size(spec, hint or store.dev.sector_hint())
         before = _existing(store)
-        if any(m in before[:6] for m in _MAGICS) and not force:
+        if _holds_luks(before) and not force:
             raise ManageError(f"{header} already holds a LUKS header: formatting would "
                               "destroy that volume (forcing it is possible)")
         key = _volume_key(spec.key_size, volume_key_file)
@@ -88,7 +100,7 @@ def format_volume(header: str, payload: str | None, spec: FormatSpec, kdf: KdfOp
                               "was written")
         store.grow(made.header_size)
         store.apply([*made.wipe, *plan.steps], check=False)
-        vol: Volume = reread(store, 4 * 1024 * 1024)
+        vol: Volume = reread(store, DEFAULT_ARGON2_MAX_KIB)
         assert plan.slot is not None
         return Formatted(vol.uuid, plan.slot, made.data_offset, vol.version)
 

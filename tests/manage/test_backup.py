@@ -94,3 +94,13 @@ def test_a_backup_serves_as_the_header(tmp_path: Path, nbdluks: Callable[..., ob
                      str(tmp_path / "vol.pass"), "--read-only")
     script = "h.connect_uri(sys.argv[1])\nprint(h.pread(1048576, 0).hex())\n"
     assert libnbd(script, served.uri).strip() == data.hex()  # type: ignore[attr-defined]
+
+
+def test_restore_onto_an_nbd_store(tmp_path: Path, source: Callable[..., str]) -> None:
+    made = luks_format(tmp_path, size=32 * MiB, detached=True)
+    bk = tmp_path / "bk"
+    cli("header-backup", bk, "--header", made.header_path)
+    add_key(made.header_path, tmp_path / "vol.pass", keyfile(tmp_path, "later"))
+    cli("header-restore", bk, "--header", source(made.header_path))
+    assert not opens(made.header_path, tmp_path / "later", made.payload)
+    assert opens(made.header_path, tmp_path / "vol.pass", made.payload)

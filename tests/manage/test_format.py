@@ -189,3 +189,14 @@ def test_passphrase_is_asked_twice_on_a_terminal(tmp_path: Path) -> None:
                        cwd=Path(__file__).resolve().parents[2])
     assert p.stdout.strip().endswith("0"), p
     assert opens(payload, keyfile(tmp_path, "typed"))
+
+
+def test_a_header_with_only_its_secondary_copy_is_kept_too(tmp_path: Path) -> None:
+    made = luks_format(tmp_path, size=32 * MiB)
+    with open(made.payload, "r+b") as f:
+        f.write(bytes(4096))  # the primary gone: cryptsetup still opens the secondary
+    assert opens(made.payload, tmp_path / "vol.pass")
+    p = cli("format", "--payload", made.payload, "--key-file", keyfile(tmp_path, "pw"),
+            *PBKDF2, check=False)
+    assert p.returncode == 1 and "already holds a LUKS header" in p.stderr
+    assert opens(made.payload, tmp_path / "vol.pass")

@@ -172,3 +172,13 @@ def test_a_served_volume_keeps_serving_while_its_keys_change(
              f"data = open({str(tmp_path / 'data')!r}, 'rb').read()\n"
              "print(h.pread(len(data), 7 * len(data)) == data)\n")
     assert libnbd(check, again.uri).strip() == "True"  # type: ignore[attr-defined]
+
+
+def test_the_new_passphrase_from_standard_input(tmp_path: Path) -> None:
+    made = luks_format(tmp_path, size=32 * MiB)
+    cli("add-key", "--payload", made.payload, "--key-file", tmp_path / "vol.pass",
+        "--new-passphrase-file", "-", *PBKDF2, input=b"piped\nignored after the line")
+    assert opens(made.payload, keyfile(tmp_path, "piped"))
+    p = cli("add-key", "--payload", made.payload, "--key-file", "-", "--new-passphrase-file",
+            "-", *PBKDF2, input=b"x", check=False)
+    assert p.returncode == 2 and "standard input cannot give both" in p.stderr
