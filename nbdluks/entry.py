@@ -17,16 +17,26 @@ def main() -> int:
         from .cli import main as cli_main
 
         return cli_main()
-    except signals.Stopped:
-        # A stop while importing or parsing, before anything was opened:
-        # exit 0, as a stop before serving does (and `serve --help` says).
-        return 0
+    except signals.Stopped as e:
+        # A stop while importing or parsing, before anything was opened.
+        return _stopped(e.signum)
     except Exception:
-        if signals.requested() is not None:
+        signum = signals.requested()
+        if signum is not None:
             # The stop surfaced as another error: C code (numpy's import of
             # its extensions) turns the exception a handler raises into its own.
-            return 0
+            return _stopped(signum)
         raise
+
+
+def _stopped(signum: int) -> int:
+    """Exit 0, as a stop before serving does (and `serve --help` says); a
+    command that changes a volume and was cut short fails (128 + signal)."""
+    words = [a for a in sys.argv[1:] if not a.startswith("-")]
+    return 0 if not words or words[0] in _STOP_IS_CLEAN else 128 + signum
+
+
+_STOP_IS_CLEAN = ("serve", "probe", "inspect")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,7 +62,7 @@ class FileDevice(BlockDevice):
             st = os.fstat(self.fd)
             self.is_block = stat.S_ISBLK(st.st_mode)
             if not (self.is_block or stat.S_ISREG(st.st_mode)):
-                raise OSError(errno.EINVAL, f"{path}: not a regular file or block device")
+                raise OSError(errno.EINVAL, "not a regular file or block device")
             self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
         except BaseException:
             os.close(self.fd)

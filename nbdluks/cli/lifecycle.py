@@ -158,6 +158,7 @@ def format_command(args: argparse.Namespace) -> int:
         version=1 if args.type == "luks1" else 2, cipher=args.cipher,
         key_size=_key_bytes(args.key_size), sector_size=args.sector_size, uuid=args.uuid,
         label=args.label, subsystem=args.subsystem, metadata_size=args.luks2_metadata_size,
+        hash=args.hash,
         keyslots_size=args.luks2_keyslots_size,
         offset=None if args.offset is None else args.offset * 512)
     try:

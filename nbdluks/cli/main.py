@@ -133,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_lifecycle(args)
         return serve(args, sys.argv[1:] if argv is None else argv)
     except signals.Stopped as e:
+        if args.command in LIFECYCLE:  # a change cut short is not a success
+            fatal(f"{args.command} stopped by {e.name} before it finished", 128 + e.signum)
+            return 128 + e.signum
         log.info("stopped before serving", signal=e.name)
         return 0
     except UsageError as e:

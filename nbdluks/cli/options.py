@@ -123,7 +123,8 @@ _INT_RANGES: dict[str, tuple[int, int | None, str]] = {
     "new_key_slot": (0, 31, "--new-key-slot"),
     "slot": (0, 31, "the key slot"),
     "offset": (0, None, "--offset"),
-    "iter_time": (1, None, "-i/--iter-time"),
+    "iter_time": (1, 3_600_000, "-i/--iter-time"),
+    "token_id": (0, 31, "--token-id"),
 }
 # The longest unix socket path (sun_path, with its terminating NUL).
 _MAX_SOCKET_PATH = 107

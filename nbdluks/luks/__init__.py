@@ -22,8 +22,10 @@ from .edit import replace_key as plan_replace_key
 from .encode import Step, Sync, Write
 from .errors import Argon2MemoryError, HeaderError, LuksError, UnsupportedError, WrongKeyError
 from .evp import C_HELPER
+from .hashes import digest_size as hash_size
 from .header import FIRST_PROBE, probe_size
 from .header import parse as parse_header
+from .kdf import PBKDF2_MAX_ITERATIONS
 from .luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks2 import HDR_SIZES as LUKS2_HDR_SIZES
 from .seal import SlotSpec, new_volume_key
@@ -46,6 +48,7 @@ __all__ = [
     "FIRST_PROBE",
     "HEADER_PROBE",
     "LUKS2_HDR_SIZES",
+    "PBKDF2_MAX_ITERATIONS",
     "PBKDF2_MIN_ITERATIONS",
     "Argon2",
     "Argon2MemoryError",
@@ -71,6 +74,7 @@ __all__ = [
     "Write",
     "WrongKeyError",
     "argon2_cost",
+    "hash_size",
     "header_of",
     "new_header",
     "new_volume_key",

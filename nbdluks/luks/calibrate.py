@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from .kdf import derive
+from .kdf import PBKDF2_MAX_ITERATIONS, derive
 from .volume import Argon2, Pbkdf2
 
 PBKDF2_MIN_ITERATIONS = 1000  # NIST SP 800-132, cryptsetup's floor
@@ -37,7 +37,7 @@ def pbkdf2_iterations(hash_name: str, key_size: int, target_ms: int) -> int:
             break
         iterations *= 2 if ms >= _BENCH_FAST_MS else 16
     rate = iterations / max(ms, 1.0)
-    return max(PBKDF2_MIN_ITERATIONS, min(int(rate * target_ms), 2**32 - 1))
+    return max(PBKDF2_MIN_ITERATIONS, min(int(rate * target_ms), PBKDF2_MAX_ITERATIONS))
 
 
 def _measure(kind: str, t: int, m: int, parallel: int, key_size: int) -> float:

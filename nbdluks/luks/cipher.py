@@ -76,7 +76,7 @@ class CipherSpec:
                 f"IV generator {ivspec!r} is not supported; supported: {SUPPORTED}"
             )
         if ivgen == "essiv":
-            if not ivhash or digest_size(ivhash) is None:
+            if not ivhash or not digest_size(ivhash):  # unknown, or shake (no fixed size)
                 raise UnsupportedError(f"essiv hash {ivhash!r} is not available")
         elif ivhash:
             raise UnsupportedError(f"IV generator {ivgen!r} takes no hash")

@@ -60,6 +60,9 @@ class FormatSpec:
             raise EditError(f"LUKS2 keyslots size {self.keyslots_size} is not a multiple of "
                             f"4096 up to {MAX_KEYSLOTS_SIZE}")
         self.canonical_uuid()
+        for what, text in (("label", self.label), ("subsystem", self.subsystem)):
+            if len(text.encode()) > 47:
+                raise EditError(f"the {what} is {len(text.encode())} bytes long, at most 47 fit")
         if self.offset is not None and self.offset % (self.sector_size or SECTOR):
             raise EditError(f"the data offset {self.offset} is not a multiple of the "
                             f"{self.sector_size or SECTOR}-byte sector")
@@ -68,9 +71,12 @@ class FormatSpec:
         if not self.uuid:
             return str(uuidlib.uuid4())
         try:
-            return str(uuidlib.UUID(self.uuid))
+            canonical = str(uuidlib.UUID(self.uuid))
         except ValueError:
-            raise EditError(f"wrong LUKS UUID format: {self.uuid!r}") from None
+            canonical = ""
+        if canonical != self.uuid.lower():  # no braces, no urn: as libuuid parses it
+            raise EditError(f"wrong LUKS UUID format: {self.uuid!r}")
+        return canonical
 
 
 @dataclass
@@ -134,7 +140,7 @@ def new_luks2(spec: FormatSpec, volume_key: bytes | bytearray, detached: bool,
 def new_luks1(spec: FormatSpec, volume_key: bytes | bytearray, detached: bool) -> NewHeader:
     per_slot = _round_up(material_sectors(spec.key_size), LUKS1_ALIGN_KEYSLOTS // SECTOR)
     first = LUKS1_ALIGN_KEYSLOTS // SECTOR
-    slots = [Luks1Slot(False, 0, bytes(32), first + i * per_slot, STRIPES)
+    slots = [Luks1Slot(luks1.SLOT_INACTIVE, 0, bytes(32), first + i * per_slot, STRIPES)
              for i in range(luks1.NUM_SLOTS)]
     end = first + luks1.NUM_SLOTS * per_slot  # sectors
     if spec.offset is not None:

@@ -187,11 +187,11 @@ class Luks1Header:
         if want is not None:
             if not 0 <= want < luks1.NUM_SLOTS:
                 raise EditError(f"key slot {want} is out of range (0-{luks1.NUM_SLOTS - 1})")
-            if self.slot(want).active:
+            if not self.slot(want).free:
                 raise EditError(f"key slot {want} is in use")
             return want
         for i in range(luks1.NUM_SLOTS):
-            if not self.slot(i).active:
+            if self.slot(i).free:
                 return i
         raise EditError(f"all {luks1.NUM_SLOTS} key slots are in use")
 
@@ -202,7 +202,8 @@ class Luks1Header:
     def set_slot(self, i: int, active: bool, iterations: int = 0, salt: bytes = bytes(32)
                  ) -> None:
         old = self.slot(i)
-        self.phdr = luks1_with_slot(self.phdr, i, Luks1Slot(active, iterations, salt,
+        state = luks1.SLOT_ACTIVE if active else luks1.SLOT_INACTIVE
+        self.phdr = luks1_with_slot(self.phdr, i, Luks1Slot(state, iterations, salt,
                                                             old.offset, old.stripes))
 
     def writes(self) -> list[Step]:
@@ -251,7 +252,8 @@ def remove_key(header: Header, slot: int, *, token: int | None = None) -> Plan:
         header.remove_slot(slot)
         if token is not None:
             header.remove_token(token)
-    return Plan([Write(offset, secrets.token_bytes(size)), Sync(), *header.writes()])
+    return Plan([Write(offset, secrets.token_bytes(size)), Sync(), *header.writes()],
+                slot=slot)
 
 
 def remove_binding(header: Luks2Header, token: int) -> Plan:

@@ -111,11 +111,20 @@ def luks2_writes(binary: Luks2Binary, seqid: int, md: dict[str, Any]) -> list[St
 
 @dataclass(frozen=True)
 class Luks1Slot:
-    active: bool
+    state: int  # SLOT_ACTIVE, SLOT_INACTIVE, or a corrupt value
     iterations: int
     salt: bytes
     offset: int  # sectors
     stripes: int
+
+    @property
+    def active(self) -> bool:
+        return self.state == luks1.SLOT_ACTIVE
+
+    @property
+    def free(self) -> bool:
+        """Only a slot marked inactive is free (cryptsetup skips corrupt ones)."""
+        return self.state == luks1.SLOT_INACTIVE
 
 
 def luks1_phdr(cipher_name: str, cipher_mode: str, hash_spec: str, payload_offset: int,
@@ -131,14 +140,13 @@ def luks1_phdr(cipher_name: str, cipher_mode: str, hash_spec: str, payload_offse
 
 
 def _set(phdr: bytearray, i: int, slot: Luks1Slot) -> None:
-    state = luks1.SLOT_ACTIVE if slot.active else luks1.SLOT_INACTIVE
-    SLOT.pack_into(phdr, SLOTS_AT + 48 * i, state, slot.iterations, slot.salt,
+    SLOT.pack_into(phdr, SLOTS_AT + 48 * i, slot.state, slot.iterations, slot.salt,
                     slot.offset, slot.stripes)
 
 
 def luks1_slot(phdr: bytes, i: int) -> Luks1Slot:
     state, iterations, salt, offset, stripes = SLOT.unpack_from(phdr, SLOTS_AT + 48 * i)
-    return Luks1Slot(state == luks1.SLOT_ACTIVE, iterations, salt, offset, stripes)
+    return Luks1Slot(state, iterations, salt, offset, stripes)
 
 
 def luks1_with_slot(phdr: bytes, i: int, slot: Luks1Slot) -> bytes:

@@ -38,6 +38,8 @@ def header_backup(target: Target, path: str) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
     except FileExistsError:
         raise ManageError(f"the backup file {path} already exists") from None
+    except OSError as e:
+        raise ManageError(f"cannot create the backup file {path!r}: {e.strerror}") from None
     try:
         view = memoryview(image)
         while view:
@@ -70,13 +72,16 @@ def header_restore(target: Target, path: str, *, force: bool = False) -> Volume:
             _compatible(cur, bvol, path, force)
         store.grow(len(image))
         store.apply([Write(0, image), Sync()], check=cur is not None)
+        store.verify([Write(0, image)])
         return reread(store, target.argon2_max_kib)
 
 
 def _compatible(cur: Volume, bvol: Volume, path: str, force: bool) -> None:
     if cur.version != bvol.version:
+        if force:
+            return  # as cryptsetup: another version's header has nothing to compare
         raise ManageError(f"the backup {path} is LUKS{bvol.version}, the volume LUKS"
-                          f"{cur.version}: not restored")
+                          f"{cur.version}: not restored (forcing it is possible)")
     if cur.segment.offset != bvol.segment.offset:
         raise ManageError(f"the data offset differs on the volume ({cur.segment.offset}) "
                           f"and in the backup ({bvol.segment.offset}): not restored")

@@ -3,6 +3,7 @@ makes it (layout, defaults, wipe), with the volume key from the OS's CSPRNG."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 from ..luks import (
@@ -38,9 +39,10 @@ def _existing(store: HeaderStore) -> bytes:
     there and whether that changed."""
     out = bytearray()
     for offset, length in ((0, 4096), *((o, 512) for o in LUKS2_HDR_SIZES)):
-        buf = bytearray(max(0, min(length, store.dev.size - offset)))
-        store.dev.pread_into(memoryview(buf), offset)
-        out += buf
+        if offset < store.dev.size:
+            buf = bytearray(min(length, store.dev.size - offset))
+            store.dev.pread_into(memoryview(buf), offset)
+            out += buf
     return bytes(out)
 
 
@@ -68,41 +70,54 @@ def format_volume(header: str, payload: str | None, spec: FormatSpec, kdf: KdfOp
                   new: NewKey, *, upstream: UpstreamOptions, volume_key_file: str | None = None,
                   slot: int | None = None, force: bool = False) -> Formatted:
     """Format the volume whose header lives on `header` (its payload on
-    `payload` when detached; None: the header is at the payload's start)."""
+    `payload` when detached; None: the header is at the payload's start).
+    A header file this creates is removed again if the format fails."""
     spec.check()
     kdf.check(spec.version)
     detached = payload is not None and payload != header
     payload_size, hint = _payload(payload, upstream) if detached and payload else (None, 0)
     with HeaderStore.open(header, upstream, create=detached) as store:
-        spec = _sector_size(spec, hint or store.dev.sector_hint())
-        before = _existing(store)
-        if _holds_luks(before) and not force:
-            raise ManageError(f"{header} already holds a LUKS header: formatting would "
-                              "destroy that volume (forcing it is possible)")
-        key = _volume_key(spec.key_size, volume_key_file)
         try:
-            secret = new.read()
-            try:
-                spec = replace(spec, digest_iterations=digest_iterations(kdf, spec.key_size))
-                room = None if store.grows() else store.dev.size
-                made = new_header(spec, key, detached=detached, room=room)
-                _check_sizes(made.data_offset, made.header_size, spec.sector_size or 512,
-                             payload_size if detached else store.dev.size, detached)
-                plan = plan_add_key(made.header, key, secret,
-                                    slot_spec(kdf, spec.version, spec.cipher, spec.key_size),
-                                    slot)
-            finally:
-                wipe(secret)
+            spec = _sector_size(spec, hint or store.dev.sector_hint())
+            return _format(store, spec, kdf, new, detached, payload_size, volume_key_file,
+                           slot, force)
+        except BaseException:
+            if store.created:
+                os.unlink(header)
+            raise
+
+
+def _format(store: HeaderStore, spec: FormatSpec, kdf: KdfOptions, new: NewKey,
+            detached: bool, payload_size: int | None, volume_key_file: str | None,
+            slot: int | None, force: bool) -> Formatted:
+    before = _existing(store)
+    if _holds_luks(before) and not force:
+        raise ManageError(f"{store.source} already holds a LUKS header: formatting would "
+                          "destroy that volume (forcing it is possible)")
+    key = _volume_key(spec.key_size, volume_key_file)
+    try:
+        secret = new.read()
+        try:
+            spec = replace(spec, digest_iterations=digest_iterations(kdf, spec.key_size))
+            made = new_header(spec, key, detached=detached,
+                              room=None if store.grows() else store.dev.size)
+            _check_sizes(made.data_offset, made.header_size, spec.sector_size or 512,
+                         payload_size if detached else store.dev.size, detached)
+            plan = plan_add_key(made.header, key, secret,
+                                slot_spec(kdf, spec.version, spec.cipher, spec.key_size), slot)
         finally:
-            wipe(key)
-        if _existing(store) != before:
-            raise ManageError(f"{header} changed while it was being formatted: nothing "
-                              "was written")
-        store.grow(made.header_size)
-        store.apply([*made.wipe, *plan.steps], check=False)
-        vol: Volume = reread(store, DEFAULT_ARGON2_MAX_KIB)
-        assert plan.slot is not None
-        return Formatted(vol.uuid, plan.slot, made.data_offset, vol.version)
+            wipe(secret)
+    finally:
+        wipe(key)
+    if _existing(store) != before:
+        raise ManageError(f"{store.source} changed while it was being formatted: nothing "
+                          "was written")
+    store.grow(made.header_size)
+    store.apply([*made.wipe, *plan.steps], check=False)
+    store.verify(plan.steps)
+    vol: Volume = reread(store, DEFAULT_ARGON2_MAX_KIB)
+    assert plan.slot is not None
+    return Formatted(vol.uuid, plan.slot, made.data_offset, vol.version)
 
 
 def _volume_key(size: int, path: str | None) -> bytearray:

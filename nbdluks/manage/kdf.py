@@ -16,11 +16,13 @@ from ..luks import (
     ARGON2_MAX_PARALLEL,
     ARGON2_MIN_MEMORY,
     ARGON2_MIN_TIME,
+    PBKDF2_MAX_ITERATIONS,
     PBKDF2_MIN_ITERATIONS,
     Argon2,
     Pbkdf2,
     SlotSpec,
     argon2_cost,
+    hash_size,
     pbkdf2_iterations,
 )
 from .store import ManageError
@@ -52,11 +54,17 @@ class KdfOptions:
 
     def check(self, version: int) -> None:
         kind = self.kind(version)
+        size = hash_size(self.hash) if self.hash else None
+        if not size:  # unknown, or shake (no fixed size)
+            raise ManageError(f"hash {self.hash!r} is not available here")
+        if size < 20 and version == 1:
+            raise ManageError(f"LUKS1 needs a hash of 20 bytes or more, {self.hash} has {size}")
         if self.iter_time <= 0:
             raise ManageError(f"the iteration time must be above 0 ms, not {self.iter_time}")
-        low = PBKDF2_MIN_ITERATIONS if kind == "pbkdf2" else ARGON2_MIN_TIME
-        if self.force_iterations is not None and not low <= self.force_iterations < 2**32:
-            raise ManageError(f"forced {kind} iterations must be {low} to {2**32 - 1}, not "
+        low, high = ((PBKDF2_MIN_ITERATIONS, PBKDF2_MAX_ITERATIONS) if kind == "pbkdf2"
+                     else (ARGON2_MIN_TIME, 2**32 - 1))
+        if self.force_iterations is not None and not low <= self.force_iterations <= high:
+            raise ManageError(f"forced {kind} iterations must be {low} to {high}, not "
                               f"{self.force_iterations}")
         if self.memory is not None and not ARGON2_MIN_MEMORY <= self.memory <= ARGON2_MAX_MEMORY:
             raise ManageError(f"the Argon2 memory must be {ARGON2_MIN_MEMORY} to "
@@ -73,13 +81,13 @@ def _half_ram_kib() -> int:
         return DEFAULT_MEMORY
 
 
-def slot_kdf(opts: KdfOptions, version: int, key_size: int) -> Pbkdf2 | Argon2:
+def slot_kdf(opts: KdfOptions, version: int, key_size: int, hash_name: str) -> Pbkdf2 | Argon2:
     kind = opts.kind(version)
     salt = secrets.token_bytes(32)
     if kind == "pbkdf2":
-        iterations = opts.force_iterations or pbkdf2_iterations(opts.hash, key_size,
+        iterations = opts.force_iterations or pbkdf2_iterations(hash_name, key_size,
                                                                 opts.iter_time)
-        return Pbkdf2(opts.hash, iterations, salt)
+        return Pbkdf2(hash_name, iterations, salt)
     memory = min(opts.memory or DEFAULT_MEMORY, _half_ram_kib())
     parallel = opts.parallel or min(ARGON2_MAX_PARALLEL, os.cpu_count() or 1)
     if opts.force_iterations:
@@ -89,10 +97,14 @@ def slot_kdf(opts: KdfOptions, version: int, key_size: int) -> Pbkdf2 | Argon2:
     return Argon2(kind, time_cost, memory, parallel, salt)
 
 
-def slot_spec(opts: KdfOptions, version: int, cipher: str, key_size: int) -> SlotSpec:
+def slot_spec(opts: KdfOptions, vol_version: int, cipher: str, key_size: int,
+              luks1_hash: str = "") -> SlotSpec:
     """A new slot of a volume whose data uses `cipher` with `key_size`-byte keys:
-    its area is encrypted the same way (cryptsetup's default keyslot cipher)."""
-    return SlotSpec(slot_kdf(opts, version, key_size), cipher, key_size, opts.hash)
+    its area is encrypted the same way (cryptsetup's default keyslot cipher).
+    A LUKS1 slot hashes with its header's hash, whatever the option says."""
+    hash_name = luks1_hash if vol_version == 1 and luks1_hash else opts.hash
+    return SlotSpec(slot_kdf(opts, vol_version, key_size, hash_name), cipher, key_size,
+                    hash_name)
 
 
 def digest_iterations(opts: KdfOptions, key_size: int) -> int:

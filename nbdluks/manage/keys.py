@@ -41,7 +41,8 @@ def add_key(target: Target, keys: UnlockOptions, new: NewKey, kdf: KdfOptions,
         unlocked = volume_key(store, keys)
         secret = new.read()
         try:
-            spec = slot_spec(kdf, vol.version, vol.segment.cipher, len(unlocked.key))
+            spec = slot_spec(kdf, vol.version, vol.segment.cipher, len(unlocked.key),
+                             vol.hash_spec)
             plan = plan_add_key(header, unlocked.key, secret, spec, slot)
         finally:
             wipe(secret)
@@ -63,10 +64,13 @@ def change_key(target: Target, keys: UnlockOptions, new: NewKey, kdf: KdfOptions
             require(old is not None, "changing a key needs the passphrase or key file of "
                     "the key slot to change, not the volume key")
             assert old is not None
-            temp = header.free_slot()  # a free slot: the old one stays until the new works
+            # A free slot: the old one stays until the new one works. cryptsetup
+            # rewrites a full volume's slot in place; a crash there loses both keys.
+            temp = header.free_slot()
             secret = new.read()
             try:
-                spec = slot_spec(kdf, vol.version, vol.segment.cipher, len(unlocked.key))
+                spec = slot_spec(kdf, vol.version, vol.segment.cipher, len(unlocked.key),
+                                 vol.hash_spec)
                 priority = None
                 if isinstance(header, Luks2Header):
                     priority = header.slots[str(old)].get("priority")

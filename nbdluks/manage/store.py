@@ -19,14 +19,16 @@ from dataclasses import dataclass
 
 import structlog
 
+from .. import signals
 from ..block import BlockDevice
 from ..errors import NbdluksError
 from ..luks import HeaderError, Step, Sync, Volume, Write
 from ..nbd import UpstreamOptions, is_nbd_uri
-from ..unlock import HeaderCopy, SourceError, open_source, read_header
+from ..unlock import HeaderCopy, open_source, read_header
 
 log = structlog.get_logger("nbdluks.manage")
 LOCK_DIR = "/run/cryptsetup"
+PHDR_SIZE = 592  # LUKS1's binary header
 
 
 class ManageError(NbdluksError):
@@ -69,6 +71,7 @@ class HeaderStore:
     source: str
     dev: BlockDevice
     lock_fd: int | None = None
+    created: bool = False  # the file did not exist before
     vol: Volume | None = None
     raw: bytes = b""
 
@@ -77,19 +80,24 @@ class HeaderStore:
              ) -> HeaderStore:
         """Open `source` for writing and lock it. `create`: a local file that
         does not exist yet is created (empty, mode 0600)."""
-        if create and not is_nbd_uri(source) and not os.path.exists(source):
-            fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.close(fd)
+        created = create and not is_nbd_uri(source) and not os.path.exists(source)
+        if created:
+            try:
+                os.close(os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600))
+            except OSError as e:
+                raise ManageError(f"cannot create the header file {source}: {e.strerror}"
+                                  ) from None
         try:
             dev = open_source(source, read_only=False, upstream=upstream)
-        except SourceError as e:
-            if "read-only" in str(e).lower() or "permission" in str(e).lower():
-                raise ManageError(f"{source} cannot be written: {e}") from None
+        except BaseException:
+            if created:
+                os.unlink(source)
             raise
         if not dev.caps.writable:
             dev.close()
             raise ManageError(f"{source} is read-only: the header cannot be changed")
-        store = cls(source, dev)
+        store = cls(source, dev, created=created)
         try:
             store.lock_fd = _lock(dev, source)
         except BaseException:
@@ -124,7 +132,7 @@ class HeaderStore:
     def check_unchanged(self) -> None:
         """Refuse to write over a header someone else changed since it was read."""
         assert self.vol is not None
-        n = 592 if self.vol.version == 1 else 24
+        n = PHDR_SIZE if self.vol.version == 1 else 24
         buf = bytearray(n)
         self.dev.pread_into(memoryview(buf), 0)
         if bytes(buf) != self.raw[:n]:
@@ -132,14 +140,48 @@ class HeaderStore:
                 f"the header on {self.source} changed while this command ran (another "
                 "nbdluks or cryptsetup?): nothing was written; run it again")
 
+    def _header_end(self) -> int:
+        """Where the binary headers end: a write below it is the header's."""
+        assert self.vol is not None
+        if self.vol.version == 1:
+            return PHDR_SIZE
+        return 2 * (int(self.vol.json["config"]["json_size"]) + 4096)
+
     def apply(self, steps: list[Step], *, check: bool = True) -> None:
-        if check and self.vol is not None:
-            self.check_unchanged()
+        """Perform the steps. With `check`, the header is compared with what
+        was read before anything is written and again just before the header
+        itself is: on an NBD store (no lock) that shrinks the window in which
+        a concurrent change can be lost to the time key material takes to
+        write. Stop signals wait until the steps are done."""
+        check = check and self.vol is not None
+        end = self._header_end() if check else 0
+        with signals.held_back():
+            if check:
+                self.check_unchanged()
+            for step in steps:
+                if isinstance(step, Sync):
+                    self._sync()
+                    continue
+                if check and step.offset < end:
+                    self.check_unchanged()
+                    check = False
+                self.dev.pwrite(memoryview(step.data), step.offset)
+
+    def verify(self, steps: list[Step]) -> None:
+        """Read back what the steps left: on a store without a lock, a change
+        made by someone else at the same moment shows as bytes that are not
+        ours, and this change is reported as not made rather than as done."""
+        final: dict[int, bytes | bytearray] = {}
         for step in steps:
             if isinstance(step, Write):
-                self.dev.pwrite(memoryview(step.data), step.offset)
-            elif isinstance(step, Sync):
-                self._sync()
+                final[step.offset] = step.data  # the last write to a place counts
+        for offset, data in final.items():
+            got = bytearray(len(data))
+            self.dev.pread_into(memoryview(got), offset)
+            if got != data:
+                raise ConcurrentChangeError(
+                    f"another change to the header on {self.source} interfered with this "
+                    "one, which may not have been made: look with inspect, run it again")
 
     def _sync(self) -> None:
         if self.dev.caps.flush:

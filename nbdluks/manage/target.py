@@ -48,8 +48,9 @@ def current(store: HeaderStore) -> tuple[Volume, Header]:
 
 
 def write(store: HeaderStore, target: Target, plan: Plan, what: str) -> Volume:
-    """Perform `plan` and read the header back."""
+    """Perform `plan`, check that it landed, and read the header back."""
     store.apply(plan.steps)
+    store.verify(plan.steps)
     vol = reread(store, target.argon2_max_kib)
     log.info(what, source=target.header, keyslot=plan.slot, token=plan.token,
              version=vol.version)

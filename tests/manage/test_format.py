@@ -4,8 +4,10 @@ by an independent sector reader, and by nbdkit's luks filter and qemu."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -152,6 +154,12 @@ def test_existing_header_is_kept_without_force(tmp_path: Path) -> None:
     (("--type", "luks1", "--pbkdf", "argon2id"), 2, "LUKS1 key slots use pbkdf2 only"),
     (("--pbkdf-memory", "1"), 2, "Argon2 memory must be"),
     (("--luks2-metadata-size", "5000"), 2, "metadata size 5000"),
+    (("--hash", "shake128"), 2, "hash 'shake128' is not available here"),
+    (("--hash", "nonsense"), 2, "hash 'nonsense' is not available here"),
+    (("--label", "x" * 48), 2, "the label is 48 bytes long, at most 47 fit"),
+    (("--pbkdf-force-iterations", "2147483648"), 2, "must be 1000 to 2147483647"),
+    (("--uuid", "{8a8f3e4c-1d2b-4c5a-9e6f-7a8b9c0d1e2f}"), 2, "wrong LUKS UUID format"),
+    (("--cipher", "aes-cbc-essiv:shake128", "--key-size", "256"), 2, "essiv hash"),
     (("--offset", "131072"), 1, "payload holds"),
 ])
 def test_bad_options_are_one_line_and_write_nothing(
@@ -200,3 +208,34 @@ def test_a_header_with_only_its_secondary_copy_is_kept_too(tmp_path: Path) -> No
             *PBKDF2, check=False)
     assert p.returncode == 1 and "already holds a LUKS header" in p.stderr
     assert opens(made.payload, tmp_path / "vol.pass")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_hash_asked_for_is_the_headers(tmp_path: Path, version: int) -> None:
+    payload, key = _payload(tmp_path), keyfile(tmp_path, "pw")
+    cli("format", "--type", f"luks{version}", "--payload", payload, "--key-file", key,
+        "--hash", "sha512", *PBKDF2)
+    theirs = _payload(tmp_path, name="theirs")
+    run(["cryptsetup", "luksFormat", "-q", "--type", f"luks{version}", "--key-file", str(key),
+         "--hash", "sha512", *PBKDF2, str(theirs)])
+    hashes = [line.strip() for line in dump(payload).splitlines()
+              if "sha" in line and ("Hash" in line or "AF hash" in line)]
+    assert hashes and all("sha512" in h for h in hashes), hashes
+    assert hashes == [line.strip() for line in dump(theirs).splitlines()
+                      if "sha" in line and ("Hash" in line or "AF hash" in line)]
+    assert opens(payload, key)
+
+
+def test_a_stopped_format_fails_and_writes_nothing(tmp_path: Path) -> None:
+    """SIGINT during the KDF benchmark: exit 130, not a success; the header
+    file the format created is gone again."""
+    payload, key = _payload(tmp_path), keyfile(tmp_path, "pw")
+    header = tmp_path / "new.hdr"
+    proc = subprocess.Popen([sys.executable, "-m", "nbdluks", "format", "--header", str(header),
+                             "--payload", str(payload), "--key-file", str(key), "--iter-time",
+                             "20000", "--pbkdf", "pbkdf2"], stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert not header.exists() and payload.read_bytes() == bytes(32 * MiB)

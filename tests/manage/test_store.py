@@ -37,3 +37,42 @@ def test_a_concurrent_change_is_refused(tmp_path: Path, source: Callable[..., st
         assert digest(made.header_path) == after
     finally:
         store.close()
+
+
+def test_racing_changes_on_an_nbd_store_never_claim_a_lost_key(tmp_path: Path) -> None:
+    """Two add-keys at once on a header behind nbdkit whose writes take
+    150 ms (no lock on NBD): whichever reports success has its key working;
+    one that another change overtook says so instead of claiming success."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import need, wait_listening
+    from tests.manage.conftest import PBKDF2, opens
+
+    need("nbdkit")
+    made = luks_format(tmp_path, size=32 * MiB, detached=True)
+    sock = tmp_path / "slow.sock"
+    nbdkit = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock),
+                               "--filter=delay", "file", str(made.header_path),
+                               "delay-write=150ms"])
+    try:
+        wait_listening(nbdkit, str(sock), None, tmp_path / "nbdkit.log")
+        keys = [keyfile(tmp_path, f"racer{i}") for i in range(2)]
+        procs = []
+        for key in keys:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "nbdluks", "add-key", "--header",
+                 f"nbd+unix:///?socket={sock}", "--key-file", str(tmp_path / "vol.pass"),
+                 "--new-key-file", str(key), *PBKDF2], stderr=subprocess.PIPE, text=True))
+            time.sleep(0.04)
+        results = [(p.wait(120), p.stderr.read() if p.stderr else "") for p in procs]
+    finally:
+        nbdkit.kill()
+        nbdkit.wait()
+    assert opens(made.header_path, tmp_path / "vol.pass", made.payload)
+    for key, (status, err) in zip(keys, results, strict=True):
+        if status == 0:
+            assert opens(made.header_path, key, made.payload), "a success whose key is lost"
+        else:
+            assert "changed while" in err or "interfered" in err, err
