@@ -30,7 +30,7 @@ def main() -> int:
 
 
 def _stopped(signum: int) -> int:
-    """Exit 0, as a stop before serving does (and `serve --help` says); a
+    """Exit 0, as a stop before serving does (serve's help says so); a
     command that changes a volume and was cut short fails (128 + signal)."""
     words = [a for a in sys.argv[1:] if not a.startswith("-")]
     return 0 if not words or words[0] in _STOP_IS_CLEAN else 128 + signum

@@ -52,9 +52,10 @@ def test_wheel_carries_pages_and_completion(dist: Path) -> None:
     with zipfile.ZipFile(only(dist, "nbdluks-*.whl")) as z:
         names = z.namelist()
     data = [n.split(".data/data/", 1)[1] for n in names if ".data/data/" in n]
+    commands = ["serve", "inspect", "probe", "format", "add-key", "change-key", "remove-key",
+                "kill-slot", "bind", "unbind", "header-backup", "header-restore"]
     assert sorted(data) == sorted([
-        "share/man/man1/nbdluks.1", "share/man/man1/nbdluks-serve.1",
-        "share/man/man1/nbdluks-inspect.1", "share/man/man1/nbdluks-probe.1",
+        "share/man/man1/nbdluks.1", *(f"share/man/man1/nbdluks-{c}.1" for c in commands),
         "share/bash-completion/completions/nbdluks"])
     assert any(n.startswith("nbdluks/luks/_xtsloop") and n.endswith(".so") for n in names)
 
