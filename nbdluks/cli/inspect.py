@@ -35,6 +35,8 @@ def describe(vol: Volume) -> dict[str, Any]:
     }
     if vol.unservable is not None:
         out["unservable"] = vol.unservable
+    if vol.reencryption is not None:
+        out["reencryption"] = vol.reencryption.describe()
     if vol.version == 1:
         out["hash"] = vol.hash_spec
         d = vol.digests[0]
@@ -101,6 +103,17 @@ def copy_info(source: str, vol: Volume | None, problem: str, first: Volume) -> d
             "agrees": vol.identity() == first.identity()}
 
 
+def _reencryption_lines(state: dict[str, Any] | None) -> list[str]:
+    if state is None:
+        return []
+    lines = [f"Reencryption:   {state['mode']}, {state['direction']}, resilience "
+             f"{state['resilience']} ({state['requirement']})"
+             + (", a step was interrupted" if state["interrupted_step"] else "")]
+    for s in state["segments"]:
+        lines.append(f"  from {s['start']}: {s['size']} bytes at {s['offset']}, {s['key']} key")
+    return lines
+
+
 def render_text(info: dict[str, Any]) -> str:
     lines = [
         f"LUKS version:   {info['version']}",
@@ -121,6 +134,7 @@ def render_text(info: dict[str, Any]) -> str:
         f"Sector size:    {info['sector_size']}",
         f"Payload offset: {info['payload_offset']} [bytes]",
         f"Payload size:   {info['payload_size']}",
+        *_reencryption_lines(info.get("reencryption")),
         "Keyslots:",
     ]
     for ks in info["keyslots"]:

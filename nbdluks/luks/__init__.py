@@ -29,9 +29,11 @@ from .kdf import PBKDF2_MAX_ITERATIONS
 from .luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks2 import HDR_SIZES as LUKS2_HDR_SIZES
 from .seal import SlotSpec, new_volume_key
+from .segmented import SegmentedDevice, open_device
 from .unlock import (
     SlotsSkippedError,
     Unlocked,
+    reencryption_keys,
     unlock_with_passphrase,
     unlock_with_volume_key,
     wipe,
@@ -63,6 +65,7 @@ __all__ = [
     "LuksError",
     "Pbkdf2",
     "Plan",
+    "SegmentedDevice",
     "SlotSpec",
     "SlotsSkippedError",
     "Step",
@@ -78,6 +81,7 @@ __all__ = [
     "header_of",
     "new_header",
     "new_volume_key",
+    "open_device",
     "parse_header",
     "pbkdf2_iterations",
     "plan_add_key",
@@ -85,6 +89,7 @@ __all__ = [
     "plan_remove_key",
     "plan_replace_key",
     "probe_size",
+    "reencryption_keys",
     "unlock_with_passphrase",
     "unlock_with_volume_key",
     "wipe",

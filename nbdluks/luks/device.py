@@ -17,7 +17,7 @@ from ..block import BlockDevice, Buffer, Capabilities, RangeLock
 from .cipher import SectorCipher
 from .errors import HeaderError
 from .unlock import lock_in_memory, wipe
-from .volume import SECTOR, Volume
+from .volume import SECTOR, Segment, Volume
 
 # Largest run of sectors encrypted at once when writing zeroes.
 _ZERO_CHUNK = 4 * 1024 * 1024
@@ -27,13 +27,15 @@ class LuksDevice(BlockDevice):
     def __init__(
         self, payload: BlockDevice, vol: Volume, key: bytes | bytearray, *,
         read_only: bool = False, allow_discards: bool = False, attached: bool = False,
-        rmw_lock: RangeLock | None = None,
+        rmw_lock: RangeLock | None = None, segment: Segment | None = None,
+        size: int | None = None,
     ) -> None:
         """A view of `payload` through `key` (copied: the device keeps its own
         copy, mlocked where allowed, until seal() or close()). `rmw_lock`:
-        shared with the devices of other processes; else one of its own."""
+        shared with the devices of other processes; else one of its own.
+        `segment` and `size`: one segment of a volume in reencryption."""
         vol.check_servable()
-        seg = vol.segment
+        seg = segment or vol.segment
         self.payload = payload
         self.vol = vol
         self.read_only = read_only
@@ -46,7 +48,8 @@ class LuksDevice(BlockDevice):
                 f"the data segment (offset {seg.offset}) overlaps the header "
                 f"({vol.metadata_size} bytes)"
             )
-        self.size = _data_size(vol, payload.size)
+        self.size = size if size is not None else _data_size(vol, payload.size)
+        self._segment = segment
         self.iv_tweak = seg.iv_tweak
         self.cipher = SectorCipher(seg.cipher_spec(), key, ss, iv_step=ss // SECTOR)
         self._key: bytearray | None = bytearray(key)
@@ -87,15 +90,19 @@ class LuksDevice(BlockDevice):
             # (its memfd is inherited over fork).
             return LuksDevice(payload, self.vol, self._key, read_only=self.read_only,
                               allow_discards=self.allow_discards, attached=self.attached,
-                              rmw_lock=self._rmw)
+                              rmw_lock=self._rmw, segment=self._segment,
+                              size=self.size if self._segment else None)
         except BaseException:
             payload.close()
             raise
 
-    def seal(self) -> None:
+    def forget_key(self) -> None:
         if self._key is not None:
             wipe(self._key)
             self._key = None
+
+    def seal(self) -> None:
+        self.forget_key()
         self.payload.seal()
 
     def watch(self, report: Callable[[bool], object]) -> None:

@@ -11,12 +11,13 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import luks2_json
+from . import luks2_json, reencrypt
 from .cipher import CipherSpec
 from .errors import Argon2MemoryError, HeaderError, LuksError, NotLuksError, UnsupportedError
 from .hashes import digest_size
 from .kdf import PBKDF2_MAX_ITERATIONS
 from .luks2_json import BIN_SIZE
+from .reencrypt import Reencryption
 from .volume import (
     Argon2,
     Digest,
@@ -195,8 +196,12 @@ def _volume(copy: _Copy, argon2_max_kib: int) -> Volume:
     md = copy.metadata
     luks2_json.validate(md, copy.hdr_size - BIN_SIZE)
     seg_id = min(md["segments"], key=int)
-    segment, unservable = _segment(md, seg_id)
-    digests, broken = _digests(md["digests"], seg_id)
+    reenc, why = _reencryption(md)
+    segment, unservable = _segment(md, seg_id, reenc is not None or why is not None)
+    unservable = unservable or why
+    seg_ids = {seg_id} if reenc is None else {s for s in md["segments"] if any(
+        f in ("backup-previous", "backup-final") for f in md["segments"][s].get("flags", []))}
+    digests, broken = _digests(md["digests"], seg_ids)
     if unservable is None and not digests:
         unservable = "no usable digest covers the data segment" + (
             f" ({'; '.join(broken.values())})" if broken else "")
@@ -218,29 +223,64 @@ def _volume(copy: _Copy, argon2_max_kib: int) -> Volume:
         metadata_size=metadata_size, label=copy.label, subsystem=copy.subsystem,
         copy=copy.name, seqid=copy.seqid, checksum_alg=copy.checksum_alg, json=md,
         unusable=tuple(unusable), tokens=_tokens(md["tokens"]), unservable=unservable,
+        reencryption=reenc,
     )
 
 
-def _segment(md: dict[str, Any], seg_id: str) -> tuple[Segment, str | None]:
-    """The data segment, and why it cannot be served (None: it can)."""
-    seg = md["segments"][seg_id]
+def _reencryption(md: dict[str, Any]) -> tuple[Reencryption | None, str | None]:
+    """A reencryption in progress, and why it cannot be served (None: it can)."""
+    if reencrypt.requirement_version(md) is None:
+        return None, None
+    try:
+        state = reencrypt.parse(md, _make_segment)
+    except LuksError as e:
+        return None, f"it is being reencrypted: {e}"
+    if state.crashed:
+        return state, ("a step of its reencryption was interrupted: cryptsetup recovers it "
+                       "(cryptsetup repair, or a resumed reencryption) before it can be served")
+    for p in state.pieces:
+        if p.digest is None:
+            continue
+        if p.segment.sector_size not in SECTOR_SIZES:
+            return state, f"a segment has sector size {p.segment.sector_size}"
+        try:
+            p.segment.cipher_spec()
+        except LuksError as e:
+            return state, f"a segment: {e}"
+    return state, None
+
+
+def _make_segment(seg: dict[str, Any]) -> Segment:
     size_s = seg["size"]
-    sector_size = seg.get("sector_size", 512)
-    segment = Segment(
+    return Segment(
         offset=luks2_json.u64(seg["offset"]),
         size=None if size_s == "dynamic" else luks2_json.u64(size_s),
         iv_tweak=luks2_json.strtoull(str(seg.get("iv_tweak", "0"))) or 0,
-        cipher=seg.get("encryption", ""), sector_size=sector_size,
+        cipher=seg.get("encryption", ""), sector_size=seg.get("sector_size", 512),
     )
+
+
+def _segment(md: dict[str, Any], seg_id: str, reencrypting: bool
+             ) -> tuple[Segment, str | None]:
+    """The data segment, and why it cannot be served (None: it can)."""
+    seg = md["segments"][seg_id]
+    segment = _make_segment(seg)
+    sector_size = segment.sector_size
     mandatory = md["config"].get("requirements", {}).get("mandatory", [])
+    others = [f for f in mandatory if not f.startswith("online-reencrypt")] if reencrypting \
+        else mandatory
     why = None
-    if mandatory:
+    if others:
         why = ("it has mandatory requirements this server does not implement: "
-               + ", ".join(mandatory))
+               + ", ".join(others))
+    elif reencrypting:
+        why = None  # the segments are checked with the reencryption (reencrypt.py)
     elif len(md["segments"]) != 1:
         why = (f"it has {len(md['segments'])} segments (reencryption in progress?); only one "
                "crypt segment is supported")
-    elif seg["type"] != "crypt":
+    if why is not None or reencrypting:
+        return segment, why
+    if seg["type"] != "crypt":
         why = f"segment {seg_id} has type {seg['type']!r}, not crypt"
     elif "integrity" in seg:
         why = f"segment {seg_id} uses dm-integrity ({seg['integrity']['type']}), not supported"
@@ -254,13 +294,13 @@ def _segment(md: dict[str, Any], seg_id: str) -> tuple[Segment, str | None]:
     return segment, why
 
 
-def _digests(digests_j: dict[str, Any], seg_id: str
+def _digests(digests_j: dict[str, Any], seg_ids: set[str]
              ) -> tuple[list[Digest], dict[str, str]]:
-    """The usable digests of the data segment, and why others are not usable."""
+    """The usable digests of the data segments, and why others are not usable."""
     usable: list[Digest] = []
     broken: dict[str, str] = {}
     for did, d in digests_j.items():
-        if seg_id not in d["segments"]:
+        if not seg_ids & set(d["segments"]):
             continue  # for some other purpose (an unbound key)
         try:
             if d["type"] != "pbkdf2":
@@ -270,7 +310,7 @@ def _digests(digests_j: dict[str, Any], seg_id: str
                 _iterations(d.get("iterations"), f"digest {did} iterations"),
                 _b64(d.get("salt"), f"digest {did} salt"),
                 _b64(d.get("digest"), f"digest {did} digest"),
-                tuple(int(r) for r in d["keyslots"]),
+                tuple(int(r) for r in d["keyslots"]), did,
             ))
         except LuksError as e:
             broken[did] = f"digest {did}: {e}"

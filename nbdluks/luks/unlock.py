@@ -12,11 +12,11 @@ import ctypes.util
 import hashlib
 import hmac
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import af
+from . import af, reencrypt
 from .cipher import CipherSpec, SectorCipher
-from .errors import LuksError, UnsupportedError, WrongKeyError
+from .errors import HeaderError, LuksError, UnsupportedError, WrongKeyError
 from .kdf import derive
 from .volume import SECTOR, Digest, Keyslot, Volume
 
@@ -28,9 +28,13 @@ _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 class Unlocked:
     key: bytearray
     keyslot: int | None  # None: the volume key was given directly
+    # A volume in reencryption: digest id -> key, for each key its segments use.
+    keys: dict[str, bytearray] = field(default_factory=dict)
 
     def wipe(self) -> None:
         wipe(self.key)
+        for key in self.keys.values():
+            wipe(key)
 
 
 def wipe(buf: bytearray) -> None:
@@ -127,6 +131,42 @@ def unlock_with_passphrase(
         raise SlotsSkippedError(f"no key slot matches this passphrase; not tried: {why}",
                                 skipped)
     raise WrongKeyError("no key slot matches this passphrase")
+
+
+def reencryption_keys(vol: Volume, passphrase: bytes | bytearray,
+                      read_area: Callable[[Keyslot], bytes], first: Unlocked
+                      ) -> dict[str, bytearray]:
+    """Both keys of a volume in reencryption, from one passphrase (cryptsetup
+    gives the new key slots the old ones' passphrases), checked against the
+    header's reencryption digest."""
+    state = vol.reencryption
+    assert state is not None and first.keyslot is not None
+    keys = {d.id: bytearray(first.key) for d in vol.digests_for(first.keyslot)}
+    wanted = {d for d in (state.old_digest, state.new_digest) if d is not None}
+    try:
+        for slot in slot_order(vol):
+            missing = wanted - set(keys)
+            if not missing:
+                break
+            ids = {d.id for d in vol.digests_for(slot.id)}
+            if ids & missing:
+                key = open_slot(vol, slot, passphrase, read_area(slot))
+                if key is not None:
+                    keys.update({i: bytearray(key) for i in ids})
+                    wipe(key)
+        if wanted - set(keys):
+            raise WrongKeyError("the volume is being reencrypted: this passphrase opens only "
+                                "one of its two keys")
+        old = keys.get(state.old_digest or "")
+        new = keys.get(state.new_digest or "")
+        if not reencrypt.verify(state, old, new):
+            raise HeaderError("the reencryption's verification digest does not match its "
+                              "keys and parameters: refused (a forged or damaged header)")
+    except BaseException:
+        for key in keys.values():
+            wipe(key)
+        raise
+    return keys
 
 
 def unlock_with_volume_key(vol: Volume, key: bytes | bytearray) -> Unlocked:

@@ -63,6 +63,7 @@ class Digest:
     salt: bytes
     digest: bytes
     keyslots: tuple[int, ...]
+    id: str = "0"  # LUKS2: its id in the header (the key of a segment in reencryption)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,7 @@ class Volume:
     tokens: tuple[Token, ...] = ()
     # Why the volume, valid as a header, cannot be served (None: it can).
     unservable: str | None = None
+    reencryption: Any = None  # reencrypt.Reencryption: a reencryption in progress
 
     def check_servable(self) -> None:
         """Raise the reason a valid header still cannot be served."""

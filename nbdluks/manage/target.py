@@ -30,7 +30,10 @@ def opened(target: Target) -> Iterator[HeaderStore]:
     """The header, open, locked and read."""
     store = HeaderStore.open(target.header, target.upstream)
     try:
-        store.read(target.argon2_max_kib)
+        vol = store.read(target.argon2_max_kib)
+        require(vol.reencryption is None, f"{target.header} is being reencrypted: its key "
+                "slots change when the reencryption finishes (cryptsetup reencrypt "
+                "--resume-only)")
         yield store
     finally:
         store.close()

@@ -12,11 +12,12 @@ import structlog
 
 from ..luks import (
     DEFAULT_ARGON2_MAX_KIB,
-    LuksDevice,
     LuksError,
     Unlocked,
     Volume,
     WrongKeyError,
+    open_device,
+    reencryption_keys,
     unlock_with_passphrase,
     unlock_with_volume_key,
     wipe,
@@ -61,8 +62,8 @@ def unlock(copies: Sequence[HeaderCopy], keys: UnlockOptions) -> tuple[HeaderCop
     read once), or with no key given through its tokens; the error of the
     first copy when none does."""
     if not keys.given():
-        return _first_copy(copies, lambda c: unlock_with_tokens(
-            _servable(c), c.read_area, keys.tokens, keys.key_slot))
+        return _first_copy(copies, lambda c: _one_key(_servable(c), unlock_with_tokens(
+            _servable(c), c.read_area, keys.tokens, keys.key_slot)))
     if keys.volume_key_file:
         secret = read_secret(keys.volume_key_file)
     elif keys.key_file:
@@ -96,6 +97,15 @@ def _first_copy(copies: Sequence[HeaderCopy], attempt: Callable[[HeaderCopy], Un
     raise first
 
 
+def _one_key(vol: Volume, unlocked: Unlocked) -> Unlocked:
+    """A token gives one key; a volume in reencryption needs two."""
+    if vol.reencryption is not None:
+        unlocked.wipe()
+        raise WrongKeyError("the volume is being reencrypted: its two keys come from a "
+                            "passphrase or key file, not through a token")
+    return unlocked
+
+
 def _servable(copy: HeaderCopy) -> Volume:
     assert copy.vol is not None
     copy.vol.check_servable()
@@ -105,8 +115,20 @@ def _servable(copy: HeaderCopy) -> Volume:
 def _unlock_copy(copy: HeaderCopy, secret: bytearray, keys: UnlockOptions) -> Unlocked:
     vol = _servable(copy)
     if keys.volume_key_file:
-        return unlock_with_volume_key(vol, secret)
-    return unlock_with_passphrase(vol, secret, copy.read_area, keys.key_slot)
+        unlocked = unlock_with_volume_key(vol, secret)
+    else:
+        unlocked = unlock_with_passphrase(vol, secret, copy.read_area, keys.key_slot)
+    if vol.reencryption is not None:
+        if unlocked.keyslot is None:
+            unlocked.wipe()
+            raise WrongKeyError("the volume is being reencrypted: its two keys come from a "
+                                "passphrase, not from one volume key")
+        try:
+            unlocked.keys = reencryption_keys(vol, secret, copy.read_area, unlocked)
+        except BaseException:
+            unlocked.wipe()
+            raise
+    return unlocked
 
 
 def key_check(copies: Sequence[HeaderCopy], keys: UnlockOptions
@@ -121,8 +143,9 @@ def key_check(copies: Sequence[HeaderCopy], keys: UnlockOptions
         vol, dev = copy.vol, copy.dev
         assert vol is not None and dev is not None
         if dev.size > vol.segment.offset > 0:  # a whole volume, not a detached header
-            LuksDevice(dev, vol, unlocked.key, read_only=True, attached=True).close()
-            copy.dev = None  # closed with the LuksDevice
+            open_device(dev, vol, unlocked.key, unlocked.keys, read_only=True,
+                        attached=True).close()
+            copy.dev = None  # closed with the device
     except LuksError as e:
         return {"ok": False, "reason": f"the key opens, but serve would refuse: {e}"}, e
     finally:

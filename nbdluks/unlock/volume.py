@@ -11,6 +11,7 @@ source is one line, not a client's I/O error.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import queue
 import threading
@@ -23,11 +24,11 @@ import structlog
 
 from ..block import BlockDevice
 from ..errors import NbdluksError
-from ..luks import Argon2, LuksDevice, Unlocked, Volume
+from ..luks import Argon2, Unlocked, Volume, open_device
 from ..nbd import UpstreamOptions
 from .headers import HeaderCopy, read_copies
 from .keys import UnlockOptions, unlock
-from .sources import open_source
+from .sources import SourceError, open_source
 
 log = structlog.get_logger("nbdluks.open")
 
@@ -81,6 +82,7 @@ class OpenVolume:
         self.size = template.size
         self.multi_process = template.multi_open
         self._fields = self._describe(template)
+        self.lock_fd: int | None = None  # cryptsetup's reencryption lock, held shared
 
     @property
     def name(self) -> str:
@@ -134,6 +136,9 @@ class OpenVolume:
         if self._template is not None:
             self._template.close()
             self._template = None
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
 
 class MemoryGate:
@@ -174,18 +179,50 @@ def open_volume(config: VolumeConfig, gate: MemoryGate | None = None) -> OpenVol
     assert config.payload is not None
     copy, unlocked, took = _unlock(config, gate)
     assert copy.vol is not None
+    lock = None
     try:
+        if copy.vol.reencryption is not None:
+            lock = reencryption_lock(copy.vol.uuid)
         payload = open_source(config.payload, read_only=opts.read_only, upstream=opts.upstream)
         try:
-            dev = LuksDevice(payload, copy.vol, unlocked.key, read_only=opts.read_only,
-                             allow_discards=opts.allow_discards,
-                             attached=_same_source(copy.source, config.payload))
+            dev = open_device(payload, copy.vol, unlocked.key, unlocked.keys,
+                              read_only=opts.read_only, allow_discards=opts.allow_discards,
+                              attached=_same_source(copy.source, config.payload))
         except BaseException:
             payload.close()
             raise
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
     finally:
         unlocked.wipe()  # the device has its own copy
-    return OpenVolume(config, dev, copy.vol, unlocked.keyslot, took)
+    opened = OpenVolume(config, dev, copy.vol, unlocked.keyslot, took)
+    opened.lock_fd = lock
+    return opened
+
+
+REENCRYPTION_LOCK = "/run/cryptsetup/LN_LUKS2-reencryption-{uuid}"
+
+
+def reencryption_lock(uuid: str) -> int | None:
+    """cryptsetup's reencryption lock, held shared while the volume is served:
+    a `cryptsetup reencrypt` (which takes it exclusively) cannot start, and
+    one running refuses us. None where the lock directory cannot be made."""
+    path = REENCRYPTION_LOCK.format(uuid=uuid)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        log.warning("cryptsetup's reencryption lock not taken", path=path, error=e.strerror)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SourceError("cryptsetup is reencrypting this volume now (it holds the "
+                          f"reencryption lock {path}): it cannot be served meanwhile") from None
+    return fd
 
 
 def _unlock(config: VolumeConfig, gate: MemoryGate | None
