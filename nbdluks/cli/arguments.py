@@ -13,6 +13,7 @@ from ..unlock import TokenOptions, UnlockOptions
 from .lifecycle import (
     bind_args,
     format_args,
+    key_file_args,
     new_key_args,
     pbkdf_args,
     unbind_args,
@@ -191,21 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _format_key_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("the first key (a file, /dev/fd/N or -; default: typed twice "
-                             "on the terminal)")
-    x = g.add_mutually_exclusive_group()
-    x.add_argument("--passphrase-file", metavar="F", help="its first line")
-    x.add_argument("--key-file", metavar="F", help="its bytes, exactly")
-    g.add_argument("--keyfile-offset", type=int, default=0, metavar="N",
-                   help="skip N bytes of the key file")
-    g.add_argument("--keyfile-size", type=int, metavar="N", help="read N bytes of the key file")
-
-
 def _lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     fmt = sub.add_parser("format", help="make a new LUKS volume (cryptsetup luksFormat)")
     volume_args(fmt)
-    _format_key_args(fmt)
+    key_file_args(fmt, "first")
     format_args(fmt)
     pbkdf_args(fmt)
     _log_args(fmt)

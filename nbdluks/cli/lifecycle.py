@@ -56,16 +56,24 @@ def pbkdf_args(p: argparse.ArgumentParser) -> None:
                    help="Argon2 threads (default: up to 4, one per CPU)")
 
 
-def new_key_args(p: argparse.ArgumentParser, *, slot: bool = True) -> None:
-    g = p.add_argument_group("the new key (a file, /dev/fd/N or -; default: typed twice "
-                             "on the terminal)")
+def key_file_args(p: argparse.ArgumentParser, which: str, prefix: str = ""
+                  ) -> argparse._ArgumentGroup:
+    """Where a key that is being set comes from: a passphrase file, a key
+    file (part of one), or the terminal, asked twice."""
+    g = p.add_argument_group(f"the {which} key (a file, /dev/fd/N or -; default: typed "
+                             "twice on the terminal)")
     x = g.add_mutually_exclusive_group()
-    x.add_argument("--new-passphrase-file", metavar="F", help="its first line")
-    x.add_argument("--new-key-file", metavar="F", help="its bytes, exactly")
-    g.add_argument("--new-keyfile-offset", type=int, default=0, metavar="N",
-                   help="skip N bytes of the new key file")
-    g.add_argument("--new-keyfile-size", type=int, metavar="N",
-                   help="read N bytes of the new key file")
+    x.add_argument(f"--{prefix}passphrase-file", metavar="F", help="its first line")
+    x.add_argument(f"--{prefix}key-file", metavar="F", help="its bytes, exactly")
+    g.add_argument(f"--{prefix}keyfile-offset", type=int, default=0, metavar="N",
+                   help="skip N bytes of the key file")
+    g.add_argument(f"--{prefix}keyfile-size", type=int, metavar="N",
+                   help="read N bytes of the key file")
+    return g
+
+
+def new_key_args(p: argparse.ArgumentParser, *, slot: bool = True) -> None:
+    g = key_file_args(p, "new", "new-")
     if slot:
         g.add_argument("--new-key-slot", type=int, metavar="N",
                        help="the slot for the new key (default: the first free)")

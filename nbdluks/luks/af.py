@@ -14,15 +14,6 @@ import hashlib
 import secrets
 
 
-def _diffuse(chunks: list[tuple[hashlib._Hash, int, int]], mixed: bytes, key_size: int) -> int:
-    out = bytearray(key_size)
-    for prepared, start, end in chunks:
-        h = prepared.copy()
-        h.update(mixed[start:end])
-        out[start:end] = h.digest()[: end - start]
-    return int.from_bytes(out, "big")
-
-
 def _chunks(key_size: int, hash_name: str) -> list[tuple[hashlib._Hash, int, int]]:
     """Each chunk's hash with its index already in it: copy() is cheaper than new()."""
     size = hashlib.new(hash_name).digest_size
@@ -36,26 +27,31 @@ def split(key: bytes | bytearray, stripes: int, hash_name: str) -> bytearray:
     key_size = len(key)
     chunks = _chunks(key_size, hash_name)
     material = bytearray(secrets.token_bytes(key_size * (stripes - 1)))
-    view = memoryview(material)
-    d = 0
-    for s in range(stripes - 1):
-        mixed = (d ^ int.from_bytes(view[s * key_size : (s + 1) * key_size], "big")
-                 ).to_bytes(key_size, "big")
-        d = _diffuse(chunks, mixed, key_size)
-    view.release()
+    d = _fold(material, key_size, stripes - 1, chunks)
     material += (d ^ int.from_bytes(key, "big")).to_bytes(key_size, "big")
     return material
+
+
+def _fold(material: bytes | bytearray, key_size: int, stripes: int,
+          chunks: list[tuple[hashlib._Hash, int, int]]) -> int:
+    """d after `stripes` stripes: d = H(d XOR stripe), from d = 0."""
+    with memoryview(material) as view:
+        d = 0
+        for s in range(stripes):  # one loop, no calls: this is an unlock's cost
+            mixed = (d ^ int.from_bytes(view[s * key_size : (s + 1) * key_size], "big")
+                     ).to_bytes(key_size, "big")
+            out = bytearray(key_size)
+            for prepared, start, end in chunks:
+                h = prepared.copy()
+                h.update(mixed[start:end])
+                out[start:end] = h.digest()[: end - start]
+            d = int.from_bytes(out, "big")
+    return d
 
 
 def merge(material: bytes | bytearray, key_size: int, stripes: int, hash_name: str) -> bytearray:
     if len(material) < key_size * stripes:
         raise ValueError("key material shorter than key_size * stripes")
-    chunks = _chunks(key_size, hash_name)
-    view = memoryview(material)
-    d = 0
-    for s in range(stripes - 1):
-        mixed = (d ^ int.from_bytes(view[s * key_size : (s + 1) * key_size], "big")
-                 ).to_bytes(key_size, "big")
-        d = _diffuse(chunks, mixed, key_size)
-    last = int.from_bytes(view[(stripes - 1) * key_size : stripes * key_size], "big")
+    d = _fold(material, key_size, stripes - 1, _chunks(key_size, hash_name))
+    last = int.from_bytes(material[(stripes - 1) * key_size : stripes * key_size], "big")
     return bytearray((d ^ last).to_bytes(key_size, "big"))
