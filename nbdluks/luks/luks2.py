@@ -236,8 +236,8 @@ def _reencryption(md: dict[str, Any]) -> tuple[Reencryption | None, str | None]:
     except LuksError as e:
         return None, f"it is being reencrypted: {e}"
     if state.crashed:
-        return state, ("a step of its reencryption was interrupted: cryptsetup recovers it "
-                       "(cryptsetup repair, or a resumed reencryption) before it can be served")
+        return state, ("a step of its reencryption was interrupted (or cryptsetup is running "
+                       "it now): cryptsetup repair recovers it before it can be served")
     for p in state.pieces:
         if p.digest is None:
             continue

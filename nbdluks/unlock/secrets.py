@@ -7,6 +7,7 @@ from the command line and never appear in messages.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import termios
 
@@ -56,6 +57,8 @@ def ends_in_newline(path: str) -> bool:
     if path == "-":
         return False
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False  # a FIFO or /dev/fd/N: read once already, opening it again waits
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             if f.tell() == 0:

@@ -26,7 +26,7 @@ from ..block import BlockDevice
 from ..errors import NbdluksError
 from ..luks import Argon2, Unlocked, Volume, open_device
 from ..nbd import UpstreamOptions
-from .headers import HeaderCopy, read_copies
+from .headers import HeaderCopy, read_copies, read_copy
 from .keys import UnlockOptions, unlock
 from .sources import SourceError, open_source
 
@@ -83,6 +83,7 @@ class OpenVolume:
         self.multi_process = template.multi_open
         self._fields = self._describe(template)
         self.lock_fd: int | None = None  # cryptsetup's reencryption lock, held shared
+        self.lock_pid = os.getpid()
 
     @property
     def name(self) -> str:
@@ -137,7 +138,10 @@ class OpenVolume:
             self._template.close()
             self._template = None
         if self.lock_fd is not None:
-            os.close(self.lock_fd)
+            if os.getpid() == self.lock_pid:  # the process that took it
+                release_lock(self.lock_fd, self.header.uuid if self.header else "")
+            else:  # a worker's copy: the parent still holds the lock
+                os.close(self.lock_fd)
             self.lock_fd = None
 
 
@@ -183,6 +187,7 @@ def open_volume(config: VolumeConfig, gate: MemoryGate | None = None) -> OpenVol
     try:
         if copy.vol.reencryption is not None:
             lock = reencryption_lock(copy.vol.uuid)
+            _unchanged(copy, config)  # what was unlocked is what the lock now guards
         payload = open_source(config.payload, read_only=opts.read_only, upstream=opts.upstream)
         try:
             dev = open_device(payload, copy.vol, unlocked.key, unlocked.keys,
@@ -200,6 +205,19 @@ def open_volume(config: VolumeConfig, gate: MemoryGate | None = None) -> OpenVol
     opened = OpenVolume(config, dev, copy.vol, unlocked.keyslot, took)
     opened.lock_fd = lock
     return opened
+
+
+def _unchanged(copy: HeaderCopy, config: VolumeConfig) -> None:
+    """The header read again once the reencryption lock is held: a
+    cryptsetup that moved the reencryption on (or finished it) between our
+    read and our lock leaves another segment layout, which must not be served."""
+    assert copy.vol is not None
+    again = read_copy(copy.source, config.keys.argon2_max_kib, config.options.upstream)
+    again.close()
+    if again.vol is None or (again.vol.seqid, again.vol.json) != (copy.vol.seqid,
+                                                                 copy.vol.json):
+        raise SourceError(f"the header of {copy.source} changed while the volume was being "
+                          "opened (cryptsetup reencrypting it?): start again")
 
 
 REENCRYPTION_LOCK = "/run/cryptsetup/LN_LUKS2-reencryption-{uuid}"
@@ -223,6 +241,18 @@ def reencryption_lock(uuid: str) -> int | None:
         raise SourceError("cryptsetup is reencrypting this volume now (it holds the "
                           f"reencryption lock {path}): it cannot be served meanwhile") from None
     return fd
+
+
+def release_lock(fd: int, uuid: str) -> None:
+    """Let the lock go; its file goes too when nobody else holds it (as
+    cryptsetup removes its lock files)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(REENCRYPTION_LOCK.format(uuid=uuid))
+    except OSError:
+        pass  # held by another process (or gone): it stays theirs
+    finally:
+        os.close(fd)
 
 
 def _unlock(config: VolumeConfig, gate: MemoryGate | None

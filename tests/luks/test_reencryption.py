@@ -179,3 +179,43 @@ def test_key_slots_do_not_change_during_a_reencryption(tmp_path: Path) -> None:
                         str(made.payload.with_suffix(".pass")), "--new-key-file", str(new)],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "is being reencrypted" in p.stderr
+
+
+def test_the_lock_file_goes_with_the_server(tmp_path: Path, nbdluks: Callable[..., Any]) -> None:
+    made, _ = reencrypting(tmp_path, "journal", signal.SIGINT)
+    uuid = json.loads(run([*NBDLUKS, "inspect", str(made.payload), "--json"]).stdout)["uuid"]
+    lock = Path(f"/run/cryptsetup/LN_LUKS2-reencryption-{uuid}")
+    served = nbdluks("--payload", str(made.payload), "--key-file",
+                     str(made.payload.with_suffix(".pass")))
+    assert lock.exists()
+    assert served.stop() == 0
+    assert not lock.exists()
+
+
+def test_a_header_that_moves_on_while_opening_is_not_served(tmp_path: Path) -> None:
+    """The header is read, then the key (here from a FIFO nobody writes yet);
+    cryptsetup finishes the reencryption meanwhile: what was read is stale,
+    and serving it would hand out ciphertext as plaintext."""
+    import os
+    import threading
+
+    made, _ = reencrypting(tmp_path, "checksum", signal.SIGINT)
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([*NBDLUKS, "serve", "--payload", str(made.payload), "--key-file",
+                             str(fifo), "-k", str(tmp_path / "s.sock"), "--processes", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(2)  # started and waiting for its key, the header read
+    run(["cryptsetup", "reencrypt", "--resume-only", "--force-offline-reencrypt", "-q",
+         "--key-file", str(made.payload.with_suffix(".pass")), str(made.payload)], timeout=300)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(
+        made.payload.with_suffix(".pass").read_bytes()))
+    writer.start()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        writer.join(5)
+    assert proc.returncode == 1, err
+    assert any(why in err for why in ("changed while the volume was being opened",
+                                      "only one of", "no key slot matches")), err

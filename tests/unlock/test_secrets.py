@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdluks.unlock.secrets import SecretError, read_secret
+from nbdluks.unlock.secrets import SecretError, ends_in_newline, read_secret
 
 
 def test_passphrase_file_is_its_first_line(tmp_path: Path) -> None:
@@ -40,3 +40,11 @@ def test_fd_and_errors_never_show_content(tmp_path: Path) -> None:
     with pytest.raises(SecretError, match="cannot open") as e:
         read_secret(str(tmp_path / "missing"))
     assert "missing" in str(e.value)
+
+
+def test_a_fifo_is_not_opened_again_to_look_for_a_newline(tmp_path: Path) -> None:
+    """The hint after a wrong key looks at the key file's last byte: a FIFO
+    (read once already) would block that look forever."""
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    assert ends_in_newline(str(fifo)) is False
