@@ -228,6 +228,24 @@ class Upstream:
 
 
 @pytest.fixture
+def tang(tmp_path: Path) -> Iterator[Callable[[str], Any]]:
+    """Tang servers started by name (tests.unlock.test_tokens.Tang: tangd
+    behind socat on loopback); all are stopped after the test."""
+    from tests.unlock.test_tokens import TANGD, Tang
+
+    need("clevis", "socat", TANGD)
+    started: list[Tang] = []
+
+    def start(name: str) -> Tang:
+        started.append(Tang(tmp_path, name))
+        return started[-1]
+
+    yield start
+    for t in started:
+        t.stop()
+
+
+@pytest.fixture
 def upstreams() -> Iterator[list[Upstream]]:
     """Upstream servers a test starts; killed at the end."""
     started: list[Upstream] = []

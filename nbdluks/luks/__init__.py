@@ -29,7 +29,7 @@ from .kdf import PBKDF2_MAX_ITERATIONS
 from .luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks2 import HDR_SIZES as LUKS2_HDR_SIZES
 from .seal import SlotSpec, new_volume_key
-from .segmented import SegmentedDevice, open_device
+from .segmented import open_device
 from .unlock import (
     SlotsSkippedError,
     Unlocked,
@@ -65,7 +65,6 @@ __all__ = [
     "LuksError",
     "Pbkdf2",
     "Plan",
-    "SegmentedDevice",
     "SlotSpec",
     "SlotsSkippedError",
     "Step",

@@ -178,7 +178,7 @@ class Luks1Header:
 
     @property
     def key_bytes(self) -> int:
-        return int.from_bytes(self.phdr[108:112], "big")
+        return int(luks1.PHDR.unpack_from(self.phdr)[6])
 
     def slot(self, i: int) -> Luks1Slot:
         return luks1_slot(self.phdr, i)

@@ -53,12 +53,6 @@ class Reencryption:
     verification: Digest | None
     md: dict[str, Any]
 
-    @property
-    def done(self) -> int:
-        """Bytes already in the new form (forward from the start, backward from the end)."""
-        new = [p for p in self.pieces if p.digest == self.new_digest]
-        return sum(p.segment.size or 0 for p in new)
-
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "direction": self.direction, "resilience": self.resilience,
                 "requirement": f"online-reencrypt-v{self.version}",

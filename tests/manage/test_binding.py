@@ -4,29 +4,13 @@ cryptsetup and nbdluks' own token unlock, against real tangd servers."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import need, run
+from tests.conftest import run
 from tests.luks.reference import luks_format
 from tests.manage.conftest import ARGON2, PBKDF2, MiB, cli, digest, dump, keyfile, opens
-from tests.unlock.test_tokens import TANGD, Tang
-
-
-@pytest.fixture
-def tang(tmp_path: Path) -> Iterator[Callable[[str], Tang]]:
-    need("clevis", "socat", TANGD)
-    started: list[Tang] = []
-
-    def start(name: str) -> Tang:
-        started.append(Tang(tmp_path, name))
-        return started[-1]
-
-    yield start
-    for t in started:
-        t.stop()
+from tests.unlock.test_tokens import Tang
 
 
 def thp(t: Tang) -> str:

@@ -9,7 +9,7 @@ import base64
 import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +27,6 @@ SECRET = os.urandom(48)  # any bytes, as a LUKS passphrase clevis generates or n
 def _tools() -> None:
     need("clevis", "jose", "socat", "curl", "openssl", TANGD)
 
-
-@pytest.fixture
-def tang(tmp_path: Path) -> Iterator[Callable[[str], Tang]]:
-    """Start Tang servers by name; all are ended after the test."""
-    started: list[Tang] = []
-
-    def start(name: str) -> Tang:
-        started.append(Tang(tmp_path, name))
-        return started[-1]
-
-    yield start
-    for t in started:
-        if t.proc is not None and t.proc.poll() is None:
-            t.proc.kill()
-            t.proc.wait()
 
 
 def b64d(text: str) -> bytes:
