@@ -16,6 +16,7 @@ from .lifecycle import (
     key_file_args,
     new_key_args,
     pbkdf_args,
+    reencrypt_args,
     unbind_args,
     volume_args,
 )
@@ -232,6 +233,12 @@ def _lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     unbind_args(unb)
     volume_args(unb)
     _log_args(unb)
+    ren = sub.add_parser("reencrypt", help="rotate the volume key: every sector rewritten "
+                         "under a new one, resumable after a crash (cryptsetup reencrypt)")
+    volume_args(ren)
+    _key_args(ren)
+    reencrypt_args(ren)
+    _log_args(ren)
     for name, what in (("header-backup", "save the header and key slots (luksHeaderBackup)"),
                        ("header-restore", "put a header backup back (luksHeaderRestore)")):
         p = sub.add_parser(name, help=what)

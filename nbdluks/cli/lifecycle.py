@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 
 from ..luks import FormatSpec, LuksError
+from ..luks.rotation import RESILIENCES
 from ..manage import (
     KDF_TYPES,
     PINS,
     KdfOptions,
     ManageError,
     NewKey,
+    ReencryptOptions,
     Target,
     add_key,
     bind,
@@ -21,6 +23,7 @@ from ..manage import (
     header_backup,
     header_restore,
     kill_slot,
+    reencrypt,
     remove_key,
     unbind,
 )
@@ -28,7 +31,9 @@ from ..nbd import UpstreamOptions
 from .options import UsageError, check_args, unlock_options
 
 COMMANDS = ("format", "add-key", "change-key", "remove-key", "kill-slot", "header-backup",
-            "header-restore", "bind", "unbind")
+            "header-restore", "bind", "unbind", "reencrypt")
+_REENCRYPT = ReencryptOptions()
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _KDF = KdfOptions()
 
 
@@ -123,6 +128,62 @@ def unbind_args(p: argparse.ArgumentParser) -> None:
                    help="even when its key slots are the last ones (the data is then lost)")
 
 
+def reencrypt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the reencryption (cryptsetup reencrypt's options)")
+    g.add_argument("--resilience", choices=RESILIENCES, default=_REENCRYPT.resilience,
+                   help="how a step survives a crash: checksums of the zone (default), a "
+                   "copy of it (journal), or nothing")
+    g.add_argument("--resilience-hash", default=_REENCRYPT.hash, metavar="HASH",
+                   help=f"the checksums' hash (default {_REENCRYPT.hash})")
+    g.add_argument("--hotzone-size", type=_bytes, default=_REENCRYPT.hotzone_size,
+                   metavar="SIZE", help="bytes rewritten per step, at most (K, M, G "
+                   f"suffixes; default {_REENCRYPT.hotzone_size >> 20}M)")
+    g.add_argument("-c", "--cipher", help="the new cipher (default: the current one)")
+    g.add_argument("-s", "--key-size", type=int, metavar="BITS",
+                   help="the new volume key's size (default: the current one's)")
+    g.add_argument("--sector-size", type=int, help="the new encryption sector size")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--init-only", action="store_true",
+                   help="only start it: the header says so, no data is rewritten")
+    x.add_argument("--resume-only", action="store_true",
+                   help="only go on with one already started (by nbdluks or cryptsetup)")
+
+
+def _bytes(text: str) -> int:
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    try:
+        value = int(t[: len(t) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 4M)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the size must be above 0")
+    return value
+
+
+def reencrypt_command(args: argparse.Namespace) -> int:
+    if args.payload is None:
+        raise UsageError("reencrypt needs --payload (and --header for a detached header)")
+    opts = ReencryptOptions(
+        resilience=args.resilience, hash=args.resilience_hash, hotzone_size=args.hotzone_size,
+        cipher=args.cipher, key_size=None if args.key_size is None else _key_bytes(
+            args.key_size), sector_size=args.sector_size, init_only=args.init_only,
+        resume_only=args.resume_only)
+    try:
+        opts.check()
+    except ManageError as e:
+        raise UsageError(str(e)) from None
+    done = reencrypt(target(args), args.payload, unlock_options(args), opts)
+    if args.init_only:
+        print("reencryption started: nothing rewritten yet (go on with --resume-only)")
+    elif done.finished:
+        print(f"reencryption finished: {done.size} bytes under the new volume key")
+    else:
+        print(f"reencryption stopped at {done.done} of {done.size} bytes: go on with "
+              "--resume-only")
+    return 0
+
+
 def target(args: argparse.Namespace) -> Target:
     headers = args.header or []
     if len(headers) > 1:
@@ -211,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
         vol = header_restore(where, args.file, force=args.force)
         print(f"header of volume {vol.uuid} restored from {args.file}")
         return 0
+    if args.command == "reencrypt":
+        return reencrypt_command(args)
     keys = unlock_options(args)
     if args.command == "add-key":
         slot = add_key(where, keys, new_key(args), kdf_options(args, None), args.new_key_slot)

@@ -98,20 +98,29 @@ class Luks2Header:
                 return i
         raise EditError(f"all {LUKS2_MAX_SLOTS} key slots are in use")
 
-    def _area(self, size: int) -> int:
-        """The lowest gap of `size` bytes in the keyslots area (LUKS2_find_area_gap)."""
+    def _gaps(self) -> list[tuple[int, int]]:
+        """The free parts of the keyslots area, (offset, size), in order."""
         start = 2 * self.binary.hdr_size
         end = start + luks2_json.u64(self.md["config"]["keyslots_size"])
         used = sorted((luks2_json.u64(k["area"]["offset"]), luks2_json.u64(k["area"]["size"]))
                       for k in self.slots.values())
-        at = start
-        for off, length in used:
-            if off - at >= size:
-                break
+        gaps, at = [], start
+        for off, length in [*used, (end, 0)]:
+            if off > at:
+                gaps.append((at, off - at))
             at = max(at, off + length)
-        if at + size > end:
+        return gaps
+
+    def _area(self, size: int) -> int:
+        """The lowest gap of `size` bytes in the keyslots area (LUKS2_find_area_gap)."""
+        at = next((off for off, length in self._gaps() if length >= size), None)
+        if at is None:
             raise EditError("the keyslots area has no room for another key slot")
         return at
+
+    def largest_gap(self) -> tuple[int, int]:
+        """The largest free part of the keyslots area (LUKS2_find_area_max_gap)."""
+        return max(self._gaps(), key=lambda gap: gap[1], default=(0, 0))
 
     def add_slot(self, slot: int, spec: SlotSpec, key_size: int, digest: str,
                  priority: int | None = None) -> tuple[int, int]:
@@ -222,16 +231,17 @@ def header_of(vol: Volume, raw: bytes) -> Header:
 
 def add_key(header: Header, volume_key: bytes | bytearray, passphrase: bytes | bytearray,
             spec: SlotSpec, slot: int | None = None, *, priority: int | None = None,
-            token: dict[str, Any] | None = None) -> Plan:
+            token: dict[str, Any] | None = None, digest: str | None = None) -> Plan:
     """A new key slot holding the volume key under `passphrase` (and a token
-    naming it, in the same header write: no orphan slot after a crash)."""
+    naming it, in the same header write: no orphan slot after a crash).
+    `digest`: the LUKS2 digest that recognises the key (default: the first)."""
     sid = header.free_slot(slot)
     if isinstance(header, Luks1Header):
         assert isinstance(spec.kdf, Pbkdf2) and token is None
         offset, _ = header.area(sid)
         header.set_slot(sid, True, spec.kdf.iterations, spec.kdf.salt)
     else:
-        digest = next(iter(header.md["digests"]))
+        digest = digest or next(iter(header.md["digests"]))
         offset, _ = header.add_slot(sid, spec, len(volume_key), digest, priority)
     material = seal(volume_key, passphrase, spec)
     plan = Plan([Write(offset, material), Sync()], slot=sid)

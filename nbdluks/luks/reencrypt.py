@@ -148,13 +148,19 @@ def _segment_bytes(s: dict[str, Any]) -> bytes:
 
 def verification_message(state: Reencryption, old_key: bytes | bytearray | None,
                          new_key: bytes | bytearray | None) -> bytes:
-    md = state.md
+    return message(state.md, state.version, state.old_digest, state.new_digest, old_key,
+                   new_key)
+
+
+def message(md: dict[str, Any], version: int, old_digest: str | None, new_digest: str | None,
+            old_key: bytes | bytearray | None, new_key: bytes | bytearray | None) -> bytes:
+    """What the verification digest is computed over (all integers big-endian)."""
     slot = next(k for k in md["keyslots"].values() if k["type"] == "reencrypt")
     area = slot["area"]
-    msg = bytearray([0x76, 0x30 + state.version])
-    if state.old_digest is not None and old_key is not None:
+    msg = bytearray([0x76, 0x30 + version])
+    if old_digest is not None and old_key is not None:
         msg += old_key
-    if state.new_digest is not None and state.new_digest != state.old_digest and new_key:
+    if new_digest is not None and new_digest != old_digest and new_key:
         msg += new_key
     msg += (slot["mode"].encode() + slot["direction"].encode() + area["type"].encode()
             + _be64(area["offset"]) + _be64(area["size"]))

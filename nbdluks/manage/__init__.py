@@ -1,5 +1,6 @@
 """A volume's life on any source it can be served from: format, key slots
-(add, change, remove, kill), clevis bindings, header backups; written as
+(add, change, remove, kill), clevis bindings, header backups, the volume
+key's rotation (reencryption); written as
 cryptsetup writes them, in an order a crash cannot break."""
 
 from .backup import header_backup, header_restore
@@ -7,6 +8,7 @@ from .binding import PINS, Bound, bind, unbind
 from .format import Formatted, format_volume
 from .kdf import KDF_TYPES, KdfOptions
 from .keys import NewKey, add_key, change_key, kill_slot, remove_key
+from .reencrypt import Progress, ReencryptOptions, reencrypt
 from .store import ConcurrentChangeError, ManageError
 from .target import Target
 
@@ -19,6 +21,8 @@ __all__ = [
            "KdfOptions",
            "ManageError",
            "NewKey",
+           "Progress",
+           "ReencryptOptions",
            "Target",
            "add_key",
            "bind",
@@ -27,6 +31,7 @@ __all__ = [
            "header_backup",
            "header_restore",
            "kill_slot",
+           "reencrypt",
            "remove_key",
            "unbind",
 ]

@@ -7,12 +7,20 @@ from .clevis.encrypt import EncryptError, UntrustedError
 from .clevis.encrypt import encrypt as clevis_encrypt
 from .clevis.pins import describe as describe_pins
 from .headers import HeaderCopy, read_copies, read_copy, read_header
-from .keys import NewlineKeyError, UnlockOptions, key_check
+from .keys import NewlineKeyError, UnlockOptions, given_secret, key_check
 from .keys import unlock as unlock_copies
 from .secrets import MAX_KEYFILE, KeyFileShortError, SecretError, read_new_secret, read_secret
 from .sources import SourceError, open_source
 from .tokens import UNLOCKING_TYPES, NoTokenError, TokenOptions
-from .volume import OpenVolume, VolumeConfig, VolumeOptions, open_volume, open_volumes
+from .volume import (
+    OpenVolume,
+    VolumeConfig,
+    VolumeOptions,
+    open_volume,
+    open_volumes,
+    reencryption_lock,
+    release_lock,
+)
 
 __all__ = [
            "MAX_KEYFILE",
@@ -32,6 +40,7 @@ __all__ = [
            "VolumeOptions",
            "clevis_encrypt",
            "describe_pins",
+           "given_secret",
            "key_check",
            "open_source",
            "open_volume",
@@ -41,5 +50,7 @@ __all__ = [
            "read_header",
            "read_new_secret",
            "read_secret",
+           "reencryption_lock",
+           "release_lock",
            "unlock_copies",
 ]

@@ -64,14 +64,7 @@ def unlock(copies: Sequence[HeaderCopy], keys: UnlockOptions) -> tuple[HeaderCop
     if not keys.given():
         return _first_copy(copies, lambda c: _one_key(_servable(c), unlock_with_tokens(
             _servable(c), c.read_area, keys.tokens, keys.key_slot)))
-    if keys.volume_key_file:
-        secret = read_secret(keys.volume_key_file)
-    elif keys.key_file:
-        secret = read_secret(keys.key_file, offset=keys.keyfile_offset, size=keys.keyfile_size)
-    elif keys.passphrase_file:
-        secret = read_secret(keys.passphrase_file, first_line=True)
-    else:
-        raise ValueError("no key source given")
+    secret = given_secret(keys)
     try:
         return _first_copy(copies, lambda c: _unlock_copy(c, secret, keys))
     except WrongKeyError as e:
@@ -81,6 +74,17 @@ def unlock(copies: Sequence[HeaderCopy], keys: UnlockOptions) -> tuple[HeaderCop
         raise
     finally:
         wipe(secret)
+
+
+def given_secret(keys: UnlockOptions) -> bytearray:
+    """The secret the user gave, read once (a passphrase file's first line)."""
+    if keys.volume_key_file:
+        return read_secret(keys.volume_key_file)
+    if keys.key_file:
+        return read_secret(keys.key_file, offset=keys.keyfile_offset, size=keys.keyfile_size)
+    if keys.passphrase_file:
+        return read_secret(keys.passphrase_file, first_line=True)
+    raise ValueError("no key source given")
 
 
 def _first_copy(copies: Sequence[HeaderCopy], attempt: Callable[[HeaderCopy], Unlocked]

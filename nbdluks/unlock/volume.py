@@ -223,10 +223,11 @@ def _unchanged(copy: HeaderCopy, config: VolumeConfig) -> None:
 REENCRYPTION_LOCK = "/run/cryptsetup/LN_LUKS2-reencryption-{uuid}"
 
 
-def reencryption_lock(uuid: str) -> int | None:
+def reencryption_lock(uuid: str, *, exclusive: bool = False) -> int | None:
     """cryptsetup's reencryption lock, held shared while the volume is served:
     a `cryptsetup reencrypt` (which takes it exclusively) cannot start, and
-    one running refuses us. None where the lock directory cannot be made."""
+    one running refuses us; `exclusive` while we reencrypt. None where the
+    lock directory cannot be made."""
     path = REENCRYPTION_LOCK.format(uuid=uuid)
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -235,10 +236,12 @@ def reencryption_lock(uuid: str) -> int | None:
         log.warning("cryptsetup's reencryption lock not taken", path=path, error=e.strerror)
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SourceError("cryptsetup is reencrypting this volume now (it holds the "
+        raise SourceError("the volume is being reencrypted or served by another process "
+                          f"(it holds the reencryption lock {path})" if exclusive else
+                          "cryptsetup is reencrypting this volume now (it holds the "
                           f"reencryption lock {path}): it cannot be served meanwhile") from None
     return fd
 

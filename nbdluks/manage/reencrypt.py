@@ -1,0 +1,341 @@
+"""Reencryption of a LUKS2 volume under a new volume key (cipher and sector
+size may change too), on any source and without root: cryptsetup's
+protocol, step by step, so that either tool resumes what the other began.
+
+Per step (docs/cryptsetup-reencryption.md, 7): read the hotzone's original
+bytes; write their checksums (or the bytes: journal) to the resilience
+area and commit the "hot" header; rewrite the zone under the new key; sync;
+commit the "post" header. A crash leaves either a clean state or an
+interrupted step, which is recovered (checksum: the blocks still as they
+were are rewritten; journal: the zone rewritten from the journal) before
+anything else. The last step commits the final header in ONE write.
+A stop signal takes effect between two steps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from .. import signals
+from ..block import BlockDevice
+from ..luks import (
+    Luks2Header,
+    LuksError,
+    Plan,
+    SlotSpec,
+    Step,
+    Volume,
+    Write,
+    hash_size,
+    new_volume_key,
+    plan_add_key,
+    reencryption_keys,
+    rotation,
+    unlock_with_passphrase,
+    wipe,
+)
+from ..luks import hotzone as hz
+from ..luks.cipher import CipherSpec, SectorCipher
+from ..luks.reencrypt import Reencryption, logical_size
+from ..luks.unlock import open_slot
+from ..luks.volume import Argon2, Pbkdf2
+from ..unlock import UnlockOptions, given_secret, open_source, reencryption_lock, release_lock
+from .kdf import KdfOptions, digest_iterations
+from .store import HeaderStore, ManageError
+from .target import Target, require, write
+
+log = structlog.get_logger("nbdluks.manage")
+DEFAULT_HOTZONE = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ReencryptOptions:
+    resilience: str = "checksum"
+    hash: str = "sha256"  # of the checksums
+    hotzone_size: int = DEFAULT_HOTZONE  # bytes, at most
+    cipher: str | None = None  # None: the current one
+    key_size: int | None = None  # bytes; None: the current size
+    sector_size: int | None = None
+    init_only: bool = False
+    resume_only: bool = False
+
+    def check(self) -> None:
+        if self.resilience not in rotation.RESILIENCES:
+            raise ManageError(f"resilience {self.resilience!r} is not one of "
+                              f"{', '.join(rotation.RESILIENCES)}")
+        if not hash_size(self.hash):
+            raise ManageError(f"hash {self.hash!r} is not available here")
+        if self.sector_size is not None and self.sector_size not in (512, 1024, 2048, 4096):
+            raise ManageError(f"sector size {self.sector_size} is not 512, 1024, 2048 or 4096")
+        if self.cipher is not None:
+            try:
+                CipherSpec.parse(self.cipher)
+            except LuksError as e:
+                raise ManageError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    size: int
+    finished: bool
+
+
+def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: ReencryptOptions
+              ) -> Progress:
+    """Start (or resume) the reencryption and run it to its end, or to the
+    step at which a stop signal arrived."""
+    require(bool(keys.passphrase_file or keys.key_file) and not keys.volume_key_file,
+            "reencryption needs a passphrase or key file: the new key slots take it "
+            "(cryptsetup gives them the old slots' passphrases too)")
+    store = HeaderStore.open(target.header, target.upstream)
+    lock = dev = None
+    secret = bytearray()
+    try:
+        vol = store.read(target.argon2_max_kib)
+        require(vol.version == 2, "only LUKS2 volumes can be reencrypted (cryptsetup "
+                "reencrypt converts nothing either)")
+        lock = reencryption_lock(vol.uuid, exclusive=True)
+        vol = store.read(target.argon2_max_kib)  # what the lock now guards
+        dev = store.dev if os.path.realpath(payload) == os.path.realpath(target.header) \
+            else open_source(payload, read_only=False, upstream=target.upstream)
+        secret = given_secret(keys)
+        if vol.reencryption is None:
+            require(not opts.resume_only, f"{target.header} is not being reencrypted")
+            _start(store, target, vol, secret, keys.key_slot, opts)
+            if opts.init_only:
+                return Progress(0, 0, False)
+        else:
+            require(not opts.init_only, f"{target.header} is being reencrypted already")
+        return _Run(store, target, dev, secret, keys.key_slot, opts).run()
+    finally:
+        wipe(secret)
+        if dev is not None and dev is not store.dev:
+            dev.close()
+        if lock is not None:
+            release_lock(lock, store.vol.uuid if store.vol else "")
+        store.close()
+
+
+def _start(store: HeaderStore, target: Target, vol: Volume, secret: bytearray,
+           key_slot: int | None, opts: ReencryptOptions) -> None:
+    """New key slots for the new key (one write each), then the write that
+    turns the reencryption on."""
+    vol.check_servable()
+    read_area = store.copy().read_area
+    unlocked = unlock_with_passphrase(vol, secret, read_area, key_slot)
+    carried = [key_slot] if key_slot is not None else _opened_by(vol, secret, read_area)
+    bound = vol.json["digests"][rotation.data_digest(vol.json)]["keyslots"]
+    others = sorted(set(map(int, bound)) - set(carried))
+    require(not others or key_slot is not None, "key slots "
+            f"{', '.join(map(str, others))} do not open with this key and would be lost when "
+            "the reencryption ends: choose the one slot to keep (cryptsetup's --key-slot)")
+    if others:
+        log.warning("key slots not carried over are removed when the reencryption ends",
+                    keyslots=others)
+    seg = vol.segment
+    size = opts.key_size or len(unlocked.key)
+    new_key = new_volume_key(size)
+    try:
+        spec = rotation.RotationSpec(
+            opts.cipher or seg.cipher, size, opts.sector_size or seg.sector_size,
+            opts.resilience, opts.hash,
+            max(seg.sector_size, opts.sector_size or seg.sector_size))
+        spec.check()
+        SectorCipher(CipherSpec.parse(spec.cipher), new_key, spec.sector_size)  # usable?
+        assert store.vol is not None
+        header = Luks2Header.from_volume(store.vol, store.raw)
+        iterations = digest_iterations(KdfOptions(), size)
+        new = rotation.new_digest(header, new_key, "sha256", iterations)
+        for slot in carried:
+            plan = plan_add_key(header, new_key, secret, _same_kdf(vol, slot), digest=new,
+                                priority=vol.json["keyslots"][str(slot)].get("priority"))
+            write(store, target, plan, "key slot for the new volume key added")
+            assert store.vol is not None
+            header = Luks2Header.from_volume(store.vol, store.raw)
+        steps = rotation.begin(header, spec, new, unlocked.key, new_key, iterations)
+        _commit(store, target, steps, "reencryption started")
+    finally:
+        wipe(new_key)
+        unlocked.wipe()
+
+
+def _opened_by(vol: Volume, secret: bytearray, read_area: Any) -> list[int]:
+    opened = []
+    for slot in vol.keyslots:
+        key = open_slot(vol, slot, secret, read_area(slot))
+        if key is not None:
+            opened.append(slot.id)
+            wipe(key)
+    return opened
+
+
+def _same_kdf(vol: Volume, slot_id: int) -> SlotSpec:
+    """The new slot costs what the old one did (cryptsetup: no benchmark)."""
+    slot = vol.keyslot(slot_id)
+    require(slot is not None, f"key slot {slot_id} cannot be used here")
+    assert slot is not None
+    salt = os.urandom(32)
+    kdf = slot.kdf
+    new_kdf = Pbkdf2(kdf.hash, kdf.iterations, salt) if isinstance(kdf, Pbkdf2) else \
+        Argon2(kdf.type, kdf.time, kdf.memory, kdf.cpus, salt)
+    assert isinstance(kdf, Pbkdf2 | Argon2)
+    return SlotSpec(new_kdf, slot.area_cipher, slot.area_key_size, slot.af_hash, slot.stripes)
+
+
+def _commit(store: HeaderStore, target: Target, steps: list[Step], what: str) -> Volume:
+    return write(store, target, Plan(steps), what)
+
+
+class _Run:
+    """The steps of one reencryption, from the header's state to the end."""
+
+    def __init__(self, store: HeaderStore, target: Target, dev: BlockDevice,
+                 secret: bytearray, key_slot: int | None, opts: ReencryptOptions) -> None:
+        self.store, self.target, self.dev, self.opts = store, target, dev, opts
+        vol = store.vol
+        assert vol is not None and vol.reencryption is not None
+        state: Reencryption = vol.reencryption
+        try:
+            hz.supported(state)
+        except Exception as e:
+            raise ManageError(str(e)) from None
+        read_area = store.copy().read_area
+        first = unlock_with_passphrase(vol, secret, read_area, key_slot)
+        keys = reencryption_keys(vol, secret, read_area, first)
+        first.wipe()
+        assert state.old_digest is not None and state.new_digest is not None
+        self.old_digest, self.new_digest = state.old_digest, state.new_digest
+        md = state.md
+        prev, final = hz.backup(md, "backup-previous"), hz.backup(md, "backup-final")
+        try:
+            self.old = SectorCipher(CipherSpec.parse(prev["encryption"]), keys[state.old_digest],
+                                    prev["sector_size"])
+            self.new = SectorCipher(CipherSpec.parse(final["encryption"]),
+                                    keys[state.new_digest], final["sector_size"])
+        finally:
+            for key in keys.values():
+                wipe(key)
+        self.base = int(final["offset"])
+        align = max(prev["sector_size"], final["sector_size"])
+        total = logical_size(state, dev.size)
+        self.size = total - total % align
+
+    @property
+    def state(self) -> Reencryption:
+        assert self.store.vol is not None and self.store.vol.reencryption is not None
+        return self.store.vol.reencryption  # type: ignore[no-any-return]
+
+    def finished(self) -> bool:
+        assert self.store.vol is not None
+        return self.store.vol.reencryption is None
+
+    def run(self) -> Progress:
+        """Step after step; a stop signal is noted and obeyed between two
+        (a mask would not do: a signal may land on any thread)."""
+        signals.defer()
+        while not self.finished():
+            if signals.stop_requested():
+                done = hz.done(self.state, self.size)
+                log.info("reencryption stopped; --resume-only goes on from here", done=done,
+                         size=self.size)
+                return Progress(done, self.size, False)
+            if self.state.crashed:
+                self._recover()
+                continue
+            done = hz.done(self.state, self.size)
+            if done >= self.size:
+                self._finish()
+                break
+            zone = hz.next_zone(done, self.size, hz.capacity(self.state, self.opts.hotzone_size))
+            assert zone is not None
+            self._step(zone)
+            log.debug("reencryption step done", done=zone.end, size=self.size)
+        log.info("reencryption finished", size=self.size)
+        return Progress(self.size, self.size, True)
+
+    def _read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.dev.pread_into(memoryview(buf), offset)
+        return buf
+
+    def _transform(self, buf: bytearray | memoryview, start: int) -> None:
+        self.old.decrypt(buf, start // 512)
+        self.new.encrypt(buf, start // 512)
+
+    def _header(self, md: dict[str, Any]) -> Luks2Header:
+        assert self.store.vol is not None
+        header = Luks2Header.from_volume(self.store.vol, self.store.raw)
+        header.md = md
+        return header
+
+    def _step(self, zone: hz.Zone) -> None:
+        area = self.state.md["keyslots"][self._reencrypt_slot()]["area"]
+        raw = self._read(self.base + zone.start, zone.length)
+        steps: list[Step] = []
+        if area["type"] == "checksum":
+            steps.append(Write(int(area["offset"]), hz.checksums(raw, area["hash"],
+                                                                 area["sector_size"])))
+        elif area["type"] == "journal":
+            steps.append(Write(int(area["offset"]), bytes(raw)))
+        if area["type"] != "none":
+            hot = hz.layout(self.state, self.size, zone.start, zone.length)
+            _commit(self.store, self.target, steps + self._header(hot).writes(), "hotzone")
+        self._transform(raw, zone.start)
+        self.dev.pwrite(raw, self.base + zone.start)
+        self.dev.flush()
+        self._post(zone)
+
+    def _post(self, zone: hz.Zone) -> None:
+        if zone.end >= self.size:
+            self._finish()
+            return
+        post = hz.layout(self.state, self.size, zone.end)
+        _commit(self.store, self.target, self._header(post).writes(), "hotzone done")
+
+    def _reencrypt_slot(self) -> str:
+        return str(next(k for k, v in self.state.md["keyslots"].items()
+                        if v["type"] == "reencrypt"))
+
+    def _recover(self) -> None:
+        """An interrupted step finished from its resilience area."""
+        zone = hz.hotzone(self.state)
+        area = self.state.md["keyslots"][self._reencrypt_slot()]["area"]
+        at = self.base + zone.start
+        if area["type"] == "checksum":
+            block = int(area["sector_size"])
+            raw = self._read(at, zone.length)
+            stored = bytes(self._area(area, zone.length // block * (hash_size(area["hash"]) or 0)))
+            blocks = hz.still_old(raw, stored, area["hash"], block)
+            for i in blocks:
+                view = memoryview(raw)[i : i + block]
+                self._transform(view, zone.start + i)
+                self.dev.pwrite(view, at + i)
+            log.info("interrupted step recovered", resilience="checksum", start=zone.start,
+                     length=zone.length, rewritten=len(blocks))
+        elif area["type"] == "journal":
+            journal = self._area(area, zone.length)
+            self._transform(journal, zone.start)
+            self.dev.pwrite(journal, at)
+            log.info("interrupted step recovered", resilience="journal", start=zone.start,
+                     length=zone.length)
+        else:
+            raise ManageError("a step of a reencryption without resilience was interrupted: "
+                              "the zone it was rewriting cannot be recovered")
+        self.dev.flush()
+        self._post(zone)
+
+    def _area(self, area: dict[str, Any], length: int) -> bytearray:
+        buf = bytearray(length)
+        self.store.dev.pread_into(memoryview(buf), int(area["offset"]))
+        return buf
+
+    def _finish(self) -> None:
+        header = self._header(self.state.md)
+        _commit(self.store, self.target,
+                rotation.finish(header, self.old_digest, self.new_digest),
+                "reencryption finished")
