@@ -4,7 +4,7 @@ that processes share (locks)."""
 
 from .base import BlockDevice, Buffer, Capabilities, Extent, unsupported, zero_fill
 from .file import FileDevice
-from .locks import RangeLock
+from .locks import RangeLock, SharedCells
 
 __all__ = ["BlockDevice", "Buffer", "Capabilities", "Extent", "FileDevice", "RangeLock",
-           "unsupported", "zero_fill"]
+           "SharedCells", "unsupported", "zero_fill"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import mmap
 import os
 import struct
 import threading
@@ -47,11 +48,12 @@ class RangeLock:
         return mine[1]
 
     @contextlib.contextmanager
-    def hold(self, start: int, length: int) -> Iterator[None]:
-        """Hold [start, start + length) exclusively (blocking until it is free)."""
+    def hold(self, start: int, length: int, *, shared: bool = False) -> Iterator[None]:
+        """Hold [start, start + length) exclusively, or `shared` with other
+        shared holders (blocking until it is free)."""
         fd = self._thread_fd()
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start,
-                                                        length, 0))
+        kind = fcntl.F_RDLCK if shared else fcntl.F_WRLCK
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
         try:
             yield
         finally:
@@ -70,3 +72,23 @@ class RangeLock:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class SharedCells:
+    """A few unsigned 64-bit numbers that a process and the workers it forks
+    afterwards all see (a shared mapping of a memfd)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        fd = os.memfd_create("nbdluks-cells", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, 8 * count)
+            self._map = mmap.mmap(fd, 8 * count, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+
+    def get(self) -> tuple[int, ...]:
+        return struct.unpack_from(f"{self.count}Q", self._map)
+
+    def set(self, *values: int) -> None:
+        struct.pack_into(f"{self.count}Q", self._map, 0, *values)

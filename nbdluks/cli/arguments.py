@@ -7,7 +7,8 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
-from ..luks import C_HELPER
+from ..luks import C_HELPER, RESILIENCES
+from ..manage import ONLINE_HOTZONE, ONLINE_RATE
 from ..nbd import DEFAULT_PORT, MiB, ServerOptions, TlsMode, UpstreamOptions
 from ..unlock import TokenOptions, UnlockOptions
 from .lifecycle import (
@@ -17,6 +18,7 @@ from .lifecycle import (
     new_key_args,
     pbkdf_args,
     reencrypt_args,
+    size_arg,
     unbind_args,
     volume_args,
 )
@@ -53,6 +55,22 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-discards", action="store_true",
                    help="pass TRIM on to the payload (discarded ranges read back as "
                    "unpredictable data)")
+
+
+def _reencrypt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rotating the volume key while it is served (LUKS2)")
+    g.add_argument("--reencrypt", action="store_true",
+                   help="start the reencryption under a new volume key (or go on with one "
+                   "nbdluks or cryptsetup began) in the background, and serve meanwhile; a "
+                   "crash at any moment is recovered at the next start")
+    g.add_argument("--reencrypt-rate", type=float, default=ONLINE_RATE, metavar="MiB/s",
+                   help="at most this many MiB rewritten per second, so that clients keep "
+                   f"their speed (default {ONLINE_RATE:g}; 0: no limit)")
+    g.add_argument("--resilience", choices=RESILIENCES, default="checksum",
+                   help="how a step survives a crash (default checksum; see reencrypt)")
+    g.add_argument("--hotzone-size", type=size_arg, default=ONLINE_HOTZONE, metavar="SIZE",
+                   help="bytes rewritten per step, during which clients touching them wait "
+                   f"(default {ONLINE_HOTZONE >> 20}M)")
 
 
 def _listen_args(p: argparse.ArgumentParser) -> None:
@@ -171,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _source_args(serve)
     _key_args(serve)
+    _reencrypt_args(serve)
     _listen_args(serve)
     _tls_args(serve)
     _log_args(serve)

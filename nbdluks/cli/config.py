@@ -25,7 +25,8 @@ EXPORT_KEYS = frozenset({
     "tang-timeout", "read-only", "description", "allow-discards", "upstream-timeout",
     "upstream-reconnect", "argon2-max-memory",
 })
-_NOT_IN_FILES = frozenset({"help", "config", "export-name"})
+_NOT_IN_FILES = frozenset({"help", "config", "export-name", "reencrypt", "reencrypt-rate",
+                           "resilience", "hotzone-size"})
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..luks import FormatSpec, LuksError
-from ..luks.rotation import RESILIENCES
+from ..luks import RESILIENCES, FormatSpec, LuksError
 from ..manage import (
     KDF_TYPES,
     PINS,
@@ -135,7 +134,7 @@ def reencrypt_args(p: argparse.ArgumentParser) -> None:
                    "copy of it (journal), or nothing")
     g.add_argument("--resilience-hash", default=_REENCRYPT.hash, metavar="HASH",
                    help=f"the checksums' hash (default {_REENCRYPT.hash})")
-    g.add_argument("--hotzone-size", type=_bytes, default=_REENCRYPT.hotzone_size,
+    g.add_argument("--hotzone-size", type=size_arg, default=_REENCRYPT.hotzone_size,
                    metavar="SIZE", help="bytes rewritten per step, at most (K, M, G "
                    f"suffixes; default {_REENCRYPT.hotzone_size >> 20}M)")
     g.add_argument("-c", "--cipher", help="the new cipher (default: the current one)")
@@ -149,7 +148,7 @@ def reencrypt_args(p: argparse.ArgumentParser) -> None:
                    help="only go on with one already started (by nbdluks or cryptsetup)")
 
 
-def _bytes(text: str) -> int:
+def size_arg(text: str) -> int:
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     unit = t[-1:] if t[-1:] in _UNITS else ""
     try:

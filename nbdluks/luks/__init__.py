@@ -3,6 +3,7 @@
 and LuksDevice, the plaintext view of a payload. Parsing and unlocking do
 no I/O: the caller reads and passes bytes in."""
 
+from . import hotzone, rotation
 from .calibrate import (
     ARGON2_MAX_MEMORY,
     ARGON2_MAX_PARALLEL,
@@ -12,6 +13,7 @@ from .calibrate import (
     argon2_cost,
     pbkdf2_iterations,
 )
+from .cipher import CipherSpec, SectorCipher
 from .create import FormatSpec, new_header
 from .device import LuksDevice
 from .edit import EditError, Header, Luks1Header, Luks2Header, Plan, header_of
@@ -28,11 +30,15 @@ from .header import parse as parse_header
 from .kdf import PBKDF2_MAX_ITERATIONS
 from .luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks2 import HDR_SIZES as LUKS2_HDR_SIZES
+from .reencrypt import Reencryption, logical_size
+from .rotating import Boundary
+from .rotation import RESILIENCES, RotationSpec
 from .seal import SlotSpec, new_volume_key
 from .segmented import open_device
 from .unlock import (
     SlotsSkippedError,
     Unlocked,
+    open_slot,
     reencryption_keys,
     unlock_with_passphrase,
     unlock_with_volume_key,
@@ -52,8 +58,11 @@ __all__ = [
     "LUKS2_HDR_SIZES",
     "PBKDF2_MAX_ITERATIONS",
     "PBKDF2_MIN_ITERATIONS",
+    "RESILIENCES",
     "Argon2",
     "Argon2MemoryError",
+    "Boundary",
+    "CipherSpec",
     "EditError",
     "FormatSpec",
     "Header",
@@ -65,6 +74,9 @@ __all__ = [
     "LuksError",
     "Pbkdf2",
     "Plan",
+    "Reencryption",
+    "RotationSpec",
+    "SectorCipher",
     "SlotSpec",
     "SlotsSkippedError",
     "Step",
@@ -78,9 +90,12 @@ __all__ = [
     "argon2_cost",
     "hash_size",
     "header_of",
+    "hotzone",
+    "logical_size",
     "new_header",
     "new_volume_key",
     "open_device",
+    "open_slot",
     "parse_header",
     "pbkdf2_iterations",
     "plan_add_key",
@@ -89,6 +104,7 @@ __all__ = [
     "plan_replace_key",
     "probe_size",
     "reencryption_keys",
+    "rotation",
     "unlock_with_passphrase",
     "unlock_with_volume_key",
     "wipe",

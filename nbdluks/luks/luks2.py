@@ -232,7 +232,7 @@ def _reencryption(md: dict[str, Any]) -> tuple[Reencryption | None, str | None]:
     if reencrypt.requirement_version(md) is None:
         return None, None
     try:
-        state = reencrypt.parse(md, _make_segment)
+        state = reencrypt.parse(md, make_segment)
     except LuksError as e:
         return None, f"it is being reencrypted: {e}"
     if state.crashed:
@@ -250,7 +250,7 @@ def _reencryption(md: dict[str, Any]) -> tuple[Reencryption | None, str | None]:
     return state, None
 
 
-def _make_segment(seg: dict[str, Any]) -> Segment:
+def make_segment(seg: dict[str, Any]) -> Segment:
     size_s = seg["size"]
     return Segment(
         offset=luks2_json.u64(seg["offset"]),
@@ -264,7 +264,7 @@ def _segment(md: dict[str, Any], seg_id: str, reencrypting: bool
              ) -> tuple[Segment, str | None]:
     """The data segment, and why it cannot be served (None: it can)."""
     seg = md["segments"][seg_id]
-    segment = _make_segment(seg)
+    segment = make_segment(seg)
     sector_size = segment.sector_size
     mandatory = md["config"].get("requirements", {}).get("mandatory", [])
     others = [f for f in mandatory if not f.startswith("online-reencrypt")] if reencrypting \

@@ -14,6 +14,7 @@ from ..block import BlockDevice, Buffer, Capabilities, RangeLock
 from .device import LuksDevice
 from .errors import HeaderError
 from .reencrypt import logical_size
+from .rotating import RotatingDevice
 from .unlock import wipe
 from .volume import Volume
 
@@ -167,8 +168,12 @@ class SegmentedDevice(BlockDevice):
 
 
 def open_device(payload: BlockDevice, vol: Volume, key: bytes | bytearray,
-                keys: dict[str, bytearray] | None = None, **options: Any) -> BlockDevice:
-    """The plaintext view of a volume: one key, or a volume in reencryption."""
+                keys: dict[str, bytearray] | None = None, *, rotating: bool = False,
+                **options: Any) -> BlockDevice:
+    """The plaintext view of a volume: one key, or a volume in reencryption
+    (`rotating`: one that this server moves on)."""
     if vol.reencryption is not None:
+        if rotating:
+            return RotatingDevice(payload, vol, keys or {}, **options)
         return SegmentedDevice(payload, vol, keys or {}, **options)
     return LuksDevice(payload, vol, key, **options)

@@ -8,12 +8,22 @@ from .binding import PINS, Bound, bind, unbind
 from .format import Formatted, format_volume
 from .kdf import KDF_TYPES, KdfOptions
 from .keys import NewKey, add_key, change_key, kill_slot, remove_key
-from .reencrypt import Progress, ReencryptOptions, reencrypt
+from .online import Reencryptor
+from .reencrypt import (
+           ONLINE_HOTZONE,
+           ONLINE_RATE,
+           Progress,
+           ReencryptOptions,
+           reencrypt,
+           run_beside,
+)
 from .store import ConcurrentChangeError, ManageError
 from .target import Target
 
 __all__ = [
            "KDF_TYPES",
+           "ONLINE_HOTZONE",
+           "ONLINE_RATE",
            "PINS",
            "Bound",
            "ConcurrentChangeError",
@@ -23,6 +33,7 @@ __all__ = [
            "NewKey",
            "Progress",
            "ReencryptOptions",
+           "Reencryptor",
            "Target",
            "add_key",
            "bind",
@@ -33,5 +44,6 @@ __all__ = [
            "kill_slot",
            "reencrypt",
            "remove_key",
+           "run_beside",
            "unbind",
 ]

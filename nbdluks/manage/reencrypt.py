@@ -15,6 +15,7 @@ A stop signal takes effect between two steps.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,15 +24,23 @@ import structlog
 from .. import signals
 from ..block import BlockDevice
 from ..luks import (
+    Argon2,
+    Boundary,
+    CipherSpec,
     Luks2Header,
     LuksError,
+    Pbkdf2,
     Plan,
+    Reencryption,
+    SectorCipher,
     SlotSpec,
     Step,
     Volume,
     Write,
     hash_size,
+    logical_size,
     new_volume_key,
+    open_slot,
     plan_add_key,
     reencryption_keys,
     rotation,
@@ -39,10 +48,6 @@ from ..luks import (
     wipe,
 )
 from ..luks import hotzone as hz
-from ..luks.cipher import CipherSpec, SectorCipher
-from ..luks.reencrypt import Reencryption, logical_size
-from ..luks.unlock import open_slot
-from ..luks.volume import Argon2, Pbkdf2
 from ..unlock import UnlockOptions, given_secret, open_source, reencryption_lock, release_lock
 from .kdf import KdfOptions, digest_iterations
 from .store import HeaderStore, ManageError
@@ -50,6 +55,8 @@ from .target import Target, require, write
 
 log = structlog.get_logger("nbdluks.manage")
 DEFAULT_HOTZONE = 16 * 1024 * 1024
+ONLINE_HOTZONE = 4 * 1024 * 1024  # clients that touch it wait for its step
+ONLINE_RATE = 64.0  # MiB/s
 
 
 @dataclass(frozen=True)
@@ -85,10 +92,11 @@ class Progress:
     finished: bool
 
 
-def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: ReencryptOptions
-              ) -> Progress:
+def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: ReencryptOptions,
+              *, settle_only: bool = False) -> Progress:
     """Start (or resume) the reencryption and run it to its end, or to the
-    step at which a stop signal arrived."""
+    step at which a stop signal arrived. `settle_only`: start it, recover an
+    interrupted step, and stop there (a server goes on with it)."""
     require(bool(keys.passphrase_file or keys.key_file) and not keys.volume_key_file,
             "reencryption needs a passphrase or key file: the new key slots take it "
             "(cryptsetup gives them the old slots' passphrases too)")
@@ -111,7 +119,9 @@ def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: Reencrypt
                 return Progress(0, 0, False)
         else:
             require(not opts.init_only, f"{target.header} is being reencrypted already")
-        return _Run(store, target, dev, secret, keys.key_slot, opts).run()
+        ciphers = _ciphers(store, secret, keys.key_slot)
+        run = _Run(store, target, dev, ciphers, opts)
+        return run.settle() if settle_only else run.run()
     finally:
         wipe(secret)
         if dev is not None and dev is not store.dev:
@@ -133,7 +143,7 @@ def _start(store: HeaderStore, target: Target, vol: Volume, secret: bytearray,
     others = sorted(set(map(int, bound)) - set(carried))
     require(not others or key_slot is not None, "key slots "
             f"{', '.join(map(str, others))} do not open with this key and would be lost when "
-            "the reencryption ends: choose the one slot to keep (cryptsetup's --key-slot)")
+            "the reencryption ends: name the one key slot to keep (as cryptsetup asks)")
     if others:
         log.warning("key slots not carried over are removed when the reencryption ends",
                     keyslots=others)
@@ -187,39 +197,57 @@ def _same_kdf(vol: Volume, slot_id: int) -> SlotSpec:
     return SlotSpec(new_kdf, slot.area_cipher, slot.area_key_size, slot.af_hash, slot.stripes)
 
 
+def _ciphers(store: HeaderStore, secret: bytearray, key_slot: int | None
+             ) -> tuple[SectorCipher, SectorCipher]:
+    """The old and the new key's sector ciphers, both keys checked against
+    the header's verification digest."""
+    vol = store.vol
+    assert vol is not None and vol.reencryption is not None
+    state: Reencryption = vol.reencryption
+    try:
+        hz.supported(state)
+    except LuksError as e:
+        raise ManageError(str(e)) from None
+    read_area = store.copy().read_area
+    first = unlock_with_passphrase(vol, secret, read_area, key_slot)
+    keys = reencryption_keys(vol, secret, read_area, first)
+    first.wipe()
+    try:
+        made = []
+        for flag, digest in (("backup-previous", state.old_digest),
+                             ("backup-final", state.new_digest)):
+            seg = hz.backup(state.md, flag)
+            made.append(SectorCipher(CipherSpec.parse(seg["encryption"]), keys[digest or ""],
+                                     seg["sector_size"]))
+        return made[0], made[1]
+    finally:
+        for key in keys.values():
+            wipe(key)
+
+
 def _commit(store: HeaderStore, target: Target, steps: list[Step], what: str) -> Volume:
     return write(store, target, Plan(steps), what)
 
 
 class _Run:
-    """The steps of one reencryption, from the header's state to the end."""
+    """The steps of one reencryption, from the header's state to the end.
+    `boundary`: shared with a server that serves the volume meanwhile (each
+    step holds its zone there); `rate`: bytes per second at most."""
 
     def __init__(self, store: HeaderStore, target: Target, dev: BlockDevice,
-                 secret: bytearray, key_slot: int | None, opts: ReencryptOptions) -> None:
+                 ciphers: tuple[SectorCipher, SectorCipher], opts: ReencryptOptions,
+                 boundary: Boundary | None = None, rate: float | None = None) -> None:
         self.store, self.target, self.dev, self.opts = store, target, dev, opts
-        vol = store.vol
-        assert vol is not None and vol.reencryption is not None
-        state: Reencryption = vol.reencryption
+        self.old, self.new = ciphers
+        self.boundary, self.rate = boundary, rate
+        state = self.state
         try:
             hz.supported(state)
-        except Exception as e:
+        except LuksError as e:
             raise ManageError(str(e)) from None
-        read_area = store.copy().read_area
-        first = unlock_with_passphrase(vol, secret, read_area, key_slot)
-        keys = reencryption_keys(vol, secret, read_area, first)
-        first.wipe()
         assert state.old_digest is not None and state.new_digest is not None
         self.old_digest, self.new_digest = state.old_digest, state.new_digest
-        md = state.md
-        prev, final = hz.backup(md, "backup-previous"), hz.backup(md, "backup-final")
-        try:
-            self.old = SectorCipher(CipherSpec.parse(prev["encryption"]), keys[state.old_digest],
-                                    prev["sector_size"])
-            self.new = SectorCipher(CipherSpec.parse(final["encryption"]),
-                                    keys[state.new_digest], final["sector_size"])
-        finally:
-            for key in keys.values():
-                wipe(key)
+        prev, final = hz.backup(state.md, "backup-previous"), hz.backup(state.md, "backup-final")
         self.base = int(final["offset"])
         align = max(prev["sector_size"], final["sector_size"])
         total = logical_size(state, dev.size)
@@ -234,14 +262,23 @@ class _Run:
         assert self.store.vol is not None
         return self.store.vol.reencryption is None
 
+    def settle(self) -> Progress:
+        """An interrupted step recovered; the progress then."""
+        if not self.finished() and self.state.crashed:
+            self._recover()
+        if self.finished():
+            return Progress(self.size, self.size, True)
+        return Progress(hz.done(self.state, self.size), self.size, False)
+
     def run(self) -> Progress:
         """Step after step; a stop signal is noted and obeyed between two
         (a mask would not do: a signal may land on any thread)."""
         signals.defer()
+        began, moved = time.monotonic(), 0
         while not self.finished():
             if signals.stop_requested():
                 done = hz.done(self.state, self.size)
-                log.info("reencryption stopped; --resume-only goes on from here", done=done,
+                log.info("reencryption stopped; resuming it goes on from here", done=done,
                          size=self.size)
                 return Progress(done, self.size, False)
             if self.state.crashed:
@@ -253,8 +290,15 @@ class _Run:
                 break
             zone = hz.next_zone(done, self.size, hz.capacity(self.state, self.opts.hotzone_size))
             assert zone is not None
-            self._step(zone)
+            if self.boundary is None:
+                self._step(zone)
+            else:
+                with self.boundary.step(done, zone.start, zone.end):
+                    self._step(zone)
             log.debug("reencryption step done", done=zone.end, size=self.size)
+            moved += zone.length
+            if self.rate:  # the average since the start stays under the rate
+                time.sleep(max(0.0, moved / self.rate - (time.monotonic() - began)))
         log.info("reencryption finished", size=self.size)
         return Progress(self.size, self.size, True)
 
@@ -339,3 +383,22 @@ class _Run:
         _commit(self.store, self.target,
                 rotation.finish(header, self.old_digest, self.new_digest),
                 "reencryption finished")
+
+
+def run_beside(target: Target, payload: str, dev: BlockDevice, opts: ReencryptOptions,
+               rate: float | None) -> int:
+    """The reencryption of a volume a server serves through `dev` (a
+    RotatingDevice: its ciphers and boundary), in this process; its exit
+    status (0: finished, or stopped between two steps)."""
+    ciphers = dev.ciphers()  # type: ignore[attr-defined]
+    boundary: Boundary = dev.boundary  # type: ignore[attr-defined]
+    with HeaderStore.open(target.header, target.upstream) as store:
+        store.read(target.argon2_max_kib)
+        data = store.dev if os.path.realpath(payload) == os.path.realpath(target.header) \
+            else open_source(payload, read_only=False, upstream=target.upstream)
+        try:
+            progress = _Run(store, target, data, ciphers, opts, boundary, rate).run()
+        finally:
+            if data is not store.dev:
+                data.close()
+    return 0 if progress.finished or signals.stop_requested() else 1

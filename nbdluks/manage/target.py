@@ -32,8 +32,8 @@ def opened(target: Target) -> Iterator[HeaderStore]:
     try:
         vol = store.read(target.argon2_max_kib)
         require(vol.reencryption is None, f"{target.header} is being reencrypted: its key "
-                "slots change when the reencryption finishes (cryptsetup reencrypt "
-                "--resume-only)")
+                "slots change when the reencryption finishes (resume it with nbdluks or "
+                "cryptsetup reencrypt)")
         yield store
     finally:
         store.close()

@@ -7,7 +7,7 @@ from .clevis.encrypt import EncryptError, UntrustedError
 from .clevis.encrypt import encrypt as clevis_encrypt
 from .clevis.pins import describe as describe_pins
 from .headers import HeaderCopy, read_copies, read_copy, read_header
-from .keys import NewlineKeyError, UnlockOptions, given_secret, key_check
+from .keys import NewlineKeyError, UnlockOptions, given_secret, key_check, secret_once
 from .keys import unlock as unlock_copies
 from .secrets import MAX_KEYFILE, KeyFileShortError, SecretError, read_new_secret, read_secret
 from .sources import SourceError, open_source
@@ -52,5 +52,6 @@ __all__ = [
            "read_secret",
            "reencryption_lock",
            "release_lock",
+           "secret_once",
            "unlock_copies",
 ]

@@ -4,8 +4,10 @@ copy in turn, as `serve` does and `inspect` checks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -85,6 +87,28 @@ def given_secret(keys: UnlockOptions) -> bytearray:
     if keys.passphrase_file:
         return read_secret(keys.passphrase_file, first_line=True)
     raise ValueError("no key source given")
+
+
+@contextmanager
+def secret_once(keys: UnlockOptions) -> Iterator[UnlockOptions]:
+    """The passphrase or key file read once and kept in an anonymous memory
+    file for the time of the block, so that it can be read again (a FIFO or
+    standard input cannot): options that read it from there."""
+    if not (keys.passphrase_file or keys.key_file):
+        yield keys
+        return
+    secret = given_secret(keys)
+    fd = os.memfd_create("nbdluks-key", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(secret)
+        while view:
+            view = view[os.write(fd, view):]
+        yield replace(keys, passphrase_file=None, key_file=f"/proc/self/fd/{fd}",
+                      keyfile_offset=0, keyfile_size=None)
+    finally:
+        wipe(secret)
+        os.ftruncate(fd, 0)
+        os.close(fd)
 
 
 def _first_copy(copies: Sequence[HeaderCopy], attempt: Callable[[HeaderCopy], Unlocked]

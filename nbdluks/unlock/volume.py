@@ -40,6 +40,7 @@ class VolumeOptions:
     read_only: bool = False
     allow_discards: bool = False
     upstream: UpstreamOptions = field(default_factory=UpstreamOptions)
+    reencrypting: bool = False  # its reencryption is moved on while it is served
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,11 @@ class OpenVolume:
         assert self._template is not None
         self._template.before_fork()
         self._forked = True
+
+    @property
+    def template(self) -> BlockDevice | None:
+        """The device workers reopen (None once handed over or closed)."""
+        return self._template
 
     def device(self) -> BlockDevice:
         """The device this process serves, keeping nothing for reopening."""
@@ -191,6 +197,7 @@ def open_volume(config: VolumeConfig, gate: MemoryGate | None = None) -> OpenVol
         payload = open_source(config.payload, read_only=opts.read_only, upstream=opts.upstream)
         try:
             dev = open_device(payload, copy.vol, unlocked.key, unlocked.keys,
+                              rotating=opts.reencrypting,
                               read_only=opts.read_only, allow_discards=opts.allow_discards,
                               attached=_same_source(copy.source, config.payload))
         except BaseException:

@@ -1,0 +1,179 @@
+"""A volume whose key is being rotated while it is served: bytes below the
+boundary are under the new key, the others under the old one, and the
+boundary moves as the reencryption (another process) finishes its steps.
+
+The boundary and the zone a step is rewriting live in memory shared with
+that process, and every request holds its byte range of a lock shared
+with it: a step holds its zone exclusively, so a request that touches the
+zone waits for the step and then goes where the moved boundary says. A
+zone whose step never finished (its process died) is refused with EIO
+until the server is restarted and the step recovered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..block import BlockDevice, Buffer, RangeLock, SharedCells
+from .device import LuksDevice
+from .hotzone import backup, done, supported
+from .luks2 import make_segment
+from .reencrypt import logical_size
+from .unlock import wipe
+from .volume import Volume
+
+
+@dataclass
+class Boundary:
+    """Shared by the server's processes and the one that reencrypts."""
+
+    cells: SharedCells = field(default_factory=lambda: SharedCells(3))  # done, hot start/end
+    zone: RangeLock = field(default_factory=RangeLock)
+
+    def get(self) -> tuple[int, int, int]:
+        done, start, end = self.cells.get()
+        return done, start, end
+
+    @contextlib.contextmanager
+    def step(self, done: int, start: int, end: int) -> Iterator[None]:
+        """Hold [start, end) while it is rewritten; the boundary at `end` after."""
+        with self.zone.hold(start, end - start):
+            self.cells.set(done, start, end)
+            yield
+            self.cells.set(end, 0, 0)
+
+
+class RotatingDevice(BlockDevice):
+    def __init__(self, payload: BlockDevice, vol: Volume, keys: dict[str, bytearray],
+                 boundary: Boundary | None = None, *, read_only: bool = False,
+                 allow_discards: bool = False, attached: bool = False,
+                 rmw_lock: RangeLock | None = None) -> None:
+        """`boundary`: a reopened device's, shared; None: a new one, at the
+        header's progress."""
+        state = vol.reencryption
+        assert state is not None
+        supported(state)
+        self.payload, self.vol = payload, vol
+        self.read_only, self.allow_discards, self.attached = read_only, allow_discards, attached
+        self._keys: dict[str, bytearray] | None = {d: bytearray(k) for d, k in keys.items()}
+        self._own_lock = rmw_lock is None
+        self._rmw = rmw_lock if rmw_lock is not None else RangeLock()
+        prev, final = backup(state.md, "backup-previous"), backup(state.md, "backup-final")
+        align = max(prev["sector_size"], final["sector_size"])
+        total = logical_size(state, payload.size)
+        self.size = total - total % align
+        opts: dict[str, Any] = dict(read_only=read_only, allow_discards=allow_discards,
+                                    attached=attached, rmw_lock=self._rmw, size=self.size)
+        assert state.old_digest is not None and state.new_digest is not None
+        self.old = LuksDevice(payload, vol, self._keys[state.old_digest],
+                              segment=make_segment(prev), **opts)
+        self.new = LuksDevice(payload, vol, self._keys[state.new_digest],
+                              segment=make_segment(final), **opts)
+        if boundary is None:
+            boundary = Boundary()
+            boundary.cells.set(done(state, self.size), 0, 0)
+        self.boundary = boundary
+        self.caps = self.new.caps
+        self.min_block = max(self.old.min_block, self.new.min_block)
+        self.pref_block = max(self.old.pref_block, self.new.pref_block)
+        self.inline_max = min(self.old.inline_max, self.new.inline_max)
+        self.multi_open, self.has_upstream = payload.multi_open, payload.has_upstream
+
+    @contextlib.contextmanager
+    def _routed(self, offset: int, length: int
+                ) -> Iterator[list[tuple[LuksDevice, int, int, int]]]:
+        """(device, its offset, offset in the request, length) per side of
+        the boundary, with the range held against a step."""
+        with self.boundary.zone.hold(offset, max(length, 1), shared=True):
+            moved, start, end = self.boundary.get()
+            if start < end and offset < end and start < offset + length:
+                raise OSError(errno.EIO, "this zone's reencryption step did not finish: "
+                              "restart the server to recover it")
+            parts = []
+            if offset < moved:
+                parts.append((self.new, offset, 0, min(length, moved - offset)))
+            if offset + length > moved:
+                at = max(offset, moved)
+                parts.append((self.old, at, at - offset, offset + length - at))
+            yield parts
+
+    def _pread_into(self, buf: memoryview, offset: int) -> None:
+        with self._routed(offset, len(buf)) as parts:
+            for dev, at, b, n in parts:
+                dev.pread_into(buf[b : b + n], at)
+
+    def _pwrite(self, buf: Buffer, offset: int, fua: bool, owned: bool) -> None:
+        view = memoryview(buf)
+        with self._routed(offset, len(view)) as parts:
+            for dev, at, b, n in parts:
+                dev.pwrite(view[b : b + n], at, fua)
+
+    def _write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool,
+                      fast: bool) -> None:
+        with self._routed(offset, length) as parts:
+            for dev, at, _, n in parts:
+                dev.write_zeroes(at, n, fua=fua)
+
+    def _trim(self, offset: int, length: int, fua: bool) -> None:
+        with self._routed(offset, length) as parts:
+            for dev, at, _, n in parts:
+                if dev.caps.trim:
+                    dev.trim(at, n, fua=fua)
+
+    def _cache(self, offset: int, length: int) -> None:
+        self.new.cache(offset, length)
+
+    def _flush(self) -> None:
+        self.payload.flush()
+
+    def write_may_wait(self, offset: int, length: int) -> bool:
+        return True  # a step may hold the range
+
+    # --- life ---------------------------------------------------------------
+
+    def before_fork(self) -> None:
+        self.payload.before_fork()
+
+    def reopen(self) -> RotatingDevice:
+        if self._keys is None:
+            raise OSError(errno.EOPNOTSUPP, "sealed: the keys are forgotten")
+        payload = self.payload.reopen()
+        try:
+            return RotatingDevice(payload, self.vol, self._keys, self.boundary,
+                                  read_only=self.read_only, allow_discards=self.allow_discards,
+                                  attached=self.attached, rmw_lock=self._rmw)
+        except BaseException:
+            payload.close()
+            raise
+
+    def ciphers(self) -> tuple[Any, Any]:
+        """The old and the new key's sector ciphers (for the reencryption)."""
+        return self.old.cipher, self.new.cipher
+
+    def _forget(self) -> None:
+        self.old.forget_key()
+        self.new.forget_key()
+        if self._keys is not None:
+            for key in self._keys.values():
+                wipe(key)
+            self._keys = None
+
+    def seal(self) -> None:
+        self._forget()
+        self.payload.seal()
+
+    def watch(self, report: Callable[[bool], object]) -> None:
+        self.payload.watch(report)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.new.describe(), "reencrypting": True}
+
+    def close(self) -> None:
+        self._forget()
+        if self._own_lock:
+            self._rmw.close()
+        self.payload.close()
