@@ -51,6 +51,7 @@ from ..luks import hotzone as hz
 from ..unlock import UnlockOptions, given_secret, open_source, reencryption_lock, release_lock
 from .kdf import KdfOptions, digest_iterations
 from .store import HeaderStore, ManageError
+from .store import reread
 from .target import Target, require, write
 
 log = structlog.get_logger("nbdluks.manage")
@@ -169,6 +170,8 @@ def _start(store: HeaderStore, target: Target, vol: Volume, secret: bytearray,
             header = Luks2Header.from_volume(store.vol, store.raw)
         steps = rotation.begin(header, spec, new, unlocked.key, new_key, iterations)
         _commit(store, target, steps, "reencryption started")
+        log.info("reencryption started", source=target.header, resilience=spec.resilience,
+                 cipher=spec.cipher, sector_size=spec.sector_size, keyslots=carried)
     finally:
         wipe(new_key)
         unlocked.wipe()
@@ -225,8 +228,12 @@ def _ciphers(store: HeaderStore, secret: bytearray, key_slot: int | None
             wipe(key)
 
 
-def _commit(store: HeaderStore, target: Target, steps: list[Step], what: str) -> Volume:
-    return write(store, target, Plan(steps), what)
+def _commit(store: HeaderStore, target: Target, steps: list[Step], what: str) -> None:
+    """One of the reencryption's header writes (each step has two)."""
+    store.apply(steps)
+    store.verify([s for s in steps if isinstance(s, Write) and s.offset < store.header_end()])
+    reread(store, target.argon2_max_kib)
+    log.debug(what, source=target.header)
 
 
 class _Run:

@@ -140,7 +140,7 @@ class HeaderStore:
                 f"the header on {self.source} changed while this command ran (another "
                 "nbdluks or cryptsetup?): nothing was written; run it again")
 
-    def _header_end(self) -> int:
+    def header_end(self) -> int:
         """Where the binary headers end: a write below it is the header's."""
         assert self.vol is not None
         if self.vol.version == 1:
@@ -154,7 +154,7 @@ class HeaderStore:
         a concurrent change can be lost to the time key material takes to
         write. Stop signals wait until the steps are done."""
         check = check and self.vol is not None
-        end = self._header_end() if check else 0
+        end = self.header_end() if check else 0
         with signals.held_back():
             if check:
                 self.check_unchanged()
