@@ -30,7 +30,6 @@ from ..luks import (
     Luks2Header,
     LuksError,
     Pbkdf2,
-    Plan,
     Reencryption,
     SectorCipher,
     SlotSpec,
@@ -50,8 +49,7 @@ from ..luks import (
 from ..luks import hotzone as hz
 from ..unlock import UnlockOptions, given_secret, open_source, reencryption_lock, release_lock
 from .kdf import KdfOptions, digest_iterations
-from .store import HeaderStore, ManageError
-from .store import reread
+from .store import HeaderStore, ManageError, reread
 from .target import Target, require, write
 
 log = structlog.get_logger("nbdluks.manage")
