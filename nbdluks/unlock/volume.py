@@ -191,8 +191,8 @@ def open_volume(config: VolumeConfig, gate: MemoryGate | None = None) -> OpenVol
     assert copy.vol is not None
     lock = None
     try:
-        if copy.vol.reencryption is not None:
-            lock = reencryption_lock(copy.vol.uuid)
+        if copy.vol.version == 2:  # no cryptsetup reencryption starts under us
+            lock = reencryption_lock(copy.vol.uuid, quiet=copy.vol.reencryption is None)
             _unchanged(copy, config)  # what was unlocked is what the lock now guards
         payload = open_source(config.payload, read_only=opts.read_only, upstream=opts.upstream)
         try:
@@ -230,17 +230,20 @@ def _unchanged(copy: HeaderCopy, config: VolumeConfig) -> None:
 REENCRYPTION_LOCK = "/run/cryptsetup/LN_LUKS2-reencryption-{uuid}"
 
 
-def reencryption_lock(uuid: str, *, exclusive: bool = False) -> int | None:
+def reencryption_lock(uuid: str, *, exclusive: bool = False, quiet: bool = False
+                      ) -> int | None:
     """cryptsetup's reencryption lock, held shared while the volume is served:
     a `cryptsetup reencrypt` (which takes it exclusively) cannot start, and
     one running refuses us; `exclusive` while we reencrypt. None where the
-    lock directory cannot be made."""
+    lock directory cannot be made (`quiet`: not worth a warning, no
+    reencryption is in progress)."""
     path = REENCRYPTION_LOCK.format(uuid=uuid)
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        log.warning("cryptsetup's reencryption lock not taken", path=path, error=e.strerror)
+        (log.debug if quiet else log.warning)("cryptsetup's reencryption lock not taken",
+                                              path=path, error=e.strerror)
         return None
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)

@@ -219,3 +219,26 @@ def test_a_header_that_moves_on_while_opening_is_not_served(tmp_path: Path) -> N
     assert proc.returncode == 1, err
     assert any(why in err for why in ("changed while the volume was being opened",
                                       "only one of", "no key slot matches")), err
+
+
+def test_no_cryptsetup_reencryption_runs_on_a_served_volume(
+        tmp_path: Path, nbdluks: Callable[..., Any]) -> None:
+    """A LUKS2 volume served with one key: `cryptsetup reencrypt` cannot
+    rewrite a sector under the server (that would serve ciphertext as
+    plaintext); once the server is gone, it can."""
+    need("cryptsetup")
+    made = luks_format(tmp_path, size=24 * MiB)
+    key = str(made.payload.with_suffix(".pass"))
+    data_before = made.payload.read_bytes()[made.offset :]
+    served = nbdluks("--payload", str(made.payload), "--key-file", key)
+    cmd = ["cryptsetup", "reencrypt", "--force-offline-reencrypt", "-q", "--pbkdf", "pbkdf2",
+           "--pbkdf-force-iterations", "1000", "--key-file", key, str(made.payload)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "already running" in p.stderr, p.stderr
+    assert made.payload.read_bytes()[made.offset :] == data_before
+    assert served.stop() == 0
+    resume = [c for c in cmd if c not in ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
+                                          "1000")]
+    run(resume[:2] + ["--resume-only"] + resume[2:])  # cryptsetup started it: it goes on
+    assert "online-reencrypt" not in run(["cryptsetup", "luksDump", str(made.payload)]).stdout
+    assert made.payload.read_bytes()[made.offset :] != data_before

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,9 +74,9 @@ nbd-client -d /dev/nbd0
 
 
 def run_vm(tmp_path: Path, port: int, script: str, drive_uri: str | None = None,
-           with_fs: bool = False) -> VmResult:
+           with_fs: bool = False, fs_kib: int = 4096) -> VmResult:
     try:
-        extra = {"fs.img": ext2_image(tmp_path)} if with_fs else None
+        extra = {"fs.img": ext2_image(tmp_path, fs_kib)} if with_fs else None
         return boot(tmp_path, script, port=port, drive_uri=drive_uri, extra=extra)
     except VmUnavailable as e:
         if os.environ.get("CI"):
@@ -143,3 +144,70 @@ def test_luks1_attached_single_connection(nbdluks, tmp_path: Path) -> None:
     assert vm.get("readback") == (hashlib.sha256(pat).hexdigest(),)
     assert srv.stop() == 0
     assert read_plain(made, MiB, at=PATTERN_AT) == pat
+
+
+ROTATION_FILES = 12
+ROTATION = attach(2, 4096) + r"""
+dd if=/fs.img of=/dev/nbd0 bs=65536 conv=fsync 2>/dev/null || echo "RESULT mkfs-failed"
+mount -t ext2 /dev/nbd0 /mnt || echo "RESULT mount-failed"
+i=0
+while [ $i -lt FILES ]; do
+  yes "rotation-file-$i" | head -c 524288 > /mnt/f$i
+  sync
+  sleep 1
+  i=$((i + 1))
+done
+echo 3 > /proc/sys/vm/drop_caches
+i=0
+while [ $i -lt FILES ]; do
+  echo "RESULT f$i $(sha256sum /mnt/f$i | cut -d' ' -f1)"
+  i=$((i + 1))
+done
+umount /mnt || echo "RESULT umount-failed"
+nbd-client -d /dev/nbd0
+""".replace("FILES", str(ROTATION_FILES))
+
+
+def _file(i: int) -> bytes:
+    line = f"rotation-file-{i}\n".encode()
+    return (line * (524288 // len(line) + 1))[:524288]
+
+
+def test_a_mounted_filesystem_through_an_online_key_rotation(nbdluks, tmp_path: Path) -> None:
+    """The guest kernel writes files on ext2 while the server rotates the
+    volume key at 1 MiB/s under it; afterwards e2fsck finds the file system
+    clean and every file whole, read with the new key only."""
+    import subprocess
+
+    from tests.conftest import run
+    from tests.manage.test_reencrypt import final_plaintext
+
+    need("cryptsetup", "qemu-system-x86_64", "socat", "e2fsck", "debugfs")
+    size = 24 * MiB
+    made = luks_format(tmp_path, size=16 * MiB + size)
+    fill(made, pattern(size, seed=79))
+    srv = nbdluks("--payload", str(made.payload), "--key-file",
+                  str(made.payload.with_suffix(".pass")), "--reencrypt", "--reencrypt-rate",
+                  "1", "--hotzone-size", "1M", tcp=True, unix=False)
+    assert srv.port
+    vm = run_vm(tmp_path, srv.port, ROTATION, with_fs=True, fs_kib=size // 1024)
+    assert not [r for r in vm.results if r[0].endswith("failed")], vm.console[-3000:]
+    for i in range(ROTATION_FILES):
+        assert vm.get(f"f{i}") == (hashlib.sha256(_file(i)).hexdigest(),)
+    assert srv.stop() == 0
+    steps = srv.log_text().count("reencryption step done")
+    assert steps >= 4, "the key was not being rotated while the guest worked"
+    if "online-reencrypt" in run(["cryptsetup", "luksDump", str(made.payload)]).stdout:
+        subprocess.run([sys.executable, "-m", "nbdluks", "reencrypt", "--resume-only",
+                        "--payload", str(made.payload), "--key-file",
+                        str(made.payload.with_suffix(".pass"))], check=True,
+                       capture_output=True)
+    key, plain = final_plaintext(made, size)
+    assert key != made.key
+    img = tmp_path / "after.img"
+    img.write_bytes(plain)
+    fsck = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    for i in range(ROTATION_FILES):
+        got = subprocess.run(["debugfs", "-R", f"cat /f{i}", str(img)], capture_output=True)
+        assert got.stdout == _file(i)
