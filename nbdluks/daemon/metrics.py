@@ -36,6 +36,7 @@ class Monitor:
     upstream: str | None = None  # the role of the NBD source watched ("payload")
     exports: int = 1  # served
     failed: int = 0  # configured, but could not be opened or unlocked
+    rotation: Callable[[], tuple[int, int]] | None = None  # bytes reencrypted, of all
 
     def health(self, serving: bool) -> tuple[bool, str]:
         if not serving:
@@ -88,6 +89,12 @@ class Monitor:
         out.family("exports_failed", "gauge",
                    "exports configured but not served (could not be opened or unlocked)",
                    [({}, self.failed)])
+        if self.rotation is not None:
+            done, total = self.rotation()
+            out.family("reencryption_bytes_done", "gauge",
+                       "bytes under the new volume key (the rate: rate() of it)", [({}, done)])
+            out.family("reencryption_bytes_total", "gauge", "bytes to reencrypt in all",
+                       [({}, total)])
         if self.unlock_seconds is not None:
             out.family("unlock_seconds", "gauge", "seconds the key slot took to open",
                        [({}, round(self.unlock_seconds, 6))])

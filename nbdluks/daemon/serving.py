@@ -109,7 +109,7 @@ def serve(volumes: Sequence[OpenVolume], socks: list[socket.socket], opts: Serve
     one = volumes[0] if len(volumes) == 1 else None
     monitor_ = None if not http else Monitor(
         table, one.unlock_seconds if one else None, one.watched_upstream if one else None,
-        exports=len(volumes), failed=failed)
+        exports=len(volumes), failed=failed, rotation=one.rotation if one else None)
     obs = Observed(table, monitor_, http or [])
     if opts.processes <= 1 and reread is None:
         return run_worker(volumes, opts, socks, obs)

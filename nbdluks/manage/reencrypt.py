@@ -56,6 +56,7 @@ log = structlog.get_logger("nbdluks.manage")
 DEFAULT_HOTZONE = 16 * 1024 * 1024
 ONLINE_HOTZONE = 4 * 1024 * 1024  # clients that touch it wait for its step
 ONLINE_RATE = 64.0  # MiB/s
+PROGRESS_EVERY = 10.0  # seconds between two progress lines in the log
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,7 @@ class _Run:
         (a mask would not do: a signal may land on any thread)."""
         signals.defer()
         began, moved = time.monotonic(), 0
+        said = began
         while not self.finished():
             if signals.stop_requested():
                 done = hz.done(self.state, self.size)
@@ -302,6 +304,10 @@ class _Run:
                     self._step(zone)
             log.debug("reencryption step done", done=zone.end, size=self.size)
             moved += zone.length
+            if time.monotonic() - said >= PROGRESS_EVERY:
+                said = time.monotonic()
+                log.info("reencryption progress", done=zone.end, size=self.size,
+                         rate_mib_s=round(moved / (said - began) / 2**20, 1))
             if self.rate:  # the average since the start stays under the rate
                 time.sleep(max(0.0, moved / self.rate - (time.monotonic() - began)))
         log.info("reencryption finished", size=self.size)

@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,9 @@ class OpenVolume:
         self.multi_process = template.multi_open
         self._fields = self._describe(template)
         self.lock_fd: int | None = None  # cryptsetup's reencryption lock, held shared
+        boundary = getattr(template, "boundary", None)  # a key rotated while served
+        self.rotation: Callable[[], tuple[int, int]] | None = None if boundary is None else (
+            lambda size=template.size: (boundary.get()[0], size))
         self.lock_pid = os.getpid()
 
     @property

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
-from tests.conftest import run
+from tests.conftest import free_port, run
 from tests.manage.test_reencrypt import final_plaintext, made_with_data
 from tests.rawnbd import raw_connect, recv_exact, request, simple_reply
 
@@ -116,12 +118,19 @@ def test_killed_again_and_again_while_reencrypting_and_written(tmp_path: Path) -
 def test_clients_read_the_same_bytes_throughout_and_a_stop_exits_0(tmp_path: Path) -> None:
     made, data = made_with_data(tmp_path)
     sock = tmp_path / "sock"
+    port = free_port()
     proc = serve(made.payload, sock, tmp_path / "log", "--reencrypt-rate", "8",
-                 "--hotzone-size", "1M")
+                 "--hotzone-size", "1M", "--metrics", str(port))
     uri = f"nbd+unix:///?socket={sock}"
+    seen = []
     for i in range(3):  # the boundary moves between (and during) the copies
         run(["nbdcopy", uri, str(tmp_path / f"copy{i}")])
         assert (tmp_path / f"copy{i}").read_bytes() == data
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        done = re.search(rb"^nbdluks_reencryption_bytes_done (\d+)", text, re.M)
+        assert done and f"nbdluks_reencryption_bytes_total {len(data)}".encode() in text
+        seen.append(int(done.group(1)))
+    assert seen == sorted(seen) and 0 < seen[-1] <= len(data)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     log = (tmp_path / "log").read_text()
