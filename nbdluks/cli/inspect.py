@@ -109,6 +109,9 @@ def _reencryption_lines(state: dict[str, Any] | None) -> list[str]:
     lines = [f"Reencryption:   {state['mode']}, {state['direction']}, resilience "
              f"{state['resilience']} ({state['requirement']})"
              + (", a step was interrupted" if state["interrupted_step"] else "")]
+    ends = [f"{e['cipher']}, sector size {e['sector_size']}" if e.get("cipher") else "plaintext"
+            for e in (state.get("from", {}), state.get("to", {}))]
+    lines.append(f"  parameters: {ends[0]} -> {ends[1]}")
     for s in state["segments"]:
         lines.append(f"  from {s['start']}: {s['size']} bytes at {s['offset']}, {s['key']} key")
     return lines
@@ -138,6 +141,9 @@ def render_text(info: dict[str, Any]) -> str:
         "Keyslots:",
     ]
     for ks in info["keyslots"]:
+        if ks.get("type") == "reencrypt":
+            lines.append(f"  {ks['id']}: reencrypt (the reencryption's resilience area, no key)")
+            continue
         if not ks["usable"]:
             lines.append(f"  {ks['id']}: {ks['type']}, priority {ks['priority']}, "
                          f"UNUSABLE: {ks['reason']}")

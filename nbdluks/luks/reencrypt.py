@@ -54,7 +54,14 @@ class Reencryption:
     md: dict[str, Any]
 
     def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "direction": self.direction, "resilience": self.resilience,
+        ends = {}
+        for end, flag in (("from", "backup-previous"), ("to", "backup-final")):
+            sid = _flagged(self.md, flag)
+            seg = self.md["segments"][sid] if sid is not None else {}
+            ends[end] = ({"cipher": seg.get("encryption"), "sector_size": seg.get("sector_size")}
+                         if seg.get("type") == "crypt" else {"cipher": None})
+        return {**ends, "mode": self.mode, "direction": self.direction,
+                "resilience": self.resilience,
                 "requirement": f"online-reencrypt-v{self.version}",
                 "interrupted_step": self.crashed,
                 "segments": [{"start": p.start, "offset": p.segment.offset,

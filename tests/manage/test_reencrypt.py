@@ -166,3 +166,19 @@ def test_refusals_are_one_line_and_change_nothing(tmp_path: Path) -> None:
     p = cli("reencrypt", "--payload", made.payload, "--key-file", tmp_path / "wrong",
             "--resilience", "fast", check=False)
     assert p.returncode == 2
+
+
+def test_init_only_then_inspect_then_resume(tmp_path: Path) -> None:
+    made, data = made_with_data(tmp_path)
+    out = reencrypt(made, "--init-only", "--sector-size", "512", "--resilience", "journal")
+    assert "nothing rewritten" in out.stdout
+    shown = cli("inspect", made.payload).stdout
+    assert "Reencryption:   reencrypt, forward, resilience journal" in shown
+    assert "parameters: aes-xts-plain64, sector size 4096 -> aes-xts-plain64, sector size 512" \
+        in shown
+    assert "reencrypt (the reencryption's resilience area, no key)" in shown
+    # cryptsetup reads the state nbdluks wrote as its own
+    assert "online-reencrypt-v2" in run(["cryptsetup", "luksDump", str(made.payload)]).stdout
+    assert "finished" in reencrypt(made, "--resume-only").stdout
+    key, plain = final_plaintext(made, len(data))
+    assert key != made.key and plain == data and dump_offset(made.payload)[1] == 512
