@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,11 +159,19 @@ def layout(state: Reencryption, size: int, finished: int, hot: int = 0) -> dict[
     return md
 
 
+def _hashes(raw: bytes | bytearray | memoryview, hash_name: str, block: int
+            ) -> Iterator[bytes]:
+    proto = hashlib.new(hash_name)  # copied per block: far cheaper than a new()
+    view = memoryview(raw)
+    for i in range(0, len(view), block):
+        h = proto.copy()
+        h.update(view[i : i + block])
+        yield h.digest()
+
+
 def checksums(raw: bytes | bytearray | memoryview, hash_name: str, block: int) -> bytes:
     """The resilience area's contents: one hash per block of the original bytes."""
-    view = memoryview(raw)
-    return b"".join(hashlib.new(hash_name, view[i : i + block]).digest()
-                    for i in range(0, len(view), block))
+    return b"".join(_hashes(raw, hash_name, block))
 
 
 def still_old(raw: bytes | bytearray | memoryview, stored: bytes, hash_name: str,
@@ -171,7 +180,5 @@ def still_old(raw: bytes | bytearray | memoryview, stored: bytes, hash_name: str
     were: their hash is the stored one. The others were rewritten already
     (cryptsetup's recovery does the same; a torn block matches neither)."""
     size = hashlib.new(hash_name).digest_size
-    view = memoryview(raw)
-    return [i for n, i in enumerate(range(0, len(view), block))
-            if hashlib.new(hash_name, view[i : i + block]).digest()
-            == stored[n * size : (n + 1) * size]]
+    return [n * block for n, h in enumerate(_hashes(raw, hash_name, block))
+            if h == stored[n * size : (n + 1) * size]]
