@@ -136,9 +136,10 @@ class BlockDevice:
         self._check_range(offset, length)
         return self._read_extents(offset, length)
 
-    def write_may_wait(self, offset: int, length: int) -> bool:
-        """Whether a write of this range may wait on a lock (a partial-sector
-        read-modify-write): such a write never runs on the event loop."""
+    def may_wait(self, offset: int, length: int, write: bool) -> bool:
+        """Whether a read or write of this range may wait on a lock (a
+        partial-sector read-modify-write, a zone being reencrypted): such a
+        request never runs on the event loop."""
         return False
 
     # --- the device's life --------------------------------------------

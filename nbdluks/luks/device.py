@@ -187,7 +187,9 @@ class LuksDevice(BlockDevice):
         start, end = self._span(offset, length)
         self.payload.cache(self.data_offset + start, end - start)
 
-    def write_may_wait(self, offset: int, length: int) -> bool:
+    def may_wait(self, offset: int, length: int, write: bool) -> bool:
+        if not write:
+            return False
         start, end = self._span(offset, length)
         return start != offset or end != offset + length
 

@@ -130,8 +130,14 @@ class RotatingDevice(BlockDevice):
     def _flush(self) -> None:
         self.payload.flush()
 
-    def write_may_wait(self, offset: int, length: int) -> bool:
-        return True  # a step may hold the range
+    def may_wait(self, offset: int, length: int, write: bool) -> bool:
+        """A request in the zone a step rewrites waits for the step (one
+        that starts just after this look waits too: seldom, and no longer
+        than a step); a partial-sector write for its read-modify-write."""
+        _, start, end = self.boundary.get()
+        return (start < end and offset < end and start < offset + length) or (
+            write and (self.new.may_wait(offset, length, write)
+                       or self.old.may_wait(offset, length, write)))
 
     # --- life ---------------------------------------------------------------
 

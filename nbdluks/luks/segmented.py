@@ -119,8 +119,9 @@ class SegmentedDevice(BlockDevice):
     def _flush(self) -> None:
         self.payload.flush()
 
-    def write_may_wait(self, offset: int, length: int) -> bool:
-        return any(d.write_may_wait(at, n) for d, at, _, n in self._route(offset, length))
+    def may_wait(self, offset: int, length: int, write: bool) -> bool:
+        return write and any(d.may_wait(at, n, write) for d, at, _, n in
+                             self._route(offset, length))
 
     # --- life ---------------------------------------------------------------
 

@@ -239,6 +239,6 @@ def test_no_cryptsetup_reencryption_runs_on_a_served_volume(
     assert served.stop() == 0
     resume = [c for c in cmd if c not in ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
                                           "1000")]
-    run(resume[:2] + ["--resume-only"] + resume[2:])  # cryptsetup started it: it goes on
+    run([*resume[:2], "--resume-only", *resume[2:]])  # cryptsetup started it: it goes on
     assert "online-reencrypt" not in run(["cryptsetup", "luksDump", str(made.payload)]).stdout
     assert made.payload.read_bytes()[made.offset :] != data_before

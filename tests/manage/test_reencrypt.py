@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import pattern, run
+from tests.conftest import Upstream, pattern, run
 from tests.luks.reference import Made, crypt, dump_offset, fill, luks_format
 from tests.luks.test_reencryption import interrupted, volume_key
 from tests.manage.conftest import MiB, cli
@@ -182,3 +182,25 @@ def test_init_only_then_inspect_then_resume(tmp_path: Path) -> None:
     assert "finished" in reencrypt(made, "--resume-only").stdout
     key, plain = final_plaintext(made, len(data))
     assert key != made.key and plain == data and dump_offset(made.payload)[1] == 512
+
+
+def test_header_and_payload_on_nbd_servers(tmp_path: Path, upstreams: list[Upstream]) -> None:
+    """The header behind nbdkit, the payload behind qemu-nbd: a reencryption
+    over NBD alone (FLUSH for every sync), started, then resumed."""
+    made, data = made_with_data(tmp_path, detached=True)
+    assert made.header is not None
+    hdr = Upstream("nbdkit", made.header, tmp_path, tcp=False)
+    pay = Upstream("qemu-nbd", made.payload, tmp_path, tcp=False)
+    upstreams += [hdr, pay]
+    args = ["reencrypt", "--header", hdr.uri, "--payload", pay.uri, "--key-file",
+            str(made.payload.with_suffix(".pass")), "--hotzone-size", "1M"]
+    cli(*args, "--init-only")
+    assert "finished" in cli(*args, "--resume-only").stdout
+    for u in (hdr, pay):
+        u.stop()
+    key = volume_key(made.header, made.payload.with_suffix(".pass"))
+    offset, ss = dump_offset(made.header)
+    with open(made.payload, "rb") as f:
+        f.seek(offset)
+        assert key != made.key
+        assert crypt(f.read(len(data)), made.cipher, key, ss, encrypt=False) == data
