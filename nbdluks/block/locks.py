@@ -90,5 +90,6 @@ class SharedCells:
     def get(self) -> tuple[int, ...]:
         return struct.unpack_from(f"{self.count}Q", self._map)
 
-    def set(self, *values: int) -> None:
-        struct.pack_into(f"{self.count}Q", self._map, 0, *values)
+    def set(self, *values: int, at: int = 0) -> None:
+        """Cells `at`.. set (an aligned 8-byte store each, in order)."""
+        struct.pack_into(f"{len(values)}Q", self._map, 8 * at, *values)

@@ -27,24 +27,44 @@ from .unlock import wipe
 from .volume import Volume
 
 
+_SPINS = 100_000  # reads of a generation being changed (two stores take nanoseconds)
+
+
 @dataclass
 class Boundary:
-    """Shared by the server's processes and the one that reencrypts."""
+    """Shared by the server's processes and the one that reencrypts: a
+    generation (a seqlock: odd while the others change), the boundary, the
+    zone a step is rewriting; and the zone lock."""
 
-    cells: SharedCells = field(default_factory=lambda: SharedCells(3))  # done, hot start/end
+    cells: SharedCells = field(default_factory=lambda: SharedCells(4))
     zone: RangeLock = field(default_factory=RangeLock)
 
-    def get(self) -> tuple[int, int, int]:
-        done, start, end = self.cells.get()
-        return done, start, end
+    def get(self) -> tuple[int, int, int, int]:
+        """(generation, boundary, zone start, zone end), consistent. A
+        generation that stays odd (the process died between two stores) is
+        a step over everything: every request then answers EIO."""
+        for _ in range(_SPINS):
+            gen, done, start, end = self.cells.get()
+            if not gen % 2 and self.cells.get()[0] == gen:
+                return gen, done, start, end
+        return gen, done, 0, 1 << 64
+
+    def generation(self) -> int:
+        return int(self.cells.get()[0])
+
+    def publish(self, done: int, start: int = 0, end: int = 0) -> None:
+        gen = self.generation()
+        self.cells.set(gen + 1)
+        self.cells.set(done, start, end, at=1)
+        self.cells.set(gen + 2)
 
     @contextlib.contextmanager
     def step(self, done: int, start: int, end: int) -> Iterator[None]:
         """Hold [start, end) while it is rewritten; the boundary at `end` after."""
         with self.zone.hold(start, end - start):
-            self.cells.set(done, start, end)
+            self.publish(done, start, end)
             yield
-            self.cells.set(end, 0, 0)
+            self.publish(end)
 
 
 class RotatingDevice(BlockDevice):
@@ -75,7 +95,7 @@ class RotatingDevice(BlockDevice):
                               segment=make_segment(final), **opts)
         if boundary is None:
             boundary = Boundary()
-            boundary.cells.set(done(state, self.size), 0, 0)
+            boundary.publish(done(state, self.size))
         self.boundary = boundary
         self.caps = self.new.caps
         self.min_block = max(self.old.min_block, self.new.min_block)
@@ -89,19 +109,31 @@ class RotatingDevice(BlockDevice):
         """(device, its offset, offset in the request, length) per side of
         the boundary, with the range held against a step."""
         with self.boundary.zone.hold(offset, max(length, 1), shared=True):
-            moved, start, end = self.boundary.get()
+            _, moved, start, end = self.boundary.get()
             if start < end and offset < end and start < offset + length:
                 raise OSError(errno.EIO, "this zone's reencryption step did not finish: "
                               "restart the server to recover it")
-            parts = []
-            if offset < moved:
-                parts.append((self.new, offset, 0, min(length, moved - offset)))
-            if offset + length > moved:
-                at = max(offset, moved)
-                parts.append((self.old, at, at - offset, offset + length - at))
-            yield parts
+            yield self._parts(offset, length, moved)
+
+    def _parts(self, offset: int, length: int, moved: int
+               ) -> list[tuple[LuksDevice, int, int, int]]:
+        parts = []
+        if offset < moved:
+            parts.append((self.new, offset, 0, min(length, moved - offset)))
+        if offset + length > moved:
+            at = max(offset, moved)
+            parts.append((self.old, at, at - offset, offset + length - at))
+        return parts
 
     def _pread_into(self, buf: memoryview, offset: int) -> None:
+        # Without the lock first: a read that a step may have overlapped
+        # (the generation moved) is read again under it.
+        gen, moved, start, end = self.boundary.get()
+        if not (start < end and offset < end and start < offset + len(buf)):
+            for dev, at, b, n in self._parts(offset, len(buf), moved):
+                dev.pread_into(buf[b : b + n], at)
+            if self.boundary.generation() == gen:
+                return
         with self._routed(offset, len(buf)) as parts:
             for dev, at, b, n in parts:
                 dev.pread_into(buf[b : b + n], at)
@@ -134,7 +166,7 @@ class RotatingDevice(BlockDevice):
         """A request in the zone a step rewrites waits for the step (one
         that starts just after this look waits too: seldom, and no longer
         than a step); a partial-sector write for its read-modify-write."""
-        _, start, end = self.boundary.get()
+        _, _, start, end = self.boundary.get()
         return (start < end and offset < end and start < offset + length) or (
             write and (self.new.may_wait(offset, length, write)
                        or self.old.may_wait(offset, length, write)))

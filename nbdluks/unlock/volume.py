@@ -86,7 +86,7 @@ class OpenVolume:
         self.lock_fd: int | None = None  # cryptsetup's reencryption lock, held shared
         boundary = getattr(template, "boundary", None)  # a key rotated while served
         self.rotation: Callable[[], tuple[int, int]] | None = None if boundary is None else (
-            lambda size=template.size: (boundary.get()[0], size))
+            lambda size=template.size: (boundary.get()[1], size))
         self.lock_pid = os.getpid()
 
     @property
