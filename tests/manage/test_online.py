@@ -120,10 +120,10 @@ def test_clients_read_the_same_bytes_throughout_and_a_stop_exits_0(tmp_path: Pat
     sock = tmp_path / "sock"
     port = free_port()
     proc = serve(made.payload, sock, tmp_path / "log", "--reencrypt-rate", "8",
-                 "--hotzone-size", "1M", "--metrics", str(port))
+                 "--hotzone-size", "256K", "--metrics", str(port))
     uri = f"nbd+unix:///?socket={sock}"
     seen = []
-    for i in range(3):  # the boundary moves between (and during) the copies
+    for i in range(6):  # the boundary moves between (and during) the copies
         run(["nbdcopy", uri, str(tmp_path / f"copy{i}")])
         assert (tmp_path / f"copy{i}").read_bytes() == data
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
