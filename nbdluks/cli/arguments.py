@@ -89,6 +89,10 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--handshake-limit", type=float, default=_SERVER.handshake_timeout,
                    metavar="S", help="seconds a client may take to negotiate (default "
                    f"{_SERVER.handshake_timeout:.0f}); silent connections are closed after it")
+    g.add_argument("--stall-limit", type=float, default=_SERVER.stall_timeout, metavar="S",
+                   help="seconds a client may leave the server waiting on it: a WRITE whose "
+                   "data stops coming, or replies it does not read; its connection is closed "
+                   f"after it (default {_SERVER.stall_timeout:.0f})")
     g.add_argument("--threads", type=int, default=_SERVER.threads,
                    help=f"I/O threads per process (default {_SERVER.threads})")
     g.add_argument("--processes", type=int, default=None, metavar="N",

@@ -89,7 +89,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         max_connections=args.max_connections, max_inflight=args.max_inflight * MiB,
         max_memory=args.max_memory * MiB,
         threads=args.threads, tls=TlsMode(args.tls), credentials=tls_credentials(args),
-        handshake_timeout=args.handshake_limit,
+        handshake_timeout=args.handshake_limit, stall_timeout=args.stall_limit,
     )
 
 
@@ -141,6 +141,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--upstream-timeout must be more than 0 seconds")
     if getattr(args, "handshake_limit", 1) <= 0:
         raise UsageError("--handshake-limit must be more than 0 seconds")
+    if getattr(args, "stall_limit", 1) <= 0:
+        raise UsageError("--stall-limit must be more than 0 seconds")
     if getattr(args, "upstream_reconnect", 0) < 0:
         raise UsageError("--upstream-reconnect cannot be negative")
     if args.command == "serve" and args.socket:
