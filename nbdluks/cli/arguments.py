@@ -135,6 +135,10 @@ def _key_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--argon2-max-memory", type=int, default=_UNLOCK.argon2_max_kib,
                    metavar="KiB", help="refuse Argon2 slots that need more memory "
                    f"(default {_UNLOCK.argon2_max_kib} KiB)")
+    g.add_argument("--kdf-limit", type=float, default=_UNLOCK.kdf_limit, metavar="S",
+                   help="refuse key slots whose KDF would take longer than S seconds here "
+                   "(estimated from a quick measurement before it runs; other slots are "
+                   f"still tried; default {_UNLOCK.kdf_limit:.0f})")
     g = p.add_argument_group(
         "tokens (with no key option, LUKS2 clevis tokens unlock: Tang servers, "
         "no secret on this host)")
