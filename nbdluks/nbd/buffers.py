@@ -60,30 +60,33 @@ class MemoryBudget:
         self.overdraft: Account | None = None
         self._waiting: set[Callable[[], None]] = set()
 
-    def _excess(self, held: int) -> int:
-        return held - self.reserve if held > self.reserve else 0
-
     def room(self, acct: Account) -> bool:
         """Whether `acct` may take more (its reserve, or the shared part)."""
         return acct.held < self.reserve or self.shared_used < self.shared_limit
 
     def allows(self, acct: Account, n: int) -> bool:
-        excess = self._excess(acct.held + n) - self._excess(acct.held)
+        held, reserve = acct.held, self.reserve
+        if held + n <= reserve:
+            return True
+        excess = held + n - reserve - (held - reserve if held > reserve else 0)
         # Alone, a request larger than the shared part still runs.
-        return (not excess or self.shared_used == 0
-                or self.shared_used + excess <= self.shared_limit)
+        return self.shared_used == 0 or self.shared_used + excess <= self.shared_limit
 
     def charge(self, acct: Account, n: int) -> None:
         before = acct.held
-        acct.held = before + n
+        acct.held = after = before + n
         self.used += n
-        self.shared_used += self._excess(before + n) - self._excess(before)
+        reserve = self.reserve
+        if after > reserve:
+            self.shared_used += after - reserve - (before - reserve if before > reserve else 0)
 
     def release(self, acct: Account, n: int) -> None:
         before = acct.held
-        acct.held = before - n
+        acct.held = after = before - n
         self.used -= n
-        self.shared_used -= self._excess(before) - self._excess(before - n)
+        reserve = self.reserve
+        if before > reserve:
+            self.shared_used -= before - reserve - (after - reserve if after > reserve else 0)
         if self._waiting and self.shared_used < self.shared_limit:
             self._wake_all()
 

@@ -136,9 +136,10 @@ class Flow:
         # move; one connection at a time, until that WRITE is in).
         budget = self.budget
         pause = hold or self.gated
-        if not mid_write:
+        if budget.overdraft is self and not mid_write:
             budget.end_overdraft(self)
-        if not pause and not budget.room(self) and not (mid_write and budget.overdraw(self)):
+        if (not pause and self.held >= budget.reserve and budget.shared_used >= budget.shared_limit
+                and not (mid_write and budget.overdraw(self))):  # no room (budget.room)
             pause = True
             budget.wait(self._wake)
         if pause != self.read_paused:
