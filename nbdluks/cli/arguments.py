@@ -108,6 +108,10 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--handshake-limit", type=float, default=_SERVER.handshake_timeout,
                    metavar="S", help="seconds a client may take to negotiate (default "
                    f"{_SERVER.handshake_timeout:.0f}); silent connections are closed after it")
+    g.add_argument("--stall-limit", type=float, default=_SERVER.stall_timeout, metavar="S",
+                   help="seconds a client may leave the server waiting on it: a WRITE whose "
+                   "data stops coming, or replies it does not read; its connection is closed "
+                   f"after it (default {_SERVER.stall_timeout:.0f})")
     g.add_argument("--threads", type=int, default=_SERVER.threads,
                    help=f"I/O threads per process (default {_SERVER.threads})")
     g.add_argument("--processes", type=int, default=None, metavar="N",
@@ -150,6 +154,10 @@ def _key_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--argon2-max-memory", type=int, default=_UNLOCK.argon2_max_kib,
                    metavar="KiB", help="refuse Argon2 slots that need more memory "
                    f"(default {_UNLOCK.argon2_max_kib} KiB)")
+    g.add_argument("--kdf-limit", type=float, default=_UNLOCK.kdf_limit, metavar="S",
+                   help="refuse key slots whose KDF would take longer than S seconds here "
+                   "(estimated from a quick measurement before it runs; other slots are "
+                   f"still tried; default {_UNLOCK.kdf_limit:.0f})")
     g = p.add_argument_group(
         "tokens (with no key option, LUKS2 clevis tokens unlock: Tang servers, "
         "no secret on this host)")

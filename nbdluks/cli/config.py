@@ -23,7 +23,7 @@ EXPORT_KEYS = frozenset({
     "payload", "header", "raw", "passphrase-file", "key-file", "keyfile-offset",
     "keyfile-size", "volume-key-file", "key-slot", "token-only", "token-id", "token-type",
     "tang-timeout", "read-only", "description", "allow-discards", "upstream-timeout",
-    "upstream-reconnect", "argon2-max-memory",
+    "upstream-reconnect", "argon2-max-memory", "kdf-limit",
 })
 _NOT_IN_FILES = frozenset({"help", "config", "export-name", "reencrypt", "reencrypt-rate",
                            "resilience", "hotzone-size"})

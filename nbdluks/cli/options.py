@@ -69,7 +69,7 @@ def unlock_options(args: argparse.Namespace) -> UnlockOptions:
         passphrase_file=args.passphrase_file, key_file=args.key_file,
         keyfile_offset=args.keyfile_offset, keyfile_size=args.keyfile_size,
         volume_key_file=args.volume_key_file, key_slot=args.key_slot,
-        argon2_max_kib=args.argon2_max_memory,
+        argon2_max_kib=args.argon2_max_memory, kdf_limit=args.kdf_limit,
         tokens=TokenOptions(token_id=args.token_id, token_type=args.token_type,
                             timeout=args.tang_timeout),
     )
@@ -79,6 +79,8 @@ def unlock_options(args: argparse.Namespace) -> UnlockOptions:
     if args.token_type and args.token_type not in UNLOCKING_TYPES:
         raise UsageError(f"--token-type {args.token_type}: only "
                          f"{', '.join(UNLOCKING_TYPES)} tokens can unlock here")
+    if args.kdf_limit <= 0:
+        raise UsageError("--kdf-limit must be more than 0 seconds")
     if args.tang_timeout <= 0:
         raise UsageError("--tang-timeout must be more than 0 seconds")
     return keys
@@ -89,7 +91,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         max_connections=args.max_connections, max_inflight=args.max_inflight * MiB,
         max_memory=args.max_memory * MiB,
         threads=args.threads, tls=TlsMode(args.tls), credentials=tls_credentials(args),
-        handshake_timeout=args.handshake_limit,
+        handshake_timeout=args.handshake_limit, stall_timeout=args.stall_limit,
     )
 
 
@@ -141,6 +143,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--upstream-timeout must be more than 0 seconds")
     if getattr(args, "handshake_limit", 1) <= 0:
         raise UsageError("--handshake-limit must be more than 0 seconds")
+    if getattr(args, "stall_limit", 1) <= 0:
+        raise UsageError("--stall-limit must be more than 0 seconds")
     if getattr(args, "upstream_reconnect", 0) < 0:
         raise UsageError("--upstream-reconnect cannot be negative")
     if args.command == "serve" and args.socket:

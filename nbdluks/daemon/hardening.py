@@ -3,7 +3,8 @@
 A core of a crashed worker holds the raw volume key: the process is made
 non-dumpable (which also keeps other users' debuggers out) and its core
 size limit 0. (The key's pages are locked in memory by the device that
-holds it: luks.unlock.lock_in_memory.) Also here: a worker's tie to its
+holds it, in each process: luks.unlock.lock_in_memory; locked_kib says
+what took effect.) Also here: a worker's tie to its
 supervisor, and dropping root once the sources are open.
 """
 
@@ -34,6 +35,19 @@ def harden_process() -> dict[str, Any]:
     _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     return {"dumpable": _libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0),
             "core_limit": resource.getrlimit(resource.RLIMIT_CORE)[0]}
+
+
+def locked_kib() -> int:
+    """KiB of this process's memory locked (VmLck): what mlock really did
+    here, since locks are not inherited over fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def stop_with_parent(parent: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,9 +21,11 @@ from typing import Any
 import structlog
 
 from .. import signals
+from ..block import BlockDevice
 from ..nbd import Export, NbdServer, ServerOptions, StatsTable
 from ..unlock import OpenVolume
 from . import readiness
+from .hardening import locked_kib
 from .metrics import Monitor, Observed, Responder
 from .reload import Reread
 from .supervisor import Supervisor
@@ -88,7 +91,19 @@ def run_worker(volumes: Sequence[OpenVolume], opts: ServeOptions, socks: list[so
             device = devices.enter_context(volume.device())
             device.watch(obs.table.slot(index).upstream)
             exports.append(Export(volume.name, device, volume.config.description))
+        _report_locks([e.device for e in exports])
         return run_loop(_serve(exports, opts, socks, handoff, obs, index))
+
+
+def _report_locks(devices: Sequence[BlockDevice]) -> None:
+    """One line per process that holds keys: whether they are locked in its
+    memory, with what the kernel says is locked (mlock is not inherited)."""
+    claims = [d.describe().get("key_locked_in_memory") for d in devices]
+    keys = [c for c in claims if c is not None]
+    if keys:
+        kib = locked_kib()
+        log.info("keys in memory", pid=os.getpid(), volumes=len(keys), locked_kib=kib,
+                 key_locked_in_memory=all(keys) and kib > 0)
 
 
 def serve(volumes: Sequence[OpenVolume], socks: list[socket.socket], opts: ServeOptions,

@@ -1,14 +1,16 @@
 """KDF costs calibrated to a time, as cryptsetup's benchmark picks them
 (lib/crypto_backend/pbkdf_check.c): PBKDF2 iterations from a measured rate;
 Argon2 memory first, then time, grown or shrunk until one derivation takes
-the target within -5/+10 %. Pure computation, no I/O."""
+the target within -5/+10 %. And the other way: how long a header's KDF
+would take here, from a quick measured rate. Pure computation, no I/O."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 from .kdf import PBKDF2_MAX_ITERATIONS, derive
-from .volume import Argon2, Pbkdf2
+from .volume import Argon2, Kdf, Pbkdf2
 
 PBKDF2_MIN_ITERATIONS = 1000  # NIST SP 800-132, cryptsetup's floor
 ARGON2_MIN_TIME = 4
@@ -97,3 +99,39 @@ def argon2_cost(kind: str, max_memory: int, parallel: int, key_size: int,
         if target_ms * 0.95 <= ms <= target_ms * 1.10:
             break
     return t, m
+
+
+# Rates slower than any machine this runs on: work that takes less than the
+# bound at these is not measured (PBKDF2: iterations of one output block per
+# second; Argon2: KiB times passes per second).
+_SLOW_PBKDF2 = 100_000
+_SLOW_ARGON2 = 50_000
+_rates: dict[str, float] = {}  # measured once per process and kind
+
+
+def _rate(kind: str) -> float:
+    """This machine's rate for PBKDF2-`kind` (a hash) or Argon2 `kind`."""
+    if kind not in _rates:
+        if kind.startswith("argon2"):
+            work = 16 * 1024 * 2
+            ms = _measure(kind, 2, 16 * 1024, 4, 32)
+        else:
+            work = 1 << 15
+            ms = _ms(lambda: derive(Pbkdf2(kind, work, _SALT), _PASSWORD,
+                                    hashlib.new(kind).digest_size))
+        _rates[kind] = work / max(ms, 0.01) * 1000
+    return _rates[kind]
+
+
+def kdf_seconds(kdf: Kdf, length: int, ignore_below: float = 0.0) -> float:
+    """About how many seconds deriving `length` bytes with `kdf` takes here;
+    0 for work sure to take less than `ignore_below` (not measured)."""
+    if isinstance(kdf, Pbkdf2):
+        size = hashlib.new(kdf.hash).digest_size
+        work = kdf.iterations * -(-length // size)  # each output block on its own
+        kind, slow = kdf.hash, _SLOW_PBKDF2
+    else:
+        work, kind, slow = kdf.time * kdf.memory, kdf.type, _SLOW_ARGON2
+    if work / slow < ignore_below:
+        return 0.0
+    return work / _rate(kind)

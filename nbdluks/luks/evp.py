@@ -89,6 +89,15 @@ def _library() -> _Lib | None:
         return _lib
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _mlock(buf: bytearray) -> bool:
+    address = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    return bool(_libc.mlock(address, len(buf)) == 0)
+
+
 class EvpXts:
     """AES-XTS with a caller-given 16-byte tweak IV per unit."""
 
@@ -96,6 +105,9 @@ class EvpXts:
         self._lib = lib
         self._cipher = lib.ciphers[len(key)]()
         self._key = bytearray(key)
+        # Every thread's key schedule is made from this copy: never swapped
+        # out, where allowed (as unlock.lock_in_memory, which imports us).
+        self.key_locked = _mlock(self._key)
         # The C loop, if built, fixed for the life of this context.
         self._c_loop = _xtsloop.crypt if _xtsloop is not None else None
         self._local = threading.local()

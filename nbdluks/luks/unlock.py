@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import af, reencrypt
+from .calibrate import kdf_seconds
 from .cipher import CipherSpec, SectorCipher
 from .errors import HeaderError, LuksError, UnsupportedError, WrongKeyError
 from .kdf import derive
-from .volume import SECTOR, Digest, Keyslot, Volume
+from .volume import SECTOR, Digest, Kdf, Keyslot, Pbkdf2, Volume
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -71,11 +72,31 @@ def slot_order(vol: Volume, only: int | None = None) -> list[Keyslot]:
     return sorted(usable, key=lambda s: (-s.priority, s.id))
 
 
+def check_cost(vol: Volume, slot: Keyslot | None, limit: float | None) -> None:
+    """Refuse (UnsupportedError) a key slot, or with None the volume key's
+    check, whose KDF and digest would take longer than `limit` seconds here:
+    a hostile header must not pin a core for hours."""
+    if limit is None:
+        return
+    digests = vol.digests if slot is None else vol.digests_for(slot.id)
+    costs: list[tuple[Kdf, int]] = [(Pbkdf2(d.hash, d.iterations, d.salt), len(d.digest))
+                                    for d in digests]
+    if slot is not None:
+        costs.append((slot.kdf, slot.area_key_size))
+    seconds = sum(kdf_seconds(kdf, n, limit / len(costs)) for kdf, n in costs)
+    if seconds > limit:
+        what = "the volume key's digest" if slot is None else f"key slot {slot.id}"
+        raise UnsupportedError(f"{what} would take about {seconds:,.0f} s to derive here, "
+                               f"more than the {limit:,.0f} s allowed")
+
+
 def open_slot(vol: Volume, slot: Keyslot, passphrase: bytes | bytearray,
-              area: bytes | bytearray) -> bytearray | None:
-    """The volume key if `passphrase` opens `slot`, else None."""
+              area: bytes | bytearray, kdf_limit: float | None = None) -> bytearray | None:
+    """The volume key if `passphrase` opens `slot`, else None. `kdf_limit`:
+    seconds its KDF may take here (check_cost)."""
     spec = CipherSpec.parse(slot.area_cipher)
     spec.check_key_size(slot.area_key_size)
+    check_cost(vol, slot, kdf_limit)
     material_len = -(-slot.material_size // SECTOR) * SECTOR
     if len(area) < material_len:
         raise WrongKeyError(f"key slot {slot.id} area is truncated")
@@ -105,7 +126,7 @@ class SlotsSkippedError(WrongKeyError):
 
 def unlock_with_passphrase(
     vol: Volume, passphrase: bytes | bytearray, read_area: Callable[[Keyslot], bytes],
-    only_slot: int | None = None,
+    only_slot: int | None = None, kdf_limit: float | None = None,
 ) -> Unlocked:
     slots = slot_order(vol, only_slot)
     skipped: list[LuksError] = (
@@ -113,7 +134,7 @@ def unlock_with_passphrase(
     tried = 0
     for slot in slots:
         try:
-            key = open_slot(vol, slot, passphrase, read_area(slot))
+            key = open_slot(vol, slot, passphrase, read_area(slot), kdf_limit)
         except UnsupportedError as e:
             skipped.append(e)
             continue
@@ -134,8 +155,8 @@ def unlock_with_passphrase(
 
 
 def reencryption_keys(vol: Volume, passphrase: bytes | bytearray,
-                      read_area: Callable[[Keyslot], bytes], first: Unlocked
-                      ) -> dict[str, bytearray]:
+                      read_area: Callable[[Keyslot], bytes], first: Unlocked,
+                      kdf_limit: float | None = None) -> dict[str, bytearray]:
     """Both keys of a volume in reencryption, from one passphrase (cryptsetup
     gives the new key slots the old ones' passphrases), checked against the
     header's reencryption digest."""
@@ -150,7 +171,7 @@ def reencryption_keys(vol: Volume, passphrase: bytes | bytearray,
                 break
             ids = {d.id for d in vol.digests_for(slot.id)}
             if ids & missing:
-                key = open_slot(vol, slot, passphrase, read_area(slot))
+                key = open_slot(vol, slot, passphrase, read_area(slot), kdf_limit)
                 if key is not None:
                     keys.update({i: bytearray(key) for i in ids})
                     wipe(key)
@@ -169,7 +190,9 @@ def reencryption_keys(vol: Volume, passphrase: bytes | bytearray,
     return keys
 
 
-def unlock_with_volume_key(vol: Volume, key: bytes | bytearray) -> Unlocked:
+def unlock_with_volume_key(vol: Volume, key: bytes | bytearray,
+                           kdf_limit: float | None = None) -> Unlocked:
+    check_cost(vol, None, kdf_limit)
     if vol.key_size and len(key) != vol.key_size:
         raise WrongKeyError(
             f"the volume key must be {vol.key_size} bytes, the file holds {len(key)}"

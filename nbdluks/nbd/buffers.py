@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
+from typing import Protocol
 
 # Smaller buffers come cheaply from malloc's free lists.
 MIN_POOLED = 64 * 1024
@@ -27,38 +28,88 @@ def size_class(size: int) -> int:
     return size if size < MIN_POOLED else 1 << (size - 1).bit_length()
 
 
+class Account(Protocol):
+    """What one connection holds of the budget (kept by the budget)."""
+
+    held: int
+
+
 class MemoryBudget:
     """Bytes of request data one server process holds (read buffers until
-    their reply has left, write data until it is written), shared by all
-    its connections. Past the limit, reads wait and connections stop
-    reading; a connection that waits is told when room is made."""
+    their reply has left, write data as it arrives until it is written),
+    charged to the connection that holds them.
 
-    def __init__(self, limit: int) -> None:
+    Half the limit is a reserve split evenly among the connections the
+    process may hold: a connection always has its share, whatever the others
+    hold, so that clients that do not read their replies (or send data
+    slowly) cannot take the budget from the rest. What a connection holds
+    beyond its share comes from the other half, shared first come first
+    served; past it, that connection's reads wait and it stops reading, and
+    it is told when room is made.
+
+    A WRITE half in that finds the budget spent may still take its data (it
+    cannot move otherwise), but only one connection at a time: the
+    overdraft is bounded by one WRITE, and ends when its data is all in."""
+
+    def __init__(self, limit: int, connections: int = 1) -> None:
         self.limit = limit
+        self.reserve = limit // 2 // max(1, connections)
+        self.shared_limit = limit - self.reserve * max(1, connections)
         self.used = 0
+        self.shared_used = 0  # held beyond the connections' reserves
+        self.overdraft: Account | None = None
         self._waiting: set[Callable[[], None]] = set()
 
-    @property
-    def full(self) -> bool:
-        return self.used >= self.limit
+    def room(self, acct: Account) -> bool:
+        """Whether `acct` may take more (its reserve, or the shared part)."""
+        return acct.held < self.reserve or self.shared_used < self.shared_limit
 
-    def allows(self, n: int) -> bool:
-        # Alone, a request larger than the whole budget still runs.
-        return self.used == 0 or self.used + n <= self.limit
+    def allows(self, acct: Account, n: int) -> bool:
+        held, reserve = acct.held, self.reserve
+        if held + n <= reserve:
+            return True
+        excess = held + n - reserve - (held - reserve if held > reserve else 0)
+        # Alone, a request larger than the shared part still runs.
+        return self.shared_used == 0 or self.shared_used + excess <= self.shared_limit
 
-    def charge(self, n: int) -> None:
+    def charge(self, acct: Account, n: int) -> None:
+        before = acct.held
+        acct.held = after = before + n
         self.used += n
+        reserve = self.reserve
+        if after > reserve:
+            self.shared_used += after - reserve - (before - reserve if before > reserve else 0)
 
-    def release(self, n: int) -> None:
+    def release(self, acct: Account, n: int) -> None:
+        before = acct.held
+        acct.held = after = before - n
         self.used -= n
-        if self._waiting and not self.full:
-            waiting, self._waiting = self._waiting, set()
-            for wake in waiting:
-                wake()
+        reserve = self.reserve
+        if before > reserve:
+            self.shared_used -= before - reserve - (after - reserve if after > reserve else 0)
+        if self._waiting and self.shared_used < self.shared_limit:
+            self._wake_all()
+
+    def overdraw(self, acct: Account) -> bool:
+        """`acct` may go past the budget until end_overdraft (one at a time)."""
+        if self.overdraft is None:
+            self.overdraft = acct
+        return self.overdraft is acct
+
+    def end_overdraft(self, acct: Account) -> None:
+        if self.overdraft is acct:
+            self.overdraft = None
+            if self._waiting:
+                self._wake_all()
 
     def wait(self, wake: Callable[[], None]) -> None:
         """Call `wake` (once) when some of the budget is released."""
         self._waiting.add(wake)
+
+    def _wake_all(self) -> None:
+        waiting, self._waiting = self._waiting, set()
+        for wake in waiting:
+            wake()
 
 
 def viewed(buf: bytearray) -> bool:

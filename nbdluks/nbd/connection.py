@@ -64,7 +64,7 @@ class Connection(asyncio.Protocol):
         self.export: Export | None = None
         self.stats_row = -1  # the export's counters (stats.Stats.row)
         self.flow = Flow(shared.options.max_inflight, shared.budget, shared.buffers, self._wake)
-        self.decoder = RequestDecoder(alloc=self.flow.alloc_data)
+        self.decoder = RequestDecoder(alloc=shared.buffers.get)
         self._backlog: collections.deque[Request] = collections.deque()
         self._pumping = False
         # Replies wait here while a batch of requests is processed, then go
@@ -77,7 +77,7 @@ class Connection(asyncio.Protocol):
         self.bytes_read = self.bytes_written = 0
         self.closing = False  # DISC seen or server stopping: no new requests
         self.closed = asyncio.Event()
-        self.opened = self.last_active = time.monotonic()
+        self.opened = self.last_active = self.received_at = time.monotonic()
 
     # --- what the registry asks ------------------------------------------------
 
@@ -174,14 +174,19 @@ class Connection(asyncio.Protocol):
     # --- transmission -----------------------------------------------------------
 
     def _receive_requests(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
+        self.last_active = self.received_at = time.monotonic()
+        decoder = self.decoder
         try:
-            reqs = self.decoder.feed(data)
+            reqs = decoder.feed(data)
         except ProtocolError as e:
             self.log.warning("protocol error, closing", error=str(e))
             if self.transport is not None:
                 self.transport.abort()
             return
+        finally:
+            if decoder.data_in:
+                self.flow.data_in(decoder.data_in)
+                decoder.data_in = 0
         self._backlog.extend(reqs)
         self._pump()
 
@@ -302,6 +307,19 @@ class Connection(asyncio.Protocol):
         for req in self._backlog:
             self.flow.give_back(req)
         self._backlog.clear()
+
+    def check_stalled(self, now: float) -> None:
+        """Close this connection if it has waited on its client too long."""
+        if self.neg is None or self.transport is None:
+            return
+        what = self.flow.stalled(now, self.shared.options.stall_timeout,
+                                 self.decoder.mid_write, self.received_at)
+        if what is not None:
+            held_back = self.shared.throttle.admit(("stalled", what))
+            if held_back is not None:
+                self.log.warning("connection closed: the client stalled", stalled=what,
+                                 limit=self.shared.options.stall_timeout, held_back=held_back)
+            self.transport.abort()
 
     def _release_all(self) -> None:
         """The connection is gone: nothing it holds will be sent."""

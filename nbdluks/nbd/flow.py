@@ -3,12 +3,15 @@ and what it holds of the server's memory budget and buffers.
 
 Reading pauses while the connection's requests in flight reach their cap,
 while decoded requests wait to start, while the client does not take its
-replies, and while the server's memory budget is spent. The connection
-consults this object; it touches no socket itself, only what it is handed
-to pause."""
+replies, and while the connection has no room left in the server's memory
+budget (its reserve and the shared part spent). The connection consults
+this object; it touches no socket itself, only what it is handed to pause.
+It also notes since when the connection has waited on its client (replies
+not taken, reading not paused by us), for the stall limit."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -49,6 +52,10 @@ class Flow:
         self._unsent = 0
         self.write_paused = False  # the client does not take its replies
         self.read_paused = False
+        self.held = 0  # bytes of the budget held (buffers.Account)
+        # time.monotonic() when the client last stopped taking replies, and
+        # when reading last resumed after a pause of ours
+        self.write_paused_at = self.read_resumed_at = 0.0
 
     @property
     def gated(self) -> bool:
@@ -58,7 +65,7 @@ class Flow:
     def may_start(self, req: Request) -> bool:
         if self.gated:
             return False
-        if req.cmd == Cmd.READ and not self.budget.allows(size_class(req.length)):
+        if req.cmd == Cmd.READ and not self.budget.allows(self, size_class(req.length)):
             self.budget.wait(self._wake)
             return False
         return True
@@ -67,7 +74,7 @@ class Flow:
         """A valid request goes to the device: a READ gets its buffer."""
         if req.cmd == Cmd.READ:
             req.buffer = self.buffers.get_at_least(req.length)
-            self.budget.charge(len(req.buffer))
+            self.budget.charge(self, len(req.buffer))
         self.inflight += 1
         self.inflight_bytes += cost(req)
 
@@ -78,38 +85,39 @@ class Flow:
 
     # --- the memory budget ----------------------------------------------------------
 
-    def alloc_data(self, n: int) -> bytearray:
-        """A WRITE's data buffer (the decoder asks as its header arrives)."""
-        self.budget.charge(n)
-        return self.buffers.get(n)
+    def data_in(self, n: int) -> None:
+        """`n` bytes of WRITE data came in: charged as they arrive."""
+        self.budget.charge(self, n)
 
     def give_back(self, req: Request) -> None:
         """A request is over: its buffers go back to the pool, a write's data
         off the budget (a read's buffer when its reply has left)."""
         if req.data is not None:
-            self.budget.release(len(req.data))
+            self.budget.release(self, len(req.data))
             self.buffers.put(req.data)
         if req.buffer is not None:
             self._unsent += len(req.buffer)
             self.buffers.put(req.buffer)
         req.buffer = req.data = None
 
-    def drop_partial(self, data: bytearray | None) -> None:
+    def drop_partial(self, held: int) -> None:
         """The stream ended inside a WRITE's data: off the budget with it."""
-        if data is not None:
-            self.budget.release(len(data))
+        if held:
+            self.budget.release(self, held)
+        self.budget.end_overdraft(self)
 
     def release_unsent(self) -> None:
         """The transport has sent the replies (or never will): their read
         buffers leave the budget."""
         if self._unsent:
             n, self._unsent = self._unsent, 0
-            self.budget.release(n)
+            self.budget.release(self, n)
 
     # --- the transport ------------------------------------------------------------
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = time.monotonic()
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -123,15 +131,34 @@ class Flow:
             return
         # Decoded requests that wait in the backlog are bounded by one
         # read's worth of bytes: stop reading until they have started. With
-        # the budget spent, stop too, unless a WRITE's data is half in (it
-        # is paid for, and must arrive for anything to move).
+        # no room in the budget, stop too, unless a WRITE's data is half in
+        # and this connection may overdraw (it must arrive for anything to
+        # move; one connection at a time, until that WRITE is in).
         budget = self.budget
-        pause = hold or self.gated or (budget.full and not mid_write)
-        if pause and budget.full:
+        pause = hold or self.gated
+        if budget.overdraft is self and not mid_write:
+            budget.end_overdraft(self)
+        if (not pause and self.held >= budget.reserve and budget.shared_used >= budget.shared_limit
+                and not (mid_write and budget.overdraw(self))):  # no room (budget.room)
+            pause = True
             budget.wait(self._wake)
         if pause != self.read_paused:
             self.read_paused = pause
             if pause:
                 t.pause_reading()
             else:
+                self.read_resumed_at = time.monotonic()
                 t.resume_reading()
+
+    def stalled(self, now: float, limit: float, mid_write: bool, received_at: float,
+                ) -> str | None:
+        """What this connection has waited on its client for longer than
+        `limit` seconds, if anything: replies it does not take, or WRITE
+        data that stopped coming (`received_at`: when bytes last came) while
+        we were reading."""
+        if self.write_paused and now - self.write_paused_at > limit:
+            return "replies not read"
+        if (mid_write and not self.read_paused
+                and now - max(received_at, self.read_resumed_at) > limit):
+            return "WRITE data stalled"
+        return None

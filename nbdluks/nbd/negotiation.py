@@ -90,6 +90,11 @@ class Negotiation:
             return
         if tls is None:  # closed meanwhile
             return
+        if tls.is_closing():  # uvloop hands back a dead transport when the time
+            self._conn.log.warning("TLS handshake failed", error="closed")  # limit hit
+            plain.abort()
+            self._conn.connection_lost(None)
+            return
         self._conn.transport = tls
         obj = tls.get_extra_info("ssl_object")
         peer = obj.getpeercert() if obj else None  # set when client certificates are checked

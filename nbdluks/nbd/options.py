@@ -29,6 +29,10 @@ class ServerOptions:
     # Seconds a client may take to negotiate, TLS handshake included (qemu-nbd's
     # --handshake-limit).
     handshake_timeout: float = 10.0
+    # Seconds a client may keep a served connection waiting on it: a WRITE
+    # whose data stops coming, or replies it does not read. Past it, that
+    # connection is closed (and what it holds of the memory budget freed).
+    stall_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.tls is not TlsMode.OFF and self.credentials is None:

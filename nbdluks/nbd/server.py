@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import structlog
@@ -43,7 +44,8 @@ class NbdServer:
         memory = options.max_memory // processes
         self.registry: Registry[Connection] = Registry(-(-options.max_connections // processes))
         self.shared = Shared(loop, self.exports, options, BufferPool(memory // 2),
-                             MemoryBudget(memory), self.dispatcher, self.registry,
+                             MemoryBudget(memory, self.registry.limit), self.dispatcher,
+                             self.registry,
                              stats=stats or StatsTable().slot(0))
         self.listeners: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
@@ -56,6 +58,9 @@ class NbdServer:
 
     def _tick(self) -> None:
         self.shared.stats.flush()
+        now = time.monotonic()
+        for conn in list(self.registry.live):
+            conn.check_stalled(now)
         if self._retiring is not None:
             self._retire_step()
         if not self._stop.is_set():

@@ -229,6 +229,11 @@ class Request:
         return self.cmd == Cmd.WRITE and self.data is None
 
 
+# WRITE payload parts this large are kept as views of their chunk, smaller
+# ones gathered into copies of about this size.
+_VIEWED_PART = 64 * 1024
+
+
 def encode_request(flags: int, cmd: int, handle: int, offset: int, length: int) -> bytes:
     return _REQUEST.pack(REQUEST_MAGIC, flags, cmd, handle, offset, length)
 
@@ -236,10 +241,12 @@ def encode_request(flags: int, cmd: int, handle: int, offset: int, length: int) 
 class RequestDecoder:
     """Incremental decoder of the client's request stream.
 
-    WRITE payloads up to MAX_PAYLOAD are collected into one preallocated
-    buffer (one copy); larger ones are skipped so the stream stays in sync
-    and the request can be failed without dropping the connection.
-    """
+    A WRITE's payload (up to MAX_PAYLOAD) that comes in parts is kept as
+    those parts and copied into one buffer once complete: a WRITE holds
+    what its client sent, never what it announced. `data_in` counts payload
+    bytes taken since the owner reset it (to charge its budget). Larger
+    payloads are skipped so the stream stays in sync and the request can be
+    failed without dropping the connection."""
 
     def __init__(self, max_payload: int = MAX_PAYLOAD,
                  alloc: Callable[[int], bytearray] = bytearray) -> None:
@@ -247,18 +254,23 @@ class RequestDecoder:
         self._max_payload = max_payload
         self._alloc = alloc  # payload buffers; their contents are overwritten
         self._pending: Request | None = None  # WRITE waiting for its payload
+        self._parts: list[bytearray | memoryview] = []  # what came of its payload
         self._filled = 0
         self._skip = 0
+        self.data_in = 0
 
     @property
     def mid_write(self) -> bool:
         """A WRITE's data is partly in."""
         return self._pending is not None
 
-    def abandon(self) -> bytearray | None:
-        """The stream ends: the buffer of a WRITE whose data never all came."""
-        req, self._pending = self._pending, None
-        return req.data if req is not None else None
+    @property
+    def partial(self) -> int:  # bytes of the pending WRITE's payload held
+        return self._filled
+
+    def abandon(self) -> int:  # the stream ends: bytes held of an unfinished WRITE
+        held, self._pending, self._parts, self._filled = self._filled, None, [], 0
+        return held
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Request]:
         out: list[Request] = []
@@ -272,19 +284,44 @@ class RequestDecoder:
 
     def _write_data(self, req: Request, view: memoryview, out: list[Request]) -> memoryview:
         """Take the pending WRITE's data (or skip it when it is too large)."""
-        if req.data is None:
+        if self._skip:
             n = min(self._skip, len(view))
             self._skip -= n
-            done = self._skip == 0
-        else:
-            n = min(len(req.data) - self._filled, len(view))
-            req.data[self._filled : self._filled + n] = view[:n]
+            if self._skip == 0:
+                out.append(req)
+                self._pending = None
+            return view[n:]
+        need = req.length - self._filled
+        n = min(need, len(view))
+        self.data_in += n
+        if n < need:  # more to come: keep this part
+            self._keep(view[:n])
             self._filled += n
-            done = self._filled == len(req.data)
-        if done:
-            out.append(req)
-            self._pending = None
+            return view[n:]
+        req.data = data = self._alloc(req.length)
+        pos = 0
+        for part in self._parts:
+            data[pos : pos + len(part)] = part
+            pos += len(part)
+        data[pos:] = view[:n]
+        self._parts.clear()
+        self._filled = 0
+        self._pending = None
+        out.append(req)
         return view[n:]
+
+    def _keep(self, part: memoryview) -> None:
+        """A large part of an immutable chunk is kept as a view of it; small
+        ones (a view per byte costs more than the byte) and parts of
+        buffers that may change are copied together."""
+        if len(part) >= _VIEWED_PART and isinstance(part.obj, bytes):
+            self._parts.append(part)
+            return
+        tail = self._parts[-1] if self._parts else None
+        if isinstance(tail, bytearray) and len(tail) < _VIEWED_PART:
+            tail += part
+        else:
+            self._parts.append(bytearray(part))
 
     def _header(self, view: memoryview, out: list[Request]) -> memoryview:
         """Take one request header (gathering exactly REQUEST_SIZE bytes)."""
@@ -304,9 +341,6 @@ class RequestDecoder:
             self._pending = req
             if req.length > self._max_payload:
                 self._skip = req.length
-            else:
-                req.data = self._alloc(req.length)
-                self._filled = 0
         else:
             if req.cmd == Cmd.WRITE:
                 req.data = bytearray()

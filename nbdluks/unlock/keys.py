@@ -30,6 +30,9 @@ from .tokens import TokenOptions, unlock_with_tokens
 
 log = structlog.get_logger("nbdluks.open")
 
+# Many times cryptsetup's default of 2 s, for a header made on a faster machine.
+DEFAULT_KDF_LIMIT = 120.0
+
 
 @dataclass(frozen=True)
 class UnlockOptions:
@@ -43,6 +46,9 @@ class UnlockOptions:
     volume_key_file: str | None = None
     key_slot: int | None = None
     argon2_max_kib: int = DEFAULT_ARGON2_MAX_KIB
+    # Seconds a key slot's KDF (with its digest) may take here, estimated
+    # before it runs; slower slots are refused with the estimate.
+    kdf_limit: float = DEFAULT_KDF_LIMIT
     # With no key given, LUKS2 tokens unlock (as cryptsetup open does).
     tokens: TokenOptions = field(default_factory=TokenOptions)
 
@@ -65,7 +71,7 @@ def unlock(copies: Sequence[HeaderCopy], keys: UnlockOptions) -> tuple[HeaderCop
     first copy when none does."""
     if not keys.given():
         return _first_copy(copies, lambda c: _one_key(_servable(c), unlock_with_tokens(
-            _servable(c), c.read_area, keys.tokens, keys.key_slot)))
+            _servable(c), c.read_area, keys.tokens, keys.key_slot, keys.kdf_limit)))
     secret = given_secret(keys)
     try:
         return _first_copy(copies, lambda c: _unlock_copy(c, secret, keys))
@@ -143,16 +149,18 @@ def _servable(copy: HeaderCopy) -> Volume:
 def _unlock_copy(copy: HeaderCopy, secret: bytearray, keys: UnlockOptions) -> Unlocked:
     vol = _servable(copy)
     if keys.volume_key_file:
-        unlocked = unlock_with_volume_key(vol, secret)
+        unlocked = unlock_with_volume_key(vol, secret, keys.kdf_limit)
     else:
-        unlocked = unlock_with_passphrase(vol, secret, copy.read_area, keys.key_slot)
+        unlocked = unlock_with_passphrase(vol, secret, copy.read_area, keys.key_slot,
+                                          keys.kdf_limit)
     if vol.reencryption is not None:
         if unlocked.keyslot is None:
             unlocked.wipe()
             raise WrongKeyError("the volume is being reencrypted: its two keys come from a "
                                 "passphrase, not from one volume key")
         try:
-            unlocked.keys = reencryption_keys(vol, secret, copy.read_area, unlocked)
+            unlocked.keys = reencryption_keys(vol, secret, copy.read_area, unlocked,
+                                              keys.kdf_limit)
         except BaseException:
             unlocked.wipe()
             raise

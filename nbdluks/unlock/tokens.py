@@ -58,14 +58,15 @@ def candidates(vol: Volume, opts: TokenOptions) -> list[Token]:
 
 
 def unlock_with_tokens(vol: Volume, read_area: Callable[[Keyslot], bytes], opts: TokenOptions,
-                       only_slot: int | None = None) -> Unlocked:
+                       only_slot: int | None = None, kdf_limit: float | None = None
+                       ) -> Unlocked:
     tokens = candidates(vol, opts)
     if not tokens:
         raise NoTokenError("no key was given and the volume has no token to unlock with")
     failures: list[str] = []
     for token in tokens:
         try:
-            unlocked = _unlock_with(vol, token, read_area, opts, only_slot)
+            unlocked = _unlock_with(vol, token, read_area, opts, only_slot, kdf_limit)
         except (PinError, LuksError) as e:
             failures.append(f"token {token.id} ({label(token.type)}): {e}")
             continue
@@ -80,7 +81,8 @@ def unlock_with_tokens(vol: Volume, read_area: Callable[[Keyslot], bytes], opts:
 
 
 def _unlock_with(vol: Volume, token: Token, read_area: Callable[[Keyslot], bytes],
-                 opts: TokenOptions, only_slot: int | None) -> Unlocked:
+                 opts: TokenOptions, only_slot: int | None, kdf_limit: float | None,
+                 ) -> Unlocked:
     if token.type not in UNLOCKING_TYPES:
         raise UnsupportedError(f"tokens of type {clip(token.type)} cannot unlock here")
     slots = [k for k in token.keyslots if only_slot is None or k == only_slot]
@@ -90,7 +92,7 @@ def _unlock_with(vol: Volume, token: Token, read_area: Callable[[Keyslot], bytes
     try:
         for slot in slots:
             try:
-                unlocked = unlock_with_passphrase(vol, passphrase, read_area, slot)
+                unlocked = unlock_with_passphrase(vol, passphrase, read_area, slot, kdf_limit)
             except WrongKeyError:
                 continue
             log.info("unlocked through a token", token=token.id, type=token.type,

@@ -18,6 +18,7 @@ GOOD = """
 [server]
 port = 10999
 processes = 2
+stall-limit = 7.5
 
 [exports.a]
 payload = "/nonexistent/a.img"
@@ -40,6 +41,7 @@ def config(tmp_path: Path, text: str) -> str:
 def test_a_good_file(tmp_path: Path) -> None:
     cfg = load(config(tmp_path, GOOD), serve_parser(), explicit_options(["serve"]))
     assert cfg.server.port == 10999 and cfg.server.processes == 2
+    assert cfg.server.stall_limit == 7.5
     a, b = cfg.exports
     assert (a.name, a.payload, a.headers, a.description) == (
         "a", "/nonexistent/a.img", ("/nonexistent/a.hdr", "/nonexistent/a.bak"), "disk a")
@@ -62,6 +64,7 @@ def test_the_command_line_overrides_server(tmp_path: Path) -> None:
     ("[server]\npayload = 'x'\n", "[server] payload: unknown key"),
     ("[server]\nport = 70000\n", "[server] -p/--port 70000: must be 1..65535"),
     ("[server]\ntls = 'maybe'\n", "[server] tls: must be one of off, on, require"),
+    ("[server]\nstall-limit = 0\n", "[server] --stall-limit must be more than 0 seconds"),
     ("[exports.a]\npayload = 'x'\nkey-slot = 99\n", "[exports.a] --key-slot 99: must be 0..31"),
     ("[exports.a]\n", "[exports.a] nothing to serve"),
     ("[exports.a]\nraw = 'x'\npayload = 'y'\n", "[exports.a] --raw cannot be combined"),

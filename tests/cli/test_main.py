@@ -141,6 +141,6 @@ def test_version_and_help() -> None:
                               capture_output=True, text=True, check=True).stdout
     for opt in ("--payload", "--header", "--passphrase-file", "--key-file", "--volume-key-file",
                 "--allow-discards", "--processes", "--max-memory", "--handshake-limit",
-                "--print-uri", "--pid-file", "--log-format", "exit status", "nbd+unix://",
+                "--stall-limit", "--print-uri", "--pid-file", "--log-format", "exit status", "nbd+unix://",
                 "SIGHUP"):
         assert opt in helptext

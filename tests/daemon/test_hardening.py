@@ -5,9 +5,10 @@ the limits allow."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
-from tests.conftest import need, wait_children
+from tests.conftest import log_events, need, wait_children
 from tests.luks.reference import luks_format
 
 MiB = 1 << 20
@@ -29,4 +30,23 @@ def test_serving_processes_are_not_dumpable(nbdluks, tmp_path: Path) -> None:
     assert hardened["dumpable"] == 0 and hardened["core_limit"] == 0
     unlocked = next(r for r in records if r["event"] == "volume unlocked")
     assert unlocked["key_locked_in_memory"] is True  # root here: mlock is allowed
+    assert vmlck_kib(srv.proc.pid) > 0  # the parent's key, for new workers
+    # mlock is not inherited: each worker locks its own copies, and says so
+    # with what the kernel counts (before: no line, VmLck 0 in the workers)
+    for _ in range(100):
+        lines = log_events(srv.log_text(), "keys in memory")
+        if len(lines) == 2:
+            break
+        time.sleep(0.1)
+    assert sorted(r["pid"] for r in lines) == sorted(pids[1:])
+    for r in lines:
+        assert r["key_locked_in_memory"] is True and r["locked_kib"] > 0
+        assert vmlck_kib(r["pid"]) >= r["locked_kib"]
     assert srv.stop() == 0
+
+
+def vmlck_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmLck")

@@ -23,3 +23,20 @@ def test_next_params_follow_cryptsetup() -> None:
     # too fast: memory goes up first, up to its cap, then time
     assert calibrate._next(4, 1024, 50, 100, 32, 4096) == (4, 2048, False)
     assert calibrate._next(4, 4096, 25, 100, 32, 4096) == (16, 4096, False)
+
+
+def test_how_long_a_headers_kdf_would_take_here() -> None:
+    from nbdluks.luks.volume import Argon2, Pbkdf2
+
+    calibrate._rates.clear()
+    small = Pbkdf2("sha256", 1000, bytes(32))
+    assert calibrate.kdf_seconds(small, 64, ignore_below=1) == 0  # sure to be quick
+    assert not calibrate._rates  # so nothing was measured
+    huge = Pbkdf2("sha256", 2**31 - 1, bytes(32))
+    one_block = calibrate.kdf_seconds(huge, 32)
+    assert 60 < one_block < 100_000  # minutes: ~3.5 M iterations/s on a 2024 core
+    # each 32-byte output block of PBKDF2-SHA256 runs every iteration again
+    assert calibrate.kdf_seconds(huge, 64) == 2 * one_block
+    days = calibrate.kdf_seconds(Argon2("argon2id", 2**32 - 1, 32, 1, bytes(32)), 64)
+    four_gib = calibrate.kdf_seconds(Argon2("argon2id", 4, 4 << 20, 4, bytes(32)), 64)
+    assert days > 86_400 and 0.5 < four_gib < 600  # 4 passes over 4 GiB: seconds

@@ -68,20 +68,62 @@ def test_size_classes_keep_the_pool_reusable_under_random_sizes() -> None:
     assert pool.get_at_least(400_000) is buf
 
 
+class Acct:
+    held = 0
+
+
 def test_memory_budget_waits_and_wakes() -> None:
     from nbdluks.nbd.buffers import MemoryBudget
 
-    budget = MemoryBudget(100)
-    assert budget.allows(500)  # alone, anything runs
-    budget.charge(80)
-    assert budget.allows(20) and not budget.allows(21) and not budget.full
+    budget = MemoryBudget(100)  # one connection: a reserve of 50, 50 shared
+    a = Acct()
+    assert budget.allows(a, 500)  # alone, anything runs
+    budget.charge(a, 80)
+    assert budget.allows(a, 20) and not budget.allows(a, 21) and budget.room(a)
     woken: list[int] = []
     budget.wait(lambda: woken.append(1))
-    budget.charge(30)
-    assert budget.full
-    budget.release(5)
-    assert budget.full and not woken  # still past the limit
-    budget.release(60)
-    assert woken == [1] and budget.used == 45
-    budget.release(45)
+    budget.charge(a, 30)
+    assert not budget.room(a) and budget.used == 110
+    budget.release(a, 5)
+    assert not budget.room(a) and not woken  # still past the limit
+    budget.release(a, 60)
+    assert woken == [1] and budget.used == 45 and a.held == 45
+    budget.release(a, 45)
     assert woken == [1]  # woken once per wait
+
+
+def test_each_connection_keeps_its_reserve_whatever_the_others_hold() -> None:
+    from nbdluks.nbd.buffers import MemoryBudget
+
+    budget = MemoryBudget(1000, connections=5)  # reserves of 100, 500 shared
+    assert (budget.reserve, budget.shared_limit) == (100, 500)
+    hogs = [Acct(), Acct()]
+    budget.charge(hogs[0], 400)  # 300 of it shared
+    assert budget.allows(hogs[1], 300) and not budget.allows(hogs[1], 301)
+    budget.charge(hogs[1], 300)  # 200 shared: the shared part is spent
+    assert budget.shared_used == 500 and not budget.room(hogs[0])
+    assert not budget.allows(hogs[1], 1)
+    fresh = Acct()
+    assert budget.room(fresh) and budget.allows(fresh, 100)  # its own share
+    assert not budget.allows(fresh, 101)
+    budget.charge(fresh, 100)
+    assert not budget.room(fresh)
+    budget.release(hogs[0], 400)
+    assert budget.shared_used == 200 and budget.allows(fresh, 300)
+    assert not budget.allows(fresh, 301)
+    assert budget.used == 400
+
+
+def test_one_connection_at_a_time_overdraws() -> None:
+    from nbdluks.nbd.buffers import MemoryBudget
+
+    budget = MemoryBudget(100)
+    a, b = Acct(), Acct()
+    woken: list[int] = []
+    assert budget.overdraw(a) and budget.overdraw(a)
+    assert not budget.overdraw(b)
+    budget.wait(lambda: woken.append(1))
+    budget.end_overdraft(b)  # not b's: nothing happens
+    assert budget.overdraft is a and not woken
+    budget.end_overdraft(a)
+    assert woken == [1] and budget.overdraw(b)

@@ -84,13 +84,15 @@ def test_a_read_buffer_stays_charged_until_its_reply_has_left() -> None:
 
 def test_write_data_is_charged_as_it_arrives_and_released_once_written() -> None:
     f, _ = flow()
-    data = f.alloc_data(64 * KiB)
-    assert len(data) == 64 * KiB and f.budget.used == 64 * KiB
-    req = Request(0, Cmd.WRITE, 1, 0, 64 * KiB, data=data)
+    f.data_in(1)
+    f.data_in(64 * KiB - 1)
+    assert f.budget.used == f.held == 64 * KiB
+    req = Request(0, Cmd.WRITE, 1, 0, 64 * KiB, data=bytearray(64 * KiB))
     f.give_back(req)
     assert req.data is None and f.budget.used == 0
-    f.drop_partial(f.alloc_data(8 * KiB))  # the stream ended inside a WRITE's data
-    f.drop_partial(None)
+    f.data_in(8 * KiB)
+    f.drop_partial(8 * KiB)  # the stream ended inside a WRITE's data
+    f.drop_partial(0)
     assert f.budget.used == 0
 
 
@@ -129,17 +131,47 @@ def test_reading_pauses_and_resumes_once_per_change() -> None:
     assert not t.paused
 
 
-def test_a_spent_budget_pauses_reading_unless_a_write_is_half_in() -> None:
-    f, wakes = flow(budget=64 * KiB)
-    t = Transport()
-    data = f.alloc_data(64 * KiB)
-    assert f.budget.full
-    f.update_reading(t, hold=False, mid_write=True)  # paid for: let the rest come
-    assert not t.paused and not wakes
+def test_no_room_pauses_reading_unless_a_write_is_half_in_one_at_a_time() -> None:
+    budget = MemoryBudget(64 * KiB)  # one connection: 32 KiB reserve, 32 KiB shared
+    wakes: list[str] = []
+    pool = BufferPool(0)
+    f = Flow(1 << 20, budget, pool, lambda: wakes.append("f"))
+    g = Flow(1 << 20, budget, pool, lambda: wakes.append("g"))
+    t, u = Transport(), Transport()
+    f.data_in(64 * KiB)
+    assert not budget.room(f)
+    f.update_reading(t, hold=False, mid_write=True)  # must arrive: let the rest come
+    assert not t.paused and not wakes and budget.overdraft is f
+    g.data_in(64 * KiB)
+    g.update_reading(u, hold=False, mid_write=True)  # one overdraft at a time
+    assert u.paused
+    f.update_reading(t, hold=False, mid_write=False)  # f's WRITE is in
+    assert t.paused and budget.overdraft is None and wakes == ["g"]
+    g.update_reading(u, hold=False, mid_write=True)
+    assert not u.paused and budget.overdraft is g
+    g.drop_partial(64 * KiB)  # g is gone
+    assert budget.overdraft is None
+    f.give_back(Request(0, Cmd.WRITE, 1, 0, 64 * KiB, data=bytearray(64 * KiB)))
+    assert "f" in wakes  # told when room is made, to read again
     f.update_reading(t, hold=False, mid_write=False)
-    assert t.paused
-    f.drop_partial(data)
-    assert wakes == [1]  # told when room is made, to read again
+    assert not t.paused
+
+
+def test_a_client_that_leaves_the_server_waiting_is_noticed() -> None:
+    f, _ = flow()
+    t = Transport()
+    assert f.stalled(100.0, 30, mid_write=True, received_at=80.0) is None
+    assert f.stalled(111.0, 30, mid_write=True, received_at=80.0) == "WRITE data stalled"
+    assert f.stalled(111.0, 30, mid_write=False, received_at=80.0) is None
+    f.update_reading(t, hold=True, mid_write=True)  # paused by us: not the client's doing
+    assert f.stalled(111.0, 30, mid_write=True, received_at=80.0) is None
+    f.update_reading(t, hold=False, mid_write=True)  # the clock starts again
+    assert f.stalled(f.read_resumed_at + 29, 30, mid_write=True, received_at=80.0) is None
+    f.pause_writing()
+    assert f.stalled(f.write_paused_at + 29, 30, False, 0.0) is None
+    assert f.stalled(f.write_paused_at + 31, 30, False, 0.0) == "replies not read"
+    f.resume_writing()
+    assert f.stalled(f.write_paused_at + 31, 30, False, f.write_paused_at + 31) is None
 
 
 def test_a_closing_or_missing_transport_is_left_alone() -> None:

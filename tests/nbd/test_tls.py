@@ -170,6 +170,26 @@ def test_a_broken_tls_handshake_costs_only_its_connection(
     assert "TLS handshake failed" in srv.log_text()
 
 
+def test_a_client_silent_after_starttls_is_closed_and_the_server_stops_at_once(
+        nbdluks: Callable[..., Served], pki: dict, disk: tuple[Path, bytes]) -> None:
+    img, _ = disk
+    srv = nbdluks("--raw", str(img), "--tls", "on", "--tls-certificates", str(pki["server"]),
+                  "--handshake-limit", "1", "--processes", "1", tcp=True, unix=False)
+    assert srv.port
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.recv(18)  # greeting
+        s.sendall(struct.pack(">I", 3) + encode_option(Opt.STARTTLS))
+        _, opt, rep, n = struct.unpack(">QIII", s.recv(20))
+        assert (opt, rep, n) == (Opt.STARTTLS, Rep.ACK, 0)
+        t = time.monotonic()
+        assert s.recv(4096) == b""  # silent: closed after the handshake limit
+        assert time.monotonic() - t < 5
+    t = time.monotonic()
+    assert srv.stop() == 0
+    # before: the connection stayed counted as open, and the drain waited 30 s for it
+    assert time.monotonic() - t < 3, time.monotonic() - t
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--tls", "on"], "needs --tls-certificates"),
     (["--tls-certificates", "/nonexistent"], "need --tls on or require"),

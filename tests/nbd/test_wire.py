@@ -10,6 +10,7 @@ from nbdluks.nbd.constants import MAX_PAYLOAD, Cmd
 from nbdluks.nbd.wire import (
     ChunkHeader,
     ProtocolError,
+    Request,
     RequestDecoder,
     SimpleReply,
     decode_reply_header,
@@ -88,6 +89,43 @@ def test_decoder_skips_oversized_write_and_stays_in_sync() -> None:
     reqs = dec.feed(stream)
     assert [r.handle for r in reqs] == [1, 2]
     assert reqs[0].oversized and not reqs[1].oversized
+
+
+def test_a_write_holds_what_came_never_what_it_announced() -> None:
+    asked: list[int] = []
+
+    def alloc(n: int) -> bytearray:
+        asked.append(n)
+        return bytearray(n)
+
+    dec = RequestDecoder(alloc=alloc)
+    length = 64 << 20
+    assert dec.feed(encode_request(0, Cmd.WRITE, 1, 0, length) + b"x") == []
+    assert dec.mid_write and dec.partial == 1 and dec.data_in == 1
+    assert asked == []  # no buffer of the announced 64 MiB
+    payload = bytes(range(256)) * (length // 256)
+    dec.data_in = 0
+    reqs: list[Request] = []
+    pos = 1
+    # large parts (kept as views), small ones (gathered), a mutable buffer
+    for size in (1 << 20, 7, 100_000, 3, 1, 5 << 20):
+        reqs += dec.feed(payload[pos:pos + size])
+        pos += size
+    chunk = bytearray(payload[pos:pos + (1 << 20)])
+    reqs += dec.feed(chunk)
+    chunk[:] = bytes(len(chunk))  # a fed buffer may change afterwards
+    pos += 1 << 20
+    assert dec.partial == pos and asked == []
+    reqs += dec.feed(payload[pos:] + encode_request(0, Cmd.FLUSH, 2, 0, 0))
+    assert [r.handle for r in reqs] == [1, 2]
+    assert asked == [length] and reqs[0].data == b"x" + payload[1:]
+    assert dec.data_in == length - 1 and not dec.mid_write and dec.partial == 0
+
+
+def test_an_abandoned_write_gives_back_what_it_held() -> None:
+    dec = RequestDecoder()
+    dec.feed(encode_request(0, Cmd.WRITE, 1, 0, 1000) + b"y" * 300)
+    assert dec.abandon() == 300 and not dec.mid_write and dec.abandon() == 0
 
 
 def test_decoder_rejects_bad_magic() -> None:

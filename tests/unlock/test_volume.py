@@ -8,11 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from nbdluks.luks import LuksError
 from nbdluks.unlock import UnlockOptions, VolumeConfig, open_volumes
 from nbdluks.unlock.volume import MemoryGate
 from tests.conftest import need
@@ -89,10 +91,11 @@ def test_a_stop_ends_a_long_unlock_at_once(tmp_path: Path, config: bool) -> None
     if config:
         cfg = tmp_path / "exports.toml"
         cfg.write_text(f'[exports.a]\npayload = "{payload}"\nheader = "{header}"\n'
-                       f'key-file = "{key}"\n')
+                       f'key-file = "{key}"\nkdf-limit = 1e9\n')  # let it run
         args = ["--config", str(cfg), "-k", str(tmp_path / "s.sock")]
     else:
-        args = ["--payload", str(payload), "--header", str(header), "--key-file", str(key)]
+        args = ["--payload", str(payload), "--header", str(header), "--key-file", str(key),
+                "--kdf-limit", "1e9"]
     proc = subprocess.Popen([sys.executable, "-m", "nbdluks", "serve", *args,
                              "--log-format", "json"], stderr=subprocess.PIPE, text=True)
     try:
@@ -107,3 +110,54 @@ def test_a_stop_ends_a_long_unlock_at_once(tmp_path: Path, config: bool) -> None
             proc.kill()
     assert took < 2.0, took
     assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+
+
+def hostile_first_slot(tmp: Path, pbkdf: str) -> tuple[Path, Path, Path]:
+    """A LUKS2 volume (detached header) with two slots of one passphrase,
+    slot 0 edited to a KDF that would run for hours: (payload, header, key)."""
+    from tests.luks.test_verdicts import write_json
+
+    made = luks_format(tmp, detached=True, size=1 << 20, pbkdf=pbkdf)
+    assert made.header is not None
+    key = tmp / "vol.pass"
+    cost = (["--pbkdf-force-iterations", "1000"] if pbkdf == "pbkdf2" else
+            ["--pbkdf-force-iterations", "4", "--pbkdf-memory", "32", "--pbkdf-parallel", "1"])
+    subprocess.run(["cryptsetup", "luksAddKey", "-q", "--key-file", str(key), "--pbkdf", pbkdf,
+                    *cost, "--new-keyfile", str(key), str(made.header)],
+                   check=True, capture_output=True, timeout=60)
+
+    def slow(md: dict[str, Any]) -> None:
+        kdf = md["keyslots"]["0"]["kdf"]
+        if pbkdf == "pbkdf2":
+            kdf["iterations"] = 2**31 - 1  # ~20 min at 3.5 M/s, two output blocks
+        else:
+            kdf["time"] = 2**32 - 1  # days
+
+    write_json(made.header, slow)
+    return made.payload, made.header, key
+
+
+@pytest.mark.parametrize("pbkdf", ["pbkdf2", "argon2id"])
+def test_a_slot_that_would_derive_for_hours_is_refused_and_the_next_opens(
+        tmp_path: Path, pbkdf: str) -> None:
+    need("cryptsetup")
+    from nbdluks.unlock import open_volume
+
+    payload, header, key = hostile_first_slot(tmp_path, pbkdf)
+    config = VolumeConfig(name="a", payload=str(payload), headers=(str(header),),
+                          keys=UnlockOptions(key_file=str(key)))
+    t = time.monotonic()
+    volume = open_volume(config)  # before: slot 0's KDF ran for hours
+    took = time.monotonic() - t
+    try:
+        assert volume.keyslot == 1 and took < 10, took
+    finally:
+        volume.close()
+    # alone, the slot is refused with the estimate, and at once
+    only = replace(config, keys=UnlockOptions(key_file=str(key), key_slot=0, kdf_limit=60))
+    t = time.monotonic()
+    with pytest.raises(LuksError, match=r"key slot 0 would take about [\d,]+ s to derive "
+                                        r"here, more than the 60 s allowed") as e:
+        open_volume(only)
+    print(f"refused in {time.monotonic() - t:.3f} s: {e.value}")
+    assert time.monotonic() - t < 5
