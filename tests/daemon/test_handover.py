@@ -7,9 +7,12 @@ the handshake limit is closed; an export added by SIGHUP is waited for, not
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from nbdluks.daemon import handover
+from nbdluks.unlock import UnlockOptions, VolumeConfig, open_volume
 from tests.conftest import SYSTEM_PYTHON, Served, log_events, need, pattern
 from tests.daemon.test_many import LOOP, READER, digests, listed, read, wait_for
 from tests.luks.reference import Made, fill, luks_format
@@ -158,3 +163,44 @@ def test_an_export_added_by_a_reload_is_waited_for(nbdluks: Callable[..., Served
     assert out.split()[-2:] == ["errors", "0"], out
     assert served.stop() == 0
 
+
+
+def test_a_volume_handed_over_reads_the_same_its_key_beside_the_pickle(
+        tmp_path: Path) -> None:
+    """What a running worker receives: the device serves the same bytes,
+    sealed; the key is not in the pickle but an out-of-band buffer; the
+    payload and the range lock travel as descriptors."""
+    need("cryptsetup")
+    made, plain = volume(tmp_path, "h")
+    key = (tmp_path / "h.vk").read_bytes()
+    opened = open_volume(VolumeConfig(name="h", payload=str(made.payload), keys=UnlockOptions(
+        key_file=str(tmp_path / "h.pass"))))
+    try:
+        opened.before_fork()
+        fds: list[int] = []
+        buffers: list[pickle.PickleBuffer] = []
+        stream = io.BytesIO()
+        handover._Pickler(stream, fds, buffers).dump(opened)
+        assert key not in stream.getvalue()
+        assert [bytes(b.raw()) for b in buffers] == [key]
+        assert len(fds) == 2  # the payload, the range lock's memfd
+        parent, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with parent, worker:
+            handover.send_volume(parent, opened, {"name": "h"})
+            tag, passed, _, _ = socket.recv_fds(worker, 16, 16)
+            assert tag == handover.VOLUME and len(passed) == 1
+            with socket.socket(fileno=passed[0]) as sock:
+                meta, got = handover.receive_volume(sock)
+    finally:
+        opened.close()
+    assert meta == {"name": "h"} and not isinstance(got, Exception)
+    received, device = got
+    try:
+        assert received.name == "h" and device.size == len(plain)
+        buf = bytearray(MiB)
+        device.pread_into(memoryview(buf), device.size - MiB)
+        assert buf == plain[-MiB:]
+        with pytest.raises(OSError):
+            device.reopen()  # sealed: no key kept beyond the cipher's
+    finally:
+        device.close()
