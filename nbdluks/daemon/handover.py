@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import pickle
@@ -225,7 +226,9 @@ class Receiver:
 
     async def _add(self, sock: socket.socket) -> None:
         try:
-            meta, got = await self.server.loop.run_in_executor(None, receive_volume, sock)
+            # on the I/O threads the worker has anyway (a thread of its own
+            # would cost a malloc arena per worker)
+            meta, got = await self.server.dispatcher.call(functools.partial(receive_volume, sock))
         finally:
             sock.close()
         name = str(meta["name"])
