@@ -85,10 +85,15 @@ def nbdluks(tmp: Path, vols: list[Path], pw: Path, processes: int | None) -> tup
                              "--log-level", "warning"], stderr=subprocess.DEVNULL)
     try:
         wait_socket(str(sock), proc, timeout=600)
-        listed = subprocess.run(["nbdinfo", "--list", f"nbd+unix:///?socket={sock}"],
-                                capture_output=True, text=True, check=True).stdout
-        took = time.monotonic() - started
-        assert listed.count("export=") == len(vols), listed[:200]
+        # listening starts at once: the exports are listed as they unlock
+        while True:
+            listed = subprocess.run(["nbdinfo", "--list", f"nbd+unix:///?socket={sock}"],
+                                    capture_output=True, text=True, check=True).stdout
+            took = time.monotonic() - started
+            if listed.count("export=") == len(vols):
+                break
+            assert took < 600 and proc.poll() is None, listed[:200]
+            time.sleep(0.1)
         return settle(proc.pid), took
     finally:
         proc.terminate()

@@ -15,9 +15,11 @@ failures are `OSError`s whose errno the server maps to an NBD error.
 The contract also holds the device's life, as nbdkit's thread model,
 after_fork and can_multi_conn do: whether other processes may open it too
 (`multi_open`), how a worker process gets its own (`before_fork` in the
-parent, `reopen` in the worker), when what only reopening needs (a key) is
-forgotten (`seal`), which upstream connection it depends on (`watch`), and
-closing. Nothing outside a device's own module asks for its class.
+parent, `reopen` in the worker; or, for a worker already running, pickled
+with its descriptors beside it: `Passed`), when what only reopening needs (a
+key) is forgotten (`seal`), which upstream connection it depends on
+(`watch`), and closing. Nothing outside a device's own module asks for its
+class.
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ class Extent:
     length: int
     hole: bool = False
     zero: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Passed:
+    """A file descriptor in a pickled device: it travels beside the pickle
+    (SCM_RIGHTS) and is a plain descriptor number again once unpickled. A
+    device that can be handed to a running worker pickles as the arguments
+    that rebuild it (keys as `pickle.PickleBuffer`s, which travel out of
+    band and are wiped once the device has its own copy)."""
+
+    fd: int
 
 
 def unsupported(what: str) -> OSError:
@@ -153,6 +166,10 @@ class BlockDevice:
         """An independent device on the same source, for a worker process
         (called in the worker, after the fork)."""
         raise OSError(errno.EOPNOTSUPP, "this device cannot be opened again")
+
+    def __reduce__(self) -> Any:
+        """A device pickles only as its class says how (see `Passed`)."""
+        raise TypeError(f"{type(self).__name__} cannot be handed to another process")
 
     def seal(self) -> None:
         """No reopen() will be asked of this device: forget what only

@@ -10,8 +10,9 @@ import fcntl
 import os
 import stat
 import time
+from typing import Any
 
-from .base import BlockDevice, Buffer, Capabilities, Extent, sector_size_for, zero_fill
+from .base import BlockDevice, Buffer, Capabilities, Extent, Passed, sector_size_for, zero_fill
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -193,6 +194,9 @@ class FileDevice(BlockDevice):
             return sector_size_for(logical)
         return sector_size_for(physical)
 
+    def __reduce__(self) -> Any:
+        return _passed_file, (self.path, self.read_only, Passed(self.fd))
+
     def reopen(self) -> FileDevice:
         """Another device on the same open file (a duplicated descriptor): a
         worker process may no longer have the right to open the path."""
@@ -202,3 +206,7 @@ class FileDevice(BlockDevice):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _passed_file(path: str, read_only: bool, fd: int) -> FileDevice:
+    return FileDevice(path, read_only=read_only, fd=fd)

@@ -24,17 +24,24 @@ import os
 import struct
 import threading
 from collections.abc import Iterator
+from typing import Any
+
+from .base import Passed
 
 # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (0 for OFD).
 _FLOCK = struct.Struct("hhqqi4x")
 
 
 class RangeLock:
-    def __init__(self) -> None:
-        self._fd = os.memfd_create("nbdluks-rmw", os.MFD_CLOEXEC)
+    def __init__(self, fd: int | None = None) -> None:
+        """A new lock, or the one whose memfd `fd` is (handed over)."""
+        self._fd = os.memfd_create("nbdluks-rmw", os.MFD_CLOEXEC) if fd is None else fd
         self._local = threading.local()
         self._opened: list[tuple[int, int]] = []  # (pid, fd) of every thread's descriptor
         self._opened_lock = threading.Lock()
+
+    def __reduce__(self) -> Any:
+        return RangeLock, (Passed(self._fd),)
 
     def _thread_fd(self) -> int:
         pid = os.getpid()

@@ -28,7 +28,7 @@ from ..daemon import (
 from ..errors import NbdluksError
 from ..manage import ReencryptOptions, Reencryptor, Target, reencrypt
 from ..nbd import UriError, parse_uri
-from ..unlock import OpenVolume, VolumeConfig, open_volume, open_volumes, secret_once
+from ..unlock import VolumeConfig, open_volume, secret_once
 from .arguments import MAX_DEFAULT_PROCESSES, build_parser, explicit_options, serve_parser
 from .config import load as load_config
 from .inspect import inspect
@@ -106,9 +106,10 @@ def serve_reencrypting(args: argparse.Namespace, config: VolumeConfig,
         beside.stop()
 
 
-def run_daemon(opening: Opening, opts: DaemonOptions, reread: Reread | None = None) -> int:
+def run_daemon(opening: Opening, opts: DaemonOptions, reread: Reread | None = None,
+               pending: Sequence[VolumeConfig] = ()) -> int:
     try:
-        return run(opening, opts, reread)
+        return run(opening, opts, reread, pending)
     except SetupError as e:
         raise setup_error(e) from None
 
@@ -121,12 +122,6 @@ def serve_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
     opts = daemon_options(cfg.server)
     log.debug("open files limit", soft=raise_open_files_limit())
 
-    def opening() -> tuple[list[OpenVolume], int]:
-        volumes, failed = open_volumes(cfg.exports, usable_cpus())
-        if failed:
-            log.error("exports not served", exports=sorted(failed), served=len(volumes))
-        return volumes, len(failed)
-
     def reread() -> tuple[VolumeConfig, ...]:
         new = load_config(cfg.path, parser, given)
         if vars(new.server) != vars(cfg.server):
@@ -134,7 +129,8 @@ def serve_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         config=cfg.path)
         return new.exports
 
-    return run_daemon(opening, opts, reread)
+    # Listening starts at once; the exports unlock while the workers serve.
+    return run_daemon(lambda: ([], 0), opts, reread, cfg.exports)
 
 
 def probe_command(args: argparse.Namespace) -> int:

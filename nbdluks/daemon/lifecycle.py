@@ -18,7 +18,7 @@ import structlog
 
 from ..errors import NbdluksError
 from ..nbd import DEFAULT_PORT, Listen, TlsMode, activated, address, bind, cleanup, give
-from ..unlock import OpenVolume
+from ..unlock import OpenVolume, VolumeConfig
 from . import readiness, serving
 from .hardening import drop_privileges
 from .reload import Reread
@@ -52,24 +52,35 @@ class DaemonOptions:
 Opening = Callable[[], tuple[list[OpenVolume], int]]
 
 
-def run(opening: Opening, opts: DaemonOptions, reread: Reread | None = None) -> int:
+def run(opening: Opening, opts: DaemonOptions, reread: Reread | None = None,
+        pending: Sequence[VolumeConfig] = ()) -> int:
     """Listen, open the volumes (clients that connect meanwhile wait in the
     listen queue), drop root, serve until stopped; the volumes are closed on
     the way out. `reread`: how SIGHUP gets the volumes anew (a
-    configuration file)."""
+    configuration file). `pending`: volumes unlocked while the workers
+    already serve (they drop root at once, the parent once it has opened
+    them)."""
     socks: list[socket.socket] = []
     http: list[socket.socket] = []
     volumes: list[OpenVolume] = []
+    run_as = opts.run_as
+
+    def drop() -> None:
+        if run_as is not None and drop_privileges(*run_as):
+            log.info("running as", uid=os.getuid(), gid=os.getgid())
+
     try:
         socks = bind_listeners(opts.listen)
         http = bind_metrics(opts.metrics)
         volumes, failed = opening()
-        if opts.run_as is not None:
-            give(socks, *opts.run_as)  # its clients connect as that user
-            if drop_privileges(*opts.run_as):
-                log.info("running as", uid=os.getuid(), gid=os.getgid())
-        announce(volumes, opts, socks, http)
-        return serving.serve(volumes, socks, opts.serve, http, reread, failed)
+        if run_as is not None:
+            give(socks, *run_as)  # its clients connect as that user
+        if not pending:
+            drop()
+        announce([*(v.name for v in volumes), *(c.name for c in pending)], opts, socks, http)
+        return serving.serve(volumes, socks, opts.serve, http, reread, failed, pending,
+                             opened=drop if pending else None,
+                             child=drop if pending else None)
     finally:
         for volume in volumes:
             volume.close()
@@ -113,12 +124,13 @@ def _loopback(sock: socket.socket) -> bool:
     return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
 
 
-def announce(volumes: Sequence[OpenVolume], opts: DaemonOptions, socks: list[socket.socket],
+def announce(names: Sequence[str], opts: DaemonOptions, socks: list[socket.socket],
              http: list[socket.socket]) -> None:
-    """Listening, with the key unlocked: say so, to people and to supervisors.
-    (Connections made now wait in the listen queue until a worker takes them.)"""
+    """Listening, with the key unlocked (or, for a configuration file, the
+    keys being unlocked: a client waits for its export): say so, to people
+    and to supervisors. (Connections made now wait in the listen queue until
+    a worker takes them.)"""
     tls = opts.serve.server.tls
-    names = [v.name for v in volumes]
     log.info("listening", addresses=[address(s) for s in socks],
              **({"export": names[0]} if len(names) == 1 else {"exports": len(names)}),
              processes=opts.serve.processes, tls=tls.value,

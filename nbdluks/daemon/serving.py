@@ -3,9 +3,10 @@ on the same listening sockets.
 
 The crypto is CPU work that holds the GIL for much of its time; worker
 processes are how one server uses every core. One set of processes serves
-every volume: each worker gets its own device of each (BlockDevice.reopen);
-the parent keeps the volumes' templates, with their keys, to start a
-replacement when a worker dies and the workers of a reloaded configuration.
+every volume: each worker gets its own device of each (BlockDevice.reopen
+after the fork, or handed over while it runs: handover.py); the parent
+keeps the volumes' templates, with their keys, to start a replacement when
+a worker dies.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import structlog
 from .. import signals
 from ..block import BlockDevice
 from ..nbd import Export, NbdServer, ServerOptions, StatsTable
-from ..unlock import OpenVolume
+from ..unlock import OpenVolume, VolumeConfig
 from . import readiness
+from .handover import Receiver
 from .hardening import locked_kib
 from .metrics import Monitor, Observed, Responder
 from .reload import Reread
@@ -63,7 +65,12 @@ async def _serve(exports: list[Export], opts: ServeOptions, socks: list[socket.s
     web = None if obs.monitor is None else Responder(obs.monitor, lambda: not server.stopping)
     http: list[asyncio.Server] = []
     if handoff is not None:
-        others: dict[bytes, Callable[[socket.socket], object]] = {b"r": server.retire_from}
+
+        def counts(served: int, failed: int) -> None:
+            if web is not None:
+                web.monitor = replace(web.monitor, exports=served, failed=failed)
+
+        others = Receiver(server, obs.table.rows, counts).handlers()
         if web is not None:
             others[b"m"] = lambda sock: server.loop.create_task(web.answer_accepted(sock))
         server.serve_handoff(handoff, others)
@@ -108,26 +115,33 @@ def _report_locks(devices: Sequence[BlockDevice]) -> None:
 
 def serve(volumes: Sequence[OpenVolume], socks: list[socket.socket], opts: ServeOptions,
           http: list[socket.socket] | None = None, reread: Reread | None = None,
-          failed: int = 0) -> int:
+          failed: int = 0, pending: Sequence[VolumeConfig] = (),
+          opened: Callable[[], object] | None = None,
+          child: Callable[[], object] | None = None) -> int:
     """Serve until stopped. `reread`: how SIGHUP gets the volumes anew (a
     configuration file); it needs worker processes, so it always has some.
-    `failed`: exports configured but not opened (for metrics)."""
+    `failed`: exports configured but not opened (for metrics). `pending`:
+    exports unlocked while the workers serve (`opened()` once they are;
+    `child()` in each worker)."""
     if opts.processes > 1 and not all(v.multi_process for v in volumes):
         # One upstream connection per process: a FLUSH on one would not
         # cover another's writes unless the upstream promises multi-conn.
         log.info("one process: an NBD source does not allow multi-conn",
                  exports=[v.name for v in volumes if not v.multi_process])
         opts = replace(opts, processes=1)
-    table = StatsTable(Supervisor.slots(opts.processes) if reread else max(1, opts.processes),
-                       exports=max(_EXPORT_ROWS, 2 * len(volumes)) if reread else len(volumes))
+    configured = len(volumes) + len(pending)
+    table = StatsTable(max(1, opts.processes),
+                       exports=max(_EXPORT_ROWS, 2 * configured) if reread else configured)
     table.add_exports([v.name for v in volumes])
     one = volumes[0] if len(volumes) == 1 else None
     monitor_ = None if not http else Monitor(
-        table, one.unlock_seconds if one else None, one.watched_upstream if one else None,
+        table, one.unlock_seconds if one and not pending else None,
+        one.watched_upstream if one and not pending else None,
         exports=len(volumes), failed=failed, rotation=one.rotation if one else None)
     obs = Observed(table, monitor_, http or [])
     if opts.processes <= 1 and reread is None:
         return run_worker(volumes, opts, socks, obs)
     for volume in volumes:
         volume.before_fork()
-    return Supervisor(list(volumes), socks, opts, obs, run_worker, reread).run()
+    return Supervisor(list(volumes), socks, opts, obs, run_worker, reread, pending, opened,
+                      child).run()

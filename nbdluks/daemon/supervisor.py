@@ -3,33 +3,42 @@
 It accepts connections and hands them round-robin to the workers (over a
 socketpair each, with SCM_RIGHTS) so that a client's connections spread
 evenly, replaces a worker that dies, and forwards SIGTERM/SIGINT and SIGHUP.
+
+It also unlocks: the volumes of a configuration file are unlocked while
+the workers already serve, each handed to every worker as soon as it is
+ready (handover.py); clients asking for one still unlocking wait for it.
+SIGHUP re-reads the file (reload.py): removed exports are taken from the
+workers at once, added and changed ones handed over as they unlock (a
+changed one replaces the one served when its new version is ready). The
+workers stay: a reload starts no process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import queue
 import selectors
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import structlog
 
 from .. import signals
+from ..unlock import OpenVolume, VolumeConfig, open_volumes
 from . import readiness
 from .cpus import usable_cpus
+from .handover import send_change, send_volume
 from .hardening import stop_with_parent
 from .metrics import Observed
-from .reload import Plan, Reread, prepare
+from .reload import Reread, diff
 
 if TYPE_CHECKING:  # serving.py imports this module
-    from ..unlock import OpenVolume
     from .serving import ServeOptions
 
 log = structlog.get_logger("nbdluks")
@@ -40,35 +49,53 @@ _MAX_QUICK_DEATHS = 3
 _SIGNALS = {*signals.STOP, signal.SIGHUP}
 
 # What a worker process runs: (volumes, options, listeners, observed, index, handoff) -> status
-Worker = Callable[[Sequence["OpenVolume"], "ServeOptions", list[socket.socket], Observed, int,
+Worker = Callable[[Sequence[OpenVolume], "ServeOptions", list[socket.socket], Observed, int,
                    socket.socket], int]
-# Worker slots per process asked for, when a configuration can be reloaded:
-# the workers of earlier configurations drain while the new ones serve.
-_GENERATIONS = 4
+
+
+@dataclass
+class _Round:
+    """Volumes being unlocked: at start, or for a reload."""
+
+    reload: bool
+    retired: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
-    """The parent of the worker processes (see the module). With `reread`,
-    SIGHUP reloads the configuration: new workers serve the next set of
-    volumes, the old ones retire (reload.py)."""
+    """The parent of the worker processes (see the module). `pending`:
+    exports to unlock once the workers serve; `opened()`: called when they
+    are (drops privileges); `child()`: in each worker after the fork."""
 
     def __init__(self, volumes: list[OpenVolume], socks: list[socket.socket],
                  opts: ServeOptions, obs: Observed, worker: Worker,
-                 reread: Reread | None = None) -> None:
-        self.volumes = volumes
+                 reread: Reread | None = None, pending: Sequence[VolumeConfig] = (),
+                 opened: Callable[[], object] | None = None,
+                 child: Callable[[], object] | None = None) -> None:
+        self.volumes = {v.name: v for v in volumes}  # served (the templates, with keys)
+        self.order = [*self.volumes, *(c.name for c in pending)]
+        self.failed: set[str] = set()
+        self.unlocking: set[str] = set()
+        self.round: _Round | None = None
+        self.results: queue.SimpleQueue[tuple[str, OpenVolume | Exception]] = \
+            queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._wake_w.setblocking(False)
         self.worker = worker
         self.reread = reread
-        self.retiring: set[int] = set()  # workers of an earlier configuration
+        self.pending = list(pending)
+        self.opened = opened
+        self.child = child
         self.reload_wanted = False
-        self.reloading: threading.Thread | None = None  # unlocking the next set
-        self.plan: list[Plan | None] = []
         self.socks = socks
         self.opts = opts
         self.obs = obs
         # index -> pid, handoff socket, start time
         self.workers: dict[int, tuple[int, socket.socket, float]] = {}
         self.stopping = False
-        self.failed = False
+        self.failed_exit = False
         self.quick_deaths = 0
         self.next = 0
 
@@ -85,12 +112,15 @@ class Supervisor:
                 stop_with_parent(parent)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
                 structlog.contextvars.bind_contextvars(worker=index)
-                for sock in [*self.socks, *self.obs.http]:
+                for sock in [*self.socks, *self.obs.http, self._wake_r, self._wake_w]:
                     sock.close()
                 for _, handoff, _ in self.workers.values():
                     handoff.close()
                 parent_end.close()
-                code = self.worker(self.volumes, self.opts, [], self.obs, index, child_end)
+                if self.child is not None:
+                    self.child()
+                code = self.worker(list(self.volumes.values()), self.opts, [], self.obs,
+                                   index, child_end)
             except BaseException as e:
                 log.error("worker failed", error=str(e), kind=type(e).__name__)
             finally:
@@ -100,6 +130,22 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         if self.stopping:  # the stop came before the fork: this one was not told
             _tell(pid, signal.SIGTERM)
+        # What it did not get with the fork: the exports still coming, and
+        # those that failed (their clients are told so), in the file's order.
+        change = {"order": self.order, "pending": sorted(self.unlocking - set(self.volumes)),
+                  "failed": sorted(self.failed), **self._counts()}
+        self._send(index, lambda handoff: send_change(handoff, change))
+
+    def _counts(self) -> dict[str, int]:
+        return {"served": len(self.volumes), "failed_count": len(self.failed)}
+
+    def _send(self, index: int, send: Callable[[socket.socket], None]) -> None:
+        with contextlib.suppress(OSError):  # it is gone: reap() will tell
+            send(self.workers[index][1])
+
+    def _broadcast(self, send: Callable[[socket.socket], None]) -> None:
+        for index in list(self.workers):
+            self._send(index, send)
 
     def on_signal(self, sig: int, _frame: object) -> None:
         if not self.stopping:
@@ -108,79 +154,119 @@ class Supervisor:
         self.stopping = True
         self._tell_workers(signal.SIGTERM)
 
-    @staticmethod
-    def slots(processes: int) -> int:
-        """Worker slots (of the stats table) a reloadable server needs."""
-        return max(1, processes) * _GENERATIONS
-
     def on_hup(self, _sig: int, _frame: object) -> None:
         log.info("SIGHUP received, passing it to the workers")
         self._tell_workers(signal.SIGHUP)
         self.reload_wanted = self.reread is not None
 
-    def reload(self) -> None:
-        """Start a reload that was asked for, or finish one that is ready
-        (the unlocking runs on a daemon thread: connections keep being
-        accepted, and a stop does not wait for it)."""
-        if self.reload_wanted and self.reloading is None and not self.stopping:
-            self.reload_wanted = False
-            self.plan = []
-            self.reloading = threading.Thread(target=self._prepare, args=(list(self.volumes),),
-                                              name="reload", daemon=True)
-            self.reloading.start()
-        if self.reloading is not None and not self.reloading.is_alive():
-            self.reloading = None
-            plan = self.plan[0] if self.plan else None
-            if plan is not None and not self.stopping:
-                self.swap(plan)
+    # --- unlocking ----------------------------------------------------------
 
-    def _prepare(self, volumes: list[OpenVolume]) -> None:
+    def unlock(self, configs: Sequence[VolumeConfig], round_: _Round) -> None:
+        """Unlock `configs` on a daemon thread (a stop does not wait for it);
+        each result reaches settle() on the main loop."""
+        self.round = round_
+        self.unlocking |= {c.name for c in configs}
+
+        def done(name: str, got: OpenVolume | Exception) -> None:
+            self.results.put((name, got))
+            with contextlib.suppress(OSError):  # full: a wake-up is on its way
+                self._wake_w.send(b"w")
+
+        threading.Thread(target=open_volumes, args=(list(configs), usable_cpus()),
+                         kwargs={"done": done}, name="unlock", daemon=True).start()
+        if not configs:
+            self._round_done()
+
+    def settle_results(self) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            self._wake_r.recv(4096, socket.MSG_DONTWAIT)
+        while True:
+            try:
+                name, got = self.results.get_nowait()
+            except queue.Empty:
+                return
+            self.settle(name, got)
+
+    def settle(self, name: str, got: OpenVolume | Exception) -> None:
+        """One export unlocked (handed to every worker) or failed."""
+        if self.stopping or name not in self.unlocking or self.round is None:
+            if isinstance(got, OpenVolume):
+                got.close()
+            return
+        self.unlocking.discard(name)
+        if isinstance(got, OpenVolume) and self.opts.processes > 1 and not got.multi_process:
+            log.error("export not served", export=name, kind="MultiConnError",
+                      error=f"its NBD source does not allow multi-conn, and "
+                      f"{self.opts.processes} processes serve")
+            got.close()
+            got = RuntimeError("no multi-conn")
+        old = self.volumes.pop(name, None)  # served until now (changed)
+        if isinstance(got, OpenVolume):
+            got.before_fork()
+            self.volumes[name] = got
+            self.failed.discard(name)
+            self.round.added.append(name)
+            self.obs.table.add_exports([name])
+            meta = {"name": name, "row": self.obs.table.rows.get(name), **self._counts()}
+            volume = got
+            self._broadcast(lambda handoff: send_volume(handoff, volume, meta))
+        else:
+            self.failed.add(name)
+            self.round.failed.append(name)
+            change = {"failed": [name], **self._counts()}
+            self._broadcast(lambda handoff: send_change(handoff, change))
+        if old is not None:
+            old.close()  # the parent's template and key; each worker drains its own
+        self._update_monitor()
+        if not self.unlocking:
+            self._round_done()
+
+    def _update_monitor(self) -> None:
+        if self.obs.monitor is not None:  # what workers started later report
+            self.obs = replace(self.obs, monitor=replace(
+                self.obs.monitor, exports=len(self.volumes), failed=len(self.failed)))
+
+    def _round_done(self) -> None:
+        r, self.round = self.round, None
+        assert r is not None
+        if r.reload:
+            log.info("configuration reloaded", exports=len(self.volumes), added=r.added,
+                     retired=r.retired, failed=sorted(r.failed))
+            return
+        if r.failed:
+            log.error("exports not served", exports=sorted(r.failed), served=len(self.volumes))
+        log.info("exports ready", exports=len(self.volumes), failed=len(r.failed),
+                 seconds=round(time.monotonic() - r.started, 3))
+        if self.opened is not None:
+            self.opened()
+
+    def reload(self) -> None:
+        """Start a reload that was asked for, once no unlocking is under way
+        (a SIGHUP during one is acted on after it)."""
+        if not self.reload_wanted or self.round is not None or self.stopping:
+            return
+        self.reload_wanted = False
         assert self.reread is not None
         try:
-            self.plan.append(prepare(volumes, self.reread, usable_cpus(),
-                                     max(1, self.opts.processes)))
+            plan = diff(self.volumes, self.reread)
         except Exception as e:  # a bug, not a bad file: the served set stays
             log.error("configuration not reloaded", error=str(e), kind=type(e).__name__)
-
-    def swap(self, plan: Plan) -> None:
-        """Serve the next set of volumes with new workers; retire the others."""
-        n = max(1, self.opts.processes)
-        free = [i for i in range(self.slots(n)) if i not in self.workers]
-        if len(free) < n or self.stopping:
-            log.error("configuration not reloaded", serving="the one in use",
-                      error="workers of earlier configurations still drain their clients",
-                      draining=len(self.retiring))
-            for volume in plan.volumes:
-                if volume not in self.volumes:
-                    volume.close()
             return
-        for index in [i for i in self.workers if i not in self.retiring]:
-            self._retire(index, plan.retired)
-        for volume in self.volumes:
-            if volume not in plan.volumes:
-                volume.close()  # the parent's template and key; old workers have their own
-        self.volumes = plan.volumes
-        uncounted = self.obs.table.add_exports([v.name for v in plan.volumes])
-        if uncounted:
-            log.warning("exports counted in the totals only (the table of exports is full)",
-                        exports=uncounted)
-        if self.obs.monitor is not None:  # what the new workers report
-            self.obs = replace(self.obs, monitor=replace(
-                self.obs.monitor, exports=len(plan.volumes), failed=len(plan.failed)))
-        for index in free[:n]:
-            self.spawn(index)
-        log.info("configuration reloaded", exports=len(plan.volumes), added=plan.added,
-                 retired=plan.retired, failed=plan.failed)
+        if plan is None:
+            return
+        for name in plan.removed:
+            self.volumes.pop(name).close()
+        self.order = plan.order
+        self.failed &= set(plan.order)
+        self._update_monitor()
+        new = [c.name for c in plan.to_open if c.name not in self.volumes]
+        change = {"remove": plan.removed, "pending": new, "order": plan.order,
+                  **self._counts()}
+        self._broadcast(lambda handoff: send_change(handoff, change))
+        log.info("configuration reloading", removed=plan.removed, unlocking=len(plan.to_open))
+        self.unlock(plan.to_open, _Round(True, retired=[*plan.removed, *plan.changed]))
 
-    def _retire(self, index: int, names: list[str]) -> None:
-        """Tell a worker to retire (the export names over a socket of its own)."""
-        self.retiring.add(index)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with ours, theirs:
-            ours.sendall(json.dumps(names).encode())
-            ours.shutdown(socket.SHUT_WR)
-            with contextlib.suppress(OSError):  # it is gone: reap() will tell
-                socket.send_fds(self.workers[index][1], [b"r"], [theirs.fileno()])
+    # --- connections and workers ----------------------------------------------
 
     def _tell_workers(self, sig: int) -> None:
         for pid, _, _ in list(self.workers.values()):
@@ -198,7 +284,7 @@ class Supervisor:
             self.hand_over(conn, tag)
 
     def hand_over(self, conn: socket.socket, tag: bytes) -> None:
-        order = sorted(i for i in self.workers if i not in self.retiring)
+        order = sorted(self.workers)
         for k in range(len(order)):
             index = order[(self.next + k) % len(order)]
             handoff = self.workers[index][1]
@@ -226,19 +312,15 @@ class Supervisor:
             handoff.close()
             self.obs.table.process_gone(index)
             code = os.waitstatus_to_exitcode(status)
-            if index in self.retiring:
-                self.retiring.discard(index)
-                log.info("worker of an earlier configuration retired", worker=index, code=code)
-                continue
             if self.stopping:
-                self.failed |= code != 0
+                self.failed_exit |= code != 0
                 continue
             log.error("worker exited unexpectedly", worker=index, code=code)
             if time.monotonic() - started < _QUICK_DEATH:
                 self.quick_deaths += 1
             if self.quick_deaths >= _MAX_QUICK_DEATHS:
                 log.error("workers keep dying; stopping the server")
-                self.failed = True
+                self.failed_exit = True
                 self.on_signal(signal.SIGTERM, None)
                 continue
             self.spawn(index)
@@ -252,27 +334,44 @@ class Supervisor:
             self.on_signal(stop, None)
         if signals.reload_requested():  # a reload asked for while starting
             self.reload_wanted = self.reread is not None
+        self.unlocking = {c.name for c in self.pending}  # the workers wait for them
         for i in range(self.opts.processes):
             if self.stopping:  # a stop during the spawning reaches the workers spawned
                 break
             self.spawn(i)
         log.info("workers started", processes=self.opts.processes)
+        if self.pending and not self.stopping:
+            self.unlock(self.pending, _Round(False))
+        try:
+            return self._loop()
+        finally:
+            self.stopping = True
+            for volume in self.volumes.values():
+                volume.close()
+            self.settle_results()  # closes those opened meanwhile
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _loop(self) -> int:
         sel = selectors.DefaultSelector()
         for sock in self.socks:
             sel.register(sock, selectors.EVENT_READ, b"c")
         for sock in self.obs.http:
             sel.register(sock, selectors.EVENT_READ, b"m")
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
         while self.workers:
-            if self.stopping and sel.get_map():
+            if self.stopping and len(sel.get_map()) > 1:
                 for sock in [*self.socks, *self.obs.http]:
                     sel.unregister(sock)
             for key, _ in sel.select(timeout=0.2):
                 assert isinstance(key.fileobj, socket.socket)
-                self.accept(key.fileobj, key.data)
+                if key.data is not None:
+                    self.accept(key.fileobj, key.data)
+            self.settle_results()
             self.reap()
             self.reload()
         sel.close()
-        return 1 if self.failed else 0
+        return 1 if self.failed_exit else 0
 
 
 def _tell(pid: int, sig: int) -> None:

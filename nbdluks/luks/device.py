@@ -10,6 +10,7 @@ can never reach the payload as plaintext.
 from __future__ import annotations
 
 import errno
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,16 @@ class LuksDevice(BlockDevice):
         except BaseException:
             payload.close()
             raise
+
+    def __reduce__(self) -> Any:
+        """The arguments that rebuild it in a running worker (see block.Passed)."""
+        if self._key is None:
+            raise TypeError("sealed: the key is forgotten")
+        return _passed, (self.payload, self.vol, pickle.PickleBuffer(self._key),
+                         {"read_only": self.read_only, "allow_discards": self.allow_discards,
+                          "attached": self.attached, "rmw_lock": self._rmw,
+                          "segment": self._segment,
+                          "size": self.size if self._segment else None})
 
     def forget_key(self) -> None:
         if self._key is not None:
@@ -198,6 +209,13 @@ class LuksDevice(BlockDevice):
         if self._own_lock:
             self._rmw.close()
         self.payload.close()
+
+
+def _passed(payload: BlockDevice, vol: Volume, key: bytearray,
+            options: dict[str, Any]) -> LuksDevice:
+    dev = LuksDevice(payload, vol, key, **options)
+    dev._own_lock = True  # the lock handed over is this process's own object
+    return dev
 
 
 def _data_size(vol: Volume, payload_size: int) -> int:

@@ -26,7 +26,6 @@ from .reencrypt import logical_size
 from .unlock import wipe
 from .volume import Volume
 
-
 _SPINS = 100_000  # reads of a generation being changed (two stores take nanoseconds)
 
 

@@ -7,6 +7,7 @@ moves them."""
 from __future__ import annotations
 
 import errno
+import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -140,6 +141,15 @@ class SegmentedDevice(BlockDevice):
             payload.close()
             raise
 
+    def __reduce__(self) -> Any:
+        """The arguments that rebuild it in a running worker (see block.Passed)."""
+        if self._keys is None:
+            raise TypeError("sealed: the keys are forgotten")
+        return _passed, (self.payload, self.vol,
+                         {d: pickle.PickleBuffer(k) for d, k in self._keys.items()},
+                         {"read_only": self.read_only, "allow_discards": self.allow_discards,
+                          "attached": self.attached, "rmw_lock": self._rmw})
+
     def _forget(self) -> None:
         for _, _, dev in self.parts:
             if isinstance(dev, LuksDevice):
@@ -166,6 +176,13 @@ class SegmentedDevice(BlockDevice):
         if self._own_lock:
             self._rmw.close()
         self.payload.close()
+
+
+def _passed(payload: BlockDevice, vol: Volume, keys: dict[str, bytearray],
+            options: dict[str, Any]) -> SegmentedDevice:
+    dev = SegmentedDevice(payload, vol, keys, **options)
+    dev._own_lock = True  # the lock handed over is this process's own object
+    return dev
 
 
 def open_device(payload: BlockDevice, vol: Volume, key: bytes | bytearray,

@@ -3,13 +3,15 @@
 Feed the client's bytes with `receive_data`; take what to send with
 `data_to_send`; watch `state`. Option errors are answered on the wire and
 negotiation goes on; only a stream that cannot be parsed (or a client that
-asks for it) ends the connection.
+asks for it) ends the connection. An option naming an export that is still
+coming (`waiting`) is held (state WAITING, `waiting_for`) until the adapter
+calls `resume`, and then answered as if it came just then.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -73,6 +75,7 @@ class State(enum.Enum):
     CLIENT_FLAGS = "client-flags"
     OPTIONS = "options"
     TLS_START = "tls-start"  # STARTTLS answered: the adapter runs the TLS handshake
+    WAITING = "waiting"  # an option holds for an export still coming (waiting_for)
     DONE = "done"  # export chosen: transmission starts
     CLOSED = "closed"  # client aborted or stream broken
 
@@ -84,8 +87,15 @@ class TlsMode(enum.Enum):
 
 
 class Handshake:
-    def __init__(self, exports: Mapping[str, ExportInfo], tls: TlsMode = TlsMode.OFF) -> None:
+    def __init__(self, exports: Mapping[str, ExportInfo], tls: TlsMode = TlsMode.OFF,
+                 waiting: Container[str] = (), failed: Container[str] = ()) -> None:
+        """`waiting`: names of exports still coming; `failed`: of those that
+        could not be made ready (both looked at when an option names one)."""
         self._exports = exports
+        self._waiting = waiting
+        self._failed = failed
+        self.waiting_for: str | None = None
+        self._held: tuple[int, bytes] | None = None  # the option waiting_for holds
         self.tls = tls
         self.tls_active = False
         self._buf = bytearray()
@@ -113,20 +123,51 @@ class Handshake:
         if self.state in (State.DONE, State.CLOSED):
             self.leftover += data
             return
+        if self.state is State.WAITING:
+            self._buf += data
+            return
         if self.state is State.TLS_START:
             # The adapter stops reading at STARTTLS: these would be TLS records.
             self.state = State.CLOSED
             self.close_reason = "plaintext data during the TLS upgrade"
             return
         self._buf += data
-        try:
+        self._step(self._run)
+
+    def resume(self) -> None:
+        """The export an option waits for is settled: answer the option
+        (and whatever came after it)."""
+        if self.state is not State.WAITING or self._held is None:
+            raise LocalProtocolError("no option is waiting")
+        (option, data), self._held = self._held, None
+        self.state, self.waiting_for = State.OPTIONS, None
+
+        def again() -> None:
+            self._option(option, data)
             self._run()
+        self._step(again)
+
+    def _step(self, run: Callable[[], None]) -> None:
+        try:
+            run()
         except ProtocolError as e:
             self.state = State.CLOSED
             self.close_reason = str(e)
 
+    def _wait(self, option: int, data: bytes, name: str) -> bool:
+        """Hold the option when `name` is still coming (True: held)."""
+        if name in self._exports or name not in self._waiting:
+            return False
+        self.state, self.waiting_for, self._held = State.WAITING, name, (option, data)
+        return True
+
+    def _unknown(self, name: str) -> str:
+        if name in self._failed:
+            return f"export {name!r} could not be opened (see the server's log)"
+        return f"no export named {name!r}"
+
     def _run(self) -> None:
-        while self.state not in (State.DONE, State.CLOSED, State.TLS_START):
+        while self.state is State.OPTIONS or self.state is State.CLIENT_FLAGS:
             step = self._client_flags if self.state is State.CLIENT_FLAGS else self._next_option
             if not step():
                 return
@@ -241,10 +282,12 @@ class Handshake:
             name = data.decode()
         except UnicodeDecodeError as e:
             raise RemoteProtocolError("export name is not UTF-8") from e
+        if self._wait(option, data, name):
+            return
         export = self._exports.get(name)
         if export is None:
             # The legacy option has no error reply: the spec says close.
-            raise RemoteProtocolError(f"unknown export {name!r}")
+            raise RemoteProtocolError(self._unknown(name))
         flags = export.flags | TxFlag.HAS_FLAGS
         self._out.append(encode_export_name_reply(export.size, flags, self.no_zeroes))
         self._finish(export, flags)
@@ -269,9 +312,11 @@ class Handshake:
         requests = [cur.u16() for _ in range(cur.u16())]
         if not cur.at_end():
             raise ValueError("trailing bytes")
+        if self._wait(option, data, name):
+            return
         export = self._exports.get(name)
         if export is None:
-            self._error(option, Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            self._error(option, Rep.ERR_UNKNOWN, self._unknown(name))
             return
         flags = self._flags(export)
         self._reply(option, Rep.INFO, encode_info_export(export.size, flags))
@@ -311,8 +356,10 @@ class Handshake:
         queries = [self._read_query(cur) for _ in range(cur.u32())]
         if not cur.at_end():
             raise ValueError("trailing bytes")
+        if self._wait(option, data, name):
+            return
         if name not in self._exports:
-            self._error(option, Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            self._error(option, Rep.ERR_UNKNOWN, self._unknown(name))
             return
         if option == Opt.SET_META_CONTEXT:
             self._meta_export = name

@@ -1,15 +1,17 @@
 """The handshake phase of one connection: feeds the client's bytes to the
 sans-IO Handshake and writes its replies, upgrades the transport to TLS on
 STARTTLS, and closes a connection that takes too long to choose an export
-(ServerOptions.handshake_timeout, TLS handshake included)."""
+(ServerOptions.handshake_timeout, TLS handshake and the wait for an export
+still being unlocked included)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from .commands import Export
+from .exports import Exports
 from .handshake import Handshake, Negotiated, State
 from .options import ServerOptions
 from .tls import subject_cn
@@ -33,8 +35,15 @@ class Negotiation:
         self._conn = conn
         self._loop = loop
         self._options = options
-        self.handshake = Handshake({n: e.info() for n, e in exports.items()}, options.tls)
+        if isinstance(exports, Exports):
+            self._exports: Exports | None = exports
+            self.handshake = Handshake(exports.infos(), options.tls, exports.pending,
+                                       exports.failed)
+        else:
+            self._exports = None
+            self.handshake = Handshake({n: e.info() for n, e in exports.items()}, options.tls)
         self._timer: asyncio.TimerHandle | None = None
+        self._stop_waiting: Callable[[], None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
 
     @property
@@ -48,14 +57,31 @@ class Negotiation:
         self._timer = self._loop.call_later(self._options.handshake_timeout, self._timed_out)
 
     def cancel_timer(self) -> None:
+        """Negotiation is over: no time limit, no waiting for an export."""
         if self._timer:
             self._timer.cancel()
+        if self._stop_waiting is not None:
+            self._stop_waiting()
+            self._stop_waiting = None
 
     def receive(self, data: bytes) -> None:
+        self.handshake.receive_data(data)
+        self._answer()
+
+    def _resume(self) -> None:
+        """The export waited for is settled (on the loop)."""
+        self._stop_waiting = None
+        t = self._conn.transport
+        if t is None or t.is_closing():
+            return
+        t.resume_reading()
+        self.handshake.resume()
+        self._answer()
+
+    def _answer(self) -> None:
         t = self._conn.transport
         assert t is not None
         hs = self.handshake
-        hs.receive_data(data)
         out = hs.data_to_send()
         if out:
             t.write(out)
@@ -66,6 +92,12 @@ class Negotiation:
             # Not one more byte for the option parser: the next ones are TLS.
             t.pause_reading()
             self._tls_task = self._loop.create_task(self._start_tls())
+        elif hs.state is State.WAITING:
+            # Nothing more is read meanwhile; the time limit still runs.
+            assert self._exports is not None and hs.waiting_for is not None
+            t.pause_reading()
+            self._conn.log.debug("waiting for the export", export=hs.waiting_for)
+            self._stop_waiting = self._exports.wait(hs.waiting_for, self._resume)
         elif hs.state is State.DONE:
             assert hs.result is not None
             self.cancel_timer()
@@ -106,5 +138,6 @@ class Negotiation:
     def _timed_out(self) -> None:
         t = self._conn.transport
         if self.handshake.result is None and t is not None:
-            self._conn.log.warning("negotiation timed out")
+            self._conn.log.warning("negotiation timed out",
+                                   waiting_for=self.handshake.waiting_for)
             t.close()

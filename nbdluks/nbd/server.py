@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -20,6 +19,7 @@ from .buffers import BufferPool, MemoryBudget
 from .commands import Export
 from .connection import Connection, Shared
 from .dispatch import Dispatcher
+from .exports import Exports
 from .options import ServerOptions
 from .registry import Registry
 from .stats import Stats, StatsTable
@@ -39,7 +39,7 @@ class NbdServer:
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.options = options
-        self.exports = {e.name: e for e in exports}
+        self.exports = Exports(exports)
         self.dispatcher = Dispatcher(loop, options.threads)
         memory = options.max_memory // processes
         self.registry: Registry[Connection] = Registry(-(-options.max_connections // processes))
@@ -49,11 +49,11 @@ class NbdServer:
                              stats=stats or StatsTable().slot(0))
         self.listeners: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
-        # Retiring (a newer configuration is served by other processes): the
-        # exports no longer served; connections to them are closed once their
-        # requests are answered, and the process stops when none is left.
-        self._retiring: set[str] | None = None
-        self._flushed: set[str] = set()  # retired exports flushed already
+        # Exports no longer served (removed, or replaced by a newer one of
+        # the same name): their connections close once their requests are
+        # answered; then they are flushed, and closed when `owned`.
+        self._draining: list[Export] = []
+        self._owned: set[int] = set()  # ids of devices added (not the caller's)
         self._tick()  # counts reach the shared table at least this often
 
     def _tick(self) -> None:
@@ -61,52 +61,51 @@ class NbdServer:
         now = time.monotonic()
         for conn in list(self.registry.live):
             conn.check_stalled(now)
-        if self._retiring is not None:
-            self._retire_step()
+        if self._draining:
+            self._drain_step()
         if not self._stop.is_set():
             self.loop.call_later(STATS_FLUSH, self._tick)
 
-    def retire(self, names: Iterable[str]) -> None:
-        """Take no new connections; close those to `names` once their
-        requests in flight are answered; stop once no connection is left."""
-        self._retiring = set(names)
-        for srv in self.listeners:
-            srv.close()
-        log.info("retiring", exports=sorted(self._retiring), connections=len(self.registry.live))
-        self._retire_step()
+    def add_export(self, export: Export) -> None:
+        """Serve `export` from now on (this server closes its device); one of
+        the same name served until now drains."""
+        self._owned.add(id(export.device))
+        old = self.exports.add(export)
+        if old is not None:
+            self._drain(old)
 
-    def retire_from(self, sock: socket.socket) -> None:
-        """retire() with the export names a parent wrote to `sock` (JSON)."""
-        try:
-            sock.setblocking(True)
-            sock.settimeout(5)
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-            names = json.loads(data)
-        except (OSError, ValueError) as e:
-            log.error("retire message unreadable: retiring every export", error=str(e))
-            names = list(self.exports)
-        finally:
-            sock.close()
-        self.retire(str(n) for n in names)
+    def remove_export(self, name: str, failed: bool = False) -> None:
+        """No new connections to `name`; those open close once their requests
+        in flight are answered. `failed`: it could not be unlocked (clients
+        are told so)."""
+        old = self.exports.fail(name) if failed else self.exports.remove(name)
+        if old is not None:
+            self._drain(old)
 
-    def _retire_step(self) -> None:
-        assert self._retiring is not None
+    def _drain(self, export: Export) -> None:
+        log.info("export drains", export=export.name,
+                 connections=sum(c.export is export for c in self.registry.live))
+        self._draining.append(export)
+        self._drain_step()
+
+    def _drain_step(self) -> None:
         busy = set()
         for conn in list(self.registry.live):
-            if conn.export is not None and conn.export.name in self._retiring:
-                busy.add(conn.export.name)
+            if conn.export is not None and any(conn.export is e for e in self._draining):
+                busy.add(id(conn.export))
                 if not conn.closing:
                     conn.stop()
-        # A retired export whose clients are gone: what they wrote, flushed now.
-        for name in self._retiring - busy - self._flushed:
-            self._flushed.add(name)
-            export = self.exports.get(name)
-            if export is not None and export.device.caps.flush:
-                self.loop.create_task(self._flush(export))
-        if not self.registry.live:
-            self._stop.set()
+        # An export whose clients are gone: what they wrote, flushed now.
+        for export in [e for e in self._draining if id(e) not in busy]:
+            self._draining.remove(export)
+            self.loop.create_task(self._retire(export))
+
+    async def _retire(self, export: Export) -> None:
+        if export.device.caps.flush:
+            await self._flush(export)
+        if id(export.device) in self._owned:
+            self._owned.discard(id(export.device))
+            await self.dispatcher.call(export.device.close)
 
     async def _flush(self, export: Export, event: str = "flush failed") -> bool:
         try:
@@ -220,9 +219,11 @@ class NbdServer:
             for conn in conns:
                 if conn.transport is not None and not conn.closed.is_set():
                     conn.transport.abort()
-        for export in self.exports.values():
+        for export in [*self.exports.values(), *self._draining]:
             if export.device.caps.flush and not await self._flush(export, "final flush failed"):
                 status = 1
+            if id(export.device) in self._owned:
+                export.device.close()
         self.dispatcher.shutdown()
         self.shared.stats.flush()
         log.info("server stopped")

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -113,6 +114,10 @@ class NbdDevice(BlockDevice):
 
     def reopen(self) -> NbdDevice:
         return NbdDevice(self.uri, read_only=self.read_only, options=self.options)
+
+    def __reduce__(self) -> Any:
+        """A running worker connects anew, as reopen() does."""
+        return _passed, (self.uri, self.read_only, self.options)
 
     def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
         step = self.max_block
@@ -253,3 +258,7 @@ class NbdDevice(BlockDevice):
         self._closed.set()
         self._poke.set()
         self.client.close()
+
+
+def _passed(uri: NbdUri, read_only: bool, options: UpstreamOptions) -> NbdDevice:
+    return NbdDevice(uri, read_only=read_only, options=options)

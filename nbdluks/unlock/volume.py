@@ -23,7 +23,6 @@ from typing import Any
 import structlog
 
 from ..block import BlockDevice
-from ..errors import NbdluksError
 from ..luks import Argon2, Unlocked, Volume, open_device
 from ..nbd import UpstreamOptions
 from .headers import HeaderCopy, read_copies, read_copy
@@ -103,6 +102,14 @@ class OpenVolume:
         """The role of the source when an upstream connection is watched."""
         t = self._template
         return self.role if t is not None and t.has_upstream else None
+
+    def __reduce__(self) -> Any:
+        """Pickled to be handed to a running worker (daemon.handover): it
+        gets the template itself, and serves it sealed."""
+        if self._template is None:
+            raise TypeError("the volume is closed")
+        return OpenVolume, (self.config, self._template, self.header, self.keyslot,
+                            self.unlock_seconds)
 
     def before_fork(self) -> None:
         assert self._template is not None
@@ -312,13 +319,15 @@ def _same_source(a: str, b: str) -> bool:
         return False
 
 
-def open_volumes(configs: Sequence[VolumeConfig], workers: int, argon2_cap_kib: int | None = None
+def open_volumes(configs: Sequence[VolumeConfig], workers: int, argon2_cap_kib: int | None = None,
+                 done: Callable[[str, OpenVolume | Exception], object] | None = None,
                  ) -> tuple[list[OpenVolume], dict[str, Exception]]:
     """Open many volumes, up to `workers` at once (the KDFs run in C with the
     GIL released) and with at most `argon2_cap_kib` of Argon2 memory (default:
     half the machine's) at once; those that fail are logged with their reason
     and left out. The opened ones in the order given, and each failure by
-    export name."""
+    export name; `done(name, volume or failure)` is called (on the opening
+    thread) as each is settled."""
     gate = MemoryGate(argon2_cap_kib or half_the_memory_kib())
     opened: dict[str, OpenVolume] = {}
     failed: dict[str, Exception] = {}
@@ -326,14 +335,18 @@ def open_volumes(configs: Sequence[VolumeConfig], workers: int, argon2_cap_kib: 
     def one(config: VolumeConfig) -> None:
         try:
             volume = open_volume(config, gate)
-        except (NbdluksError, OSError) as e:
+        except Exception as e:  # a bug in one must not hang the others
             failed[config.name] = e
             log.error("export not served", export=config.name,
                       error=_reason(e), kind=type(e).__name__)
+            if done is not None:
+                done(config.name, e)
             return
         opened[config.name] = volume
         log.info("export unlocked" if volume.header else "export opened", export=config.name,
                  **volume.log_fields())
+        if done is not None:
+            done(config.name, volume)
 
     todo: queue.SimpleQueue[VolumeConfig] = queue.SimpleQueue()
     for config in configs:

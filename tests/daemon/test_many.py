@@ -165,6 +165,8 @@ def test_two_hundred_volumes(nbdluks: Callable[..., Served], volumes, tmp_path: 
     started = time.monotonic()
     port = free_port()
     served = nbdluks("--config", str(cfg), "--metrics", str(port))
+    # listening starts at once; the exports are listed as they unlock
+    wait_for(lambda: bool(log_events(served.log.read_text(), "exports ready")))
     took = time.monotonic() - started
     names = [f"v{i}" for i in range(200)]
     assert listed(served) == [[n, f"volume {n}"] for n in names] + [

@@ -230,3 +230,38 @@ def test_tls_required() -> None:
     hs = started(TlsMode.REQUIRE)
     hs.receive_data(encode_option(Opt.ABORT))
     assert replies(hs.data_to_send()) == [(Opt.ABORT, Rep.ACK, b"")]
+
+
+def test_an_option_for_an_export_still_coming_waits_then_is_answered() -> None:
+    """An option naming an export being unlocked is held (nothing answered,
+    later options kept) and answered as if sent when resumed: served once
+    ready, ERR_UNKNOWN naming the failure when it could not be opened."""
+    exports = dict(EXPORTS)
+    waiting, failed = {"slow", "bad"}, set()
+    hs = Handshake(exports, waiting=waiting, failed=failed)
+    hs.data_to_send()
+    hs.receive_data(CLIENT_FLAGS + encode_option(Opt.STRUCTURED_REPLY))
+    hs.receive_data(encode_option(Opt.SET_META_CONTEXT, encode_meta_context_request(
+        "slow", ["base:allocation"])))
+    assert hs.state is State.WAITING and hs.waiting_for == "slow"
+    assert [r for _, r, _ in replies(hs.data_to_send())] == [Rep.ACK]  # STRUCTURED only
+    hs.receive_data(encode_option(Opt.GO, encode_export_request("slow", ())))  # kept
+    assert hs.state is State.WAITING and hs.data_to_send() == b""
+    exports["slow"] = ExportInfo("slow", 8192, TxFlag.HAS_FLAGS)
+    waiting.discard("slow")
+    hs.resume()
+    rs = [r for _, r, _ in replies(hs.data_to_send())]
+    assert rs == [Rep.META_CONTEXT, Rep.ACK, Rep.INFO, Rep.INFO, Rep.ACK]
+    assert hs.state is State.DONE and hs.result is not None
+    assert hs.result.export.size == 8192 and hs.result.meta_contexts
+
+    hs = Handshake(exports, waiting=waiting, failed=failed)
+    hs.data_to_send()
+    hs.receive_data(CLIENT_FLAGS + encode_option(Opt.GO, encode_export_request("bad", ())))
+    assert hs.state is State.WAITING and hs.waiting_for == "bad"
+    waiting.discard("bad")
+    failed.add("bad")
+    hs.resume()
+    ((opt, rep, msg),) = replies(hs.data_to_send())
+    assert (opt, rep) == (Opt.GO, Rep.ERR_UNKNOWN) and b"could not be opened" in msg
+    assert hs.state is State.OPTIONS
