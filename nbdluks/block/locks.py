@@ -82,17 +82,19 @@ class RangeLock:
 
 
 class SharedCells:
-    """A few unsigned 64-bit numbers that a process and the workers it forks
-    afterwards all see (a shared mapping of a memfd)."""
+    """A few unsigned 64-bit numbers that a process, the workers it forks
+    afterwards and those it hands them to all see (a shared mapping of a memfd)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, fd: int | None = None) -> None:
+        """New cells, or the ones whose memfd `fd` is (handed over)."""
         self.count = count
-        fd = os.memfd_create("nbdluks-cells", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, 8 * count)
-            self._map = mmap.mmap(fd, 8 * count, mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
+        self._fd = os.memfd_create("nbdluks-cells", os.MFD_CLOEXEC) if fd is None else fd
+        if fd is None:
+            os.ftruncate(self._fd, 8 * count)
+        self._map = mmap.mmap(self._fd, 8 * count, mmap.MAP_SHARED)
+
+    def __reduce__(self) -> Any:
+        return SharedCells, (self.count, Passed(self._fd))
 
     def get(self) -> tuple[int, ...]:
         return struct.unpack_from(f"{self.count}Q", self._map)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,6 +188,17 @@ class RotatingDevice(BlockDevice):
             payload.close()
             raise
 
+    def __reduce__(self) -> Any:
+        """The arguments that rebuild it in a running worker (see block.Passed):
+        the boundary travels as its memfds, so the worker shares it."""
+        if self._keys is None:
+            raise TypeError("sealed: the keys are forgotten")
+        return _passed, (self.payload, self.vol,
+                         {d: pickle.PickleBuffer(k) for d, k in self._keys.items()},
+                         self.boundary,
+                         {"read_only": self.read_only, "allow_discards": self.allow_discards,
+                          "attached": self.attached, "rmw_lock": self._rmw})
+
     def ciphers(self) -> tuple[Any, Any]:
         """The old and the new key's sector ciphers (for the reencryption)."""
         return self.old.cipher, self.new.cipher
@@ -214,3 +226,10 @@ class RotatingDevice(BlockDevice):
         if self._own_lock:
             self._rmw.close()
         self.payload.close()
+
+
+def _passed(payload: BlockDevice, vol: Volume, keys: dict[str, bytearray], boundary: Boundary,
+            options: dict[str, Any]) -> RotatingDevice:
+    dev = RotatingDevice(payload, vol, keys, boundary, **options)
+    dev._own_lock = True  # the lock handed over is this process's own object
+    return dev

@@ -14,6 +14,7 @@ import pickle
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from nbdluks.daemon import handover
-from nbdluks.unlock import UnlockOptions, VolumeConfig, open_volume
+from nbdluks.unlock import UnlockOptions, VolumeConfig, VolumeOptions, open_volume
 from tests.conftest import SYSTEM_PYTHON, Served, log_events, need, pattern
 from tests.daemon.test_many import LOOP, READER, digests, listed, read, wait_for
 from tests.luks.reference import Made, fill, luks_format
@@ -204,3 +205,46 @@ def test_a_volume_handed_over_reads_the_same_its_key_beside_the_pickle(
             device.reopen()  # sealed: no key kept beyond the cipher's
     finally:
         device.close()
+
+
+def test_a_volume_whose_key_rotates_is_handed_over_with_its_boundary(tmp_path: Path) -> None:
+    """A RotatingDevice handed to a worker shares the boundary and the zone
+    lock with the parent's (memfds beside the pickle): a step published in
+    the parent moves what the worker reads, both keys travel out of band."""
+    need("cryptsetup")
+    made = luks_format(tmp_path, name="r", size=20 * MiB)  # LUKS2, attached
+    plain = pattern(4 * MiB, seed=3)
+    fill(made, plain)
+    subprocess.run([sys.executable, "-m", "nbdluks", "reencrypt", "--init-only", "--payload",
+                    str(made.payload), "--key-file", str(tmp_path / "r.pass")], check=True,
+                   capture_output=True)
+    opened = open_volume(VolumeConfig(
+        name="r", payload=str(made.payload), keys=UnlockOptions(key_file=str(tmp_path / "r.pass")),
+        options=VolumeOptions(reencrypting=True)))
+    try:
+        opened.before_fork()
+        parent, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with parent, worker:
+            handover.send_volume(parent, opened, {"name": "r"})
+            _, passed, _, _ = socket.recv_fds(worker, 16, 16)
+            with socket.socket(fileno=passed[0]) as sock:
+                _, got = handover.receive_volume(sock)
+        assert not isinstance(got, Exception)
+        _, device = got
+        template = opened.template
+        assert template is not None
+        try:
+            buf = bytearray(MiB)
+            device.pread_into(memoryview(buf), 0)
+            assert buf == plain[:MiB]
+            # a step the parent's side publishes is what the worker's side sees
+            template.boundary.publish(0, 0, MiB)  # type: ignore[attr-defined]
+            with pytest.raises(OSError):
+                device.pread_into(memoryview(buf), 0)  # that zone's step "never finished"
+            template.boundary.publish(0)  # type: ignore[attr-defined]
+            device.pread_into(memoryview(buf), 0)
+            assert buf == plain[:MiB]
+        finally:
+            device.close()
+    finally:
+        opened.close()
