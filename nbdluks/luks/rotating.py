@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +22,8 @@ from ..block import BlockDevice, Buffer, RangeLock, SharedCells
 from .device import LuksDevice
 from .hotzone import backup, done, supported
 from .luks2 import make_segment
+from .multikey import MultiKeyDevice
 from .reencrypt import logical_size
-from .unlock import wipe
 from .volume import Volume
 
 _SPINS = 100_000  # reads of a generation being changed (two stores take nanoseconds)
@@ -67,7 +66,7 @@ class Boundary:
             self.publish(end)
 
 
-class RotatingDevice(BlockDevice):
+class RotatingDevice(MultiKeyDevice):
     def __init__(self, payload: BlockDevice, vol: Volume, keys: dict[str, bytearray],
                  boundary: Boundary | None = None, *, read_only: bool = False,
                  allow_discards: bool = False, attached: bool = False,
@@ -77,11 +76,9 @@ class RotatingDevice(BlockDevice):
         state = vol.reencryption
         assert state is not None
         supported(state)
-        self.payload, self.vol = payload, vol
-        self.read_only, self.allow_discards, self.attached = read_only, allow_discards, attached
-        self._keys: dict[str, bytearray] | None = {d: bytearray(k) for d, k in keys.items()}
-        self._own_lock = rmw_lock is None
-        self._rmw = rmw_lock if rmw_lock is not None else RangeLock()
+        self._keep(payload, vol, keys, read_only=read_only, allow_discards=allow_discards,
+                   attached=attached, rmw_lock=rmw_lock)
+        assert self._keys is not None
         prev, final = backup(state.md, "backup-previous"), backup(state.md, "backup-final")
         align = max(prev["sector_size"], final["sector_size"])
         total = logical_size(state, payload.size)
@@ -101,7 +98,6 @@ class RotatingDevice(BlockDevice):
         self.min_block = max(self.old.min_block, self.new.min_block)
         self.pref_block = max(self.old.pref_block, self.new.pref_block)
         self.inline_max = min(self.old.inline_max, self.new.inline_max)
-        self.multi_open, self.has_upstream = payload.multi_open, payload.has_upstream
 
     @contextlib.contextmanager
     def _routed(self, offset: int, length: int
@@ -159,9 +155,6 @@ class RotatingDevice(BlockDevice):
     def _cache(self, offset: int, length: int) -> None:
         self.new.cache(offset, length)
 
-    def _flush(self) -> None:
-        self.payload.flush()
-
     def may_wait(self, offset: int, length: int, write: bool) -> bool:
         """A request in the zone a step rewrites waits for the step (one
         that starts just after this look waits too: seldom, and no longer
@@ -171,65 +164,15 @@ class RotatingDevice(BlockDevice):
             write and (self.new.may_wait(offset, length, write)
                        or self.old.may_wait(offset, length, write)))
 
-    # --- life ---------------------------------------------------------------
+    def luks_devices(self) -> list[LuksDevice]:
+        return [self.old, self.new]
 
-    def before_fork(self) -> None:
-        self.payload.before_fork()
-
-    def reopen(self) -> RotatingDevice:
-        if self._keys is None:
-            raise OSError(errno.EOPNOTSUPP, "sealed: the keys are forgotten")
-        payload = self.payload.reopen()
-        try:
-            return RotatingDevice(payload, self.vol, self._keys, self.boundary,
-                                  read_only=self.read_only, allow_discards=self.allow_discards,
-                                  attached=self.attached, rmw_lock=self._rmw)
-        except BaseException:
-            payload.close()
-            raise
-
-    def __reduce__(self) -> Any:
-        """The arguments that rebuild it in a running worker (see block.Passed):
-        the boundary travels as its memfds, so the worker shares it."""
-        if self._keys is None:
-            raise TypeError("sealed: the keys are forgotten")
-        return _passed, (self.payload, self.vol,
-                         {d: pickle.PickleBuffer(k) for d, k in self._keys.items()},
-                         self.boundary,
-                         {"read_only": self.read_only, "allow_discards": self.allow_discards,
-                          "attached": self.attached, "rmw_lock": self._rmw})
+    def _shared(self) -> tuple[Any, ...]:
+        return (self.boundary,)
 
     def ciphers(self) -> tuple[Any, Any]:
         """The old and the new key's sector ciphers (for the reencryption)."""
         return self.old.cipher, self.new.cipher
 
-    def _forget(self) -> None:
-        self.old.forget_key()
-        self.new.forget_key()
-        if self._keys is not None:
-            for key in self._keys.values():
-                wipe(key)
-            self._keys = None
-
-    def seal(self) -> None:
-        self._forget()
-        self.payload.seal()
-
-    def watch(self, report: Callable[[bool], object]) -> None:
-        self.payload.watch(report)
-
     def describe(self) -> dict[str, Any]:
         return {**self.new.describe(), "reencrypting": True}
-
-    def close(self) -> None:
-        self._forget()
-        if self._own_lock:
-            self._rmw.close()
-        self.payload.close()
-
-
-def _passed(payload: BlockDevice, vol: Volume, keys: dict[str, bytearray], boundary: Boundary,
-            options: dict[str, Any]) -> RotatingDevice:
-    dev = RotatingDevice(payload, vol, keys, boundary, **options)
-    dev._own_lock = True  # the lock handed over is this process's own object
-    return dev

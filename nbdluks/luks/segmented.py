@@ -6,17 +6,15 @@ moves them."""
 
 from __future__ import annotations
 
-import errno
-import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from ..block import BlockDevice, Buffer, Capabilities, RangeLock
 from .device import LuksDevice
 from .errors import HeaderError
+from .multikey import MultiKeyDevice
 from .reencrypt import logical_size
 from .rotating import RotatingDevice
-from .unlock import wipe
 from .volume import Volume
 
 
@@ -48,17 +46,15 @@ class _Window(BlockDevice):
         self.payload.flush()
 
 
-class SegmentedDevice(BlockDevice):
+class SegmentedDevice(MultiKeyDevice):
     def __init__(self, payload: BlockDevice, vol: Volume, keys: dict[str, bytearray], *,
                  read_only: bool = False, allow_discards: bool = False,
                  attached: bool = False, rmw_lock: RangeLock | None = None) -> None:
         state = vol.reencryption
         assert state is not None
-        self.payload, self.vol, self.read_only = payload, vol, read_only
-        self.allow_discards, self.attached = allow_discards, attached
-        self._keys: dict[str, bytearray] | None = {d: bytearray(k) for d, k in keys.items()}
-        self._own_lock = rmw_lock is None
-        self._rmw = rmw_lock if rmw_lock is not None else RangeLock()
+        self._keep(payload, vol, keys, read_only=read_only, allow_discards=allow_discards,
+                   attached=attached, rmw_lock=rmw_lock)
+        assert self._keys is not None
         sectors = max(p.segment.sector_size for p in state.pieces if p.digest) if any(
             p.digest for p in state.pieces) else 512
         total = logical_size(state, payload.size)
@@ -85,7 +81,6 @@ class SegmentedDevice(BlockDevice):
         self.min_block = max(d.min_block for _, _, d in self.parts)
         self.pref_block = max(d.pref_block for _, _, d in self.parts)
         self.inline_max = min(d.inline_max for _, _, d in self.parts)
-        self.multi_open, self.has_upstream = payload.multi_open, payload.has_upstream
 
     def _route(self, offset: int, length: int) -> Iterator[tuple[BlockDevice, int, int, int]]:
         """(device, its offset, offset in the request, length) per segment touched."""
@@ -117,72 +112,17 @@ class SegmentedDevice(BlockDevice):
         for dev, at, _, n in self._route(offset, length):
             dev.cache(at, n)
 
-    def _flush(self) -> None:
-        self.payload.flush()
-
     def may_wait(self, offset: int, length: int, write: bool) -> bool:
         return write and any(d.may_wait(at, n, write) for d, at, _, n in
                              self._route(offset, length))
 
-    # --- life ---------------------------------------------------------------
-
-    def before_fork(self) -> None:
-        self.payload.before_fork()
-
-    def reopen(self) -> SegmentedDevice:
-        if self._keys is None:
-            raise OSError(errno.EOPNOTSUPP, "sealed: the keys are forgotten")
-        payload = self.payload.reopen()
-        try:
-            return SegmentedDevice(payload, self.vol, self._keys, read_only=self.read_only,
-                                   allow_discards=self.allow_discards,
-                                   attached=self.attached, rmw_lock=self._rmw)
-        except BaseException:
-            payload.close()
-            raise
-
-    def __reduce__(self) -> Any:
-        """The arguments that rebuild it in a running worker (see block.Passed)."""
-        if self._keys is None:
-            raise TypeError("sealed: the keys are forgotten")
-        return _passed, (self.payload, self.vol,
-                         {d: pickle.PickleBuffer(k) for d, k in self._keys.items()},
-                         {"read_only": self.read_only, "allow_discards": self.allow_discards,
-                          "attached": self.attached, "rmw_lock": self._rmw})
-
-    def _forget(self) -> None:
-        for _, _, dev in self.parts:
-            if isinstance(dev, LuksDevice):
-                dev.forget_key()
-        if self._keys is not None:
-            for key in self._keys.values():
-                wipe(key)
-            self._keys = None
-
-    def seal(self) -> None:
-        self._forget()
-        self.payload.seal()
-
-    def watch(self, report: Callable[[bool], object]) -> None:
-        self.payload.watch(report)
+    def luks_devices(self) -> list[LuksDevice]:
+        return [d for _, _, d in self.parts if isinstance(d, LuksDevice)]
 
     def describe(self) -> dict[str, Any]:
         crypt = [d for _, _, d in self.parts if isinstance(d, LuksDevice)]
         out = crypt[0].describe() if crypt else self.payload.describe()
         return {**out, "reencryption_segments": len(self.parts)}
-
-    def close(self) -> None:
-        self._forget()
-        if self._own_lock:
-            self._rmw.close()
-        self.payload.close()
-
-
-def _passed(payload: BlockDevice, vol: Volume, keys: dict[str, bytearray],
-            options: dict[str, Any]) -> SegmentedDevice:
-    dev = SegmentedDevice(payload, vol, keys, **options)
-    dev._own_lock = True  # the lock handed over is this process's own object
-    return dev
 
 
 def open_device(payload: BlockDevice, vol: Volume, key: bytes | bytearray,
