@@ -105,8 +105,8 @@ def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: Reencrypt
     secret = bytearray()
     try:
         vol = store.read(target.argon2_max_kib)
-        require(vol.version == 2, "only LUKS2 volumes can be reencrypted (cryptsetup "
-                "reencrypt converts nothing either)")
+        require(vol.version == 2, "only LUKS2 volumes are reencrypted here (a LUKS1 volume: "
+                "cryptsetup reencrypt offline, or cryptsetup convert first)")
         lock = reencryption_lock(vol.uuid, exclusive=True)
         vol = store.read(target.argon2_max_kib)  # what the lock now guards
         dev = store.dev if os.path.realpath(payload) == os.path.realpath(target.header) \
