@@ -53,7 +53,7 @@ def test_wheel_carries_pages_and_completion(dist: Path) -> None:
         names = z.namelist()
     data = [n.split(".data/data/", 1)[1] for n in names if ".data/data/" in n]
     commands = ["serve", "inspect", "probe", "format", "add-key", "change-key", "remove-key",
-                "kill-slot", "bind", "unbind", "header-backup", "header-restore"]
+                "kill-slot", "bind", "unbind", "header-backup", "header-restore", "reencrypt"]
     assert sorted(data) == sorted([
         "share/man/man1/nbdluks.1", *(f"share/man/man1/nbdluks-{c}.1" for c in commands),
         "share/bash-completion/completions/nbdluks"])
