@@ -15,7 +15,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import free_port, run
+from tests.conftest import Upstream, free_port, run
+from tests.luks.reference import crypt, dump_offset
+from tests.luks.test_reencryption import volume_key
 from tests.manage.test_reencrypt import final_plaintext, made_with_data
 from tests.rawnbd import raw_connect, recv_exact, request, simple_reply
 
@@ -140,3 +142,50 @@ def test_clients_read_the_same_bytes_throughout_and_a_stop_exits_0(tmp_path: Pat
                    capture_output=True)
     key, plain = final_plaintext(made, len(data))
     assert key != made.key and plain == data
+
+
+def test_header_and_payload_on_nbd_servers(tmp_path: Path, upstreams: list[Upstream]) -> None:
+    """serve --reencrypt with the detached header behind nbdkit and the
+    payload behind qemu-nbd: reads byte-exact throughout, a client's write
+    lands, the reencryption finishes over NBD alone."""
+    made, data = made_with_data(tmp_path, detached=True)
+    assert made.header is not None
+    hdr = Upstream("nbdkit", made.header, tmp_path, tcp=False)
+    pay = Upstream("qemu-nbd", made.payload, tmp_path, tcp=False)
+    upstreams += [hdr, pay]
+    sock = tmp_path / "sock"
+    log = tmp_path / "log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbdluks", "serve", "--header", hdr.uri, "--payload", pay.uri,
+             "--key-file", str(made.payload.with_suffix(".pass")), "-k", str(sock),
+             "--reencrypt", "--reencrypt-rate", "16", "--hotzone-size", "1M",
+             "--log-format", "json", "--log-level", "debug"], stdout=f, stderr=subprocess.STDOUT)
+    while not sock.exists():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.02)
+    uri = f"nbd+unix:///?socket={sock}"
+    edit = os.urandom(3 * BLOCK * 100)
+    s = raw_connect(str(sock))
+    request(s, WRITE, 1, 5 * BLOCK * 100, len(edit), payload=edit)
+    assert simple_reply(s)[0] == 0
+    request(s, FLUSH, 2, 0, 0)
+    assert simple_reply(s)[0] == 0
+    s.close()
+    expected = bytearray(data)
+    expected[5 * BLOCK * 100 : 5 * BLOCK * 100 + len(edit)] = edit
+    deadline = time.monotonic() + 120
+    while "reencryption finished" not in log.read_text():
+        run(["nbdcopy", uri, str(tmp_path / "copy")])
+        assert (tmp_path / "copy").read_bytes() == expected
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    for u in (hdr, pay):
+        u.stop()
+    key = volume_key(made.header, made.payload.with_suffix(".pass"))
+    offset, ss = dump_offset(made.header)
+    assert key != made.key
+    with open(made.payload, "rb") as f:
+        f.seek(offset)
+        assert crypt(f.read(len(data)), made.cipher, key, ss, encrypt=False) == bytes(expected)
