@@ -80,6 +80,7 @@ class BlockDevice:
     # Requests up to this many bytes are quick enough (page cache, CPU only)
     # to run on the event loop instead of a worker thread; 0: never.
     inline_max: int = 0
+    reads_may_wait = False  # may_wait is asked for reads too (else: writes only)
     # Devices from reopen() (one per worker process) see each other's
     # writes, and a flush through one covers them all; else one process
     # serves it.

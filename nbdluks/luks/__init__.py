@@ -30,9 +30,9 @@ from .header import parse as parse_header
 from .kdf import PBKDF2_MAX_ITERATIONS
 from .luks2 import DEFAULT_ARGON2_MAX_KIB
 from .luks2 import HDR_SIZES as LUKS2_HDR_SIZES
-from .reencrypt import Reencryption, logical_size
+from .reencrypt import RESILIENCES, Reencryption, logical_size
 from .rotating import Boundary
-from .rotation import RESILIENCES, RotationSpec
+from .rotation import RotationSpec
 from .seal import SlotSpec, new_volume_key
 from .segmented import open_device
 from .unlock import (

@@ -67,6 +67,8 @@ class Boundary:
 
 
 class RotatingDevice(MultiKeyDevice):
+    reads_may_wait = True  # a read in the zone being rewritten waits for the step
+
     def __init__(self, payload: BlockDevice, vol: Volume, keys: dict[str, bytearray],
                  boundary: Boundary | None = None, *, read_only: bool = False,
                  allow_discards: bool = False, attached: bool = False,

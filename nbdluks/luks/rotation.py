@@ -28,11 +28,11 @@ from .encode import Step, Sync, Write
 from .errors import HeaderError, UnsupportedError
 from .hotzone import backup
 from .luks2_json import u64
+from .reencrypt import RESILIENCES
 from .seal import SALT_SIZE, key_digest
 
 REQUIREMENT = "online-reencrypt-v2"
 VERSION = 2
-RESILIENCES = ("checksum", "journal", "none")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import structlog
 from .. import signals
 from ..block import BlockDevice
 from ..luks import (
+    RESILIENCES,
     Argon2,
     Boundary,
     CipherSpec,
@@ -71,9 +72,9 @@ class ReencryptOptions:
     resume_only: bool = False
 
     def check(self) -> None:
-        if self.resilience not in rotation.RESILIENCES:
+        if self.resilience not in RESILIENCES:
             raise ManageError(f"resilience {self.resilience!r} is not one of "
-                              f"{', '.join(rotation.RESILIENCES)}")
+                              f"{', '.join(RESILIENCES)}")
         if not hash_size(self.hash):
             raise ManageError(f"hash {self.hash!r} is not available here")
         if self.sector_size is not None and self.sector_size not in (512, 1024, 2048, 4096):
@@ -109,8 +110,7 @@ def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: Reencrypt
                 "cryptsetup reencrypt offline, or cryptsetup convert first)")
         lock = reencryption_lock(vol.uuid, exclusive=True)
         vol = store.read(target.argon2_max_kib)  # what the lock now guards
-        dev = store.dev if os.path.realpath(payload) == os.path.realpath(target.header) \
-            else open_source(payload, read_only=False, upstream=target.upstream)
+        dev = _data(store, target, payload)
         secret = given_secret(keys)
         if vol.reencryption is None:
             require(not opts.resume_only, f"{target.header} is not being reencrypted")
@@ -129,6 +129,13 @@ def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: Reencrypt
         if lock is not None:
             release_lock(lock, store.vol.uuid if store.vol else "")
         store.close()
+
+
+def _data(store: HeaderStore, target: Target, payload: str) -> BlockDevice:
+    """The payload, writable: the header's device itself when attached."""
+    if os.path.realpath(payload) == os.path.realpath(target.header):
+        return store.dev
+    return open_source(payload, read_only=False, upstream=target.upstream)
 
 
 def _start(store: HeaderStore, target: Target, vol: Volume, secret: bytearray,
@@ -195,7 +202,6 @@ def _same_kdf(vol: Volume, slot_id: int) -> SlotSpec:
     kdf = slot.kdf
     new_kdf = Pbkdf2(kdf.hash, kdf.iterations, salt) if isinstance(kdf, Pbkdf2) else \
         Argon2(kdf.type, kdf.time, kdf.memory, kdf.cpus, salt)
-    assert isinstance(kdf, Pbkdf2 | Argon2)
     return SlotSpec(new_kdf, slot.area_cipher, slot.area_key_size, slot.af_hash, slot.stripes)
 
 
@@ -246,11 +252,7 @@ class _Run:
         self.store, self.target, self.dev, self.opts = store, target, dev, opts
         self.old, self.new = ciphers
         self.boundary, self.rate = boundary, rate
-        state = self.state
-        try:
-            hz.supported(state)
-        except LuksError as e:
-            raise ManageError(str(e)) from None
+        state = self.state  # checked by hotzone.supported: by _ciphers, or by the device
         assert state.old_digest is not None and state.new_digest is not None
         self.old_digest, self.new_digest = state.old_digest, state.new_digest
         prev, final = hz.backup(state.md, "backup-previous"), hz.backup(state.md, "backup-final")
@@ -405,8 +407,7 @@ def run_beside(target: Target, payload: str, dev: BlockDevice, opts: ReencryptOp
     boundary: Boundary = dev.boundary  # type: ignore[attr-defined]
     with HeaderStore.open(target.header, target.upstream) as store:
         store.read(target.argon2_max_kib)
-        data = store.dev if os.path.realpath(payload) == os.path.realpath(target.header) \
-            else open_source(payload, read_only=False, upstream=target.upstream)
+        data = _data(store, target, payload)
         try:
             progress = _Run(store, target, data, ciphers, opts, boundary, rate).run()
         finally:

@@ -74,7 +74,8 @@ class Dispatcher:
             and req.cmd in (Cmd.READ, Cmd.WRITE)
             and not req.flags & FLAG_FUA
             and self.loop.time() >= self._inline_off_until
-            and not dev.may_wait(req.offset, req.length, req.cmd == Cmd.WRITE)
+            and not ((req.cmd == Cmd.WRITE or dev.reads_may_wait)
+                     and dev.may_wait(req.offset, req.length, req.cmd == Cmd.WRITE))
         )
 
     def run_inline(self, dev: BlockDevice, req: Request, neg: Negotiated) -> Result:
