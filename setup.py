@@ -1,6 +1,7 @@
-"""The optional C helper (nbdluks/luks/_xtsloop.c): built when a compiler and
-the Python headers are there; without it nbdluks runs its pure-Python path
-(`nbdluks --version` and the log's cipher_engine say which).
+"""The optional C helpers (nbdluks/luks/_xtsloop.c: the AES-XTS loop;
+nbdluks/nbd/_transmit.c: runs of small READs answered in C): built when a
+compiler and the Python headers are there; without them nbdluks runs its
+pure-Python path (`nbdluks --version` and the log say which).
 
 The man pages and the bash completion are written here from the argument
 parser (nbdluks/cli/manual.py), so they are never edited by hand, and are
@@ -40,8 +41,11 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("nbdluks.luks._xtsloop", ["nbdluks/luks/_xtsloop.c"],
-                           extra_compile_args=["-O2"], optional=True)],
+    ext_modules=[
+        Extension(f"nbdluks.{name}", [f"nbdluks/{name.replace('.', '/')}.c"],
+                  depends=["nbdluks/_c/evpxts.h"], extra_compile_args=["-O2"], optional=True)
+        for name in ("luks._xtsloop", "nbd._transmit")
+    ],
     cmdclass={"build_ext": OptionalBuildExt},
     data_files=generated_data_files(),
 )

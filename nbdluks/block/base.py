@@ -65,6 +65,41 @@ class Passed:
     fd: int
 
 
+@dataclass(frozen=True, slots=True)
+class Decrypt:
+    """AES-XTS in place through libcrypto's EVP, for C code: the addresses
+    of EVP_CipherInit_ex and EVP_CipherUpdate, a decrypting context for the
+    calling thread, the IV generator (evp.C_IVGENS), the IV of the device's
+    first unit, the IV step per unit and the unit (sector) size."""
+
+    init: int
+    update: int
+    ctx: int
+    iv_mode: int
+    iv_first: int
+    iv_step: int
+    unit: int
+
+
+@dataclass(frozen=True, slots=True)
+class DirectRead:
+    """How the server may answer this device's small reads without calling
+    it (nbd/fastpath.py): pread `fd` at `base` + offset, then `decrypt`. For
+    reads of whole `align` multiples of up to `max_length` bytes; structured
+    reads without DF of `sparse_min` bytes or more (0: none) go through the
+    device, which may skip holes. `keep` owns the descriptor and the context;
+    both stay valid until it is closed, on the thread that asked."""
+
+    fd: int
+    base: int
+    size: int
+    align: int
+    max_length: int
+    keep: object
+    sparse_min: int = 0
+    decrypt: Decrypt | None = None
+
+
 def unsupported(what: str) -> OSError:
     return OSError(errno.EOPNOTSUPP, f"{what} is not supported by this device")
 
@@ -149,6 +184,11 @@ class BlockDevice:
             return None
         self._check_range(offset, length)
         return self._read_extents(offset, length)
+
+    def direct_read(self) -> DirectRead | None:
+        """How small reads may skip this device's methods (for the calling
+        thread), or None: every read goes through pread_into."""
+        return None
 
     def may_wait(self, offset: int, length: int, write: bool) -> bool:
         """Whether a read or write of this range may wait on a lock (a

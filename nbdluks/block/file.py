@@ -12,7 +12,16 @@ import stat
 import time
 from typing import Any
 
-from .base import BlockDevice, Buffer, Capabilities, Extent, Passed, sector_size_for, zero_fill
+from .base import (
+    BlockDevice,
+    Buffer,
+    Capabilities,
+    DirectRead,
+    Extent,
+    Passed,
+    sector_size_for,
+    zero_fill,
+)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -94,6 +103,10 @@ class FileDevice(BlockDevice):
             if n == 0:
                 raise OSError(errno.EIO, "unexpected end of file (was it truncated?)")
             done += n
+
+    def direct_read(self) -> DirectRead:
+        return DirectRead(self.fd, 0, self.size, 1, self.inline_max, self,
+                          sparse_min=SPARSE_READ_MIN if self.caps.extents else 0)
 
     def _pwrite(self, buf: Buffer, offset: int, fua: bool, owned: bool) -> None:
         view = memoryview(buf)

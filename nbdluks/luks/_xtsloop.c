@@ -1,9 +1,9 @@
 /* The per-unit loop of AES-XTS through libcrypto's EVP, in C: one call per
  * request instead of two ctypes calls per data unit, with the GIL released.
  *
- * No OpenSSL headers or link: the caller (evp.py) passes the addresses of
- * EVP_CipherInit_ex and EVP_CipherUpdate it resolved with ctypes, and a
- * context it initialised with the key. IVs are made here for the plain IV
+ * The caller (evp.py) passes the addresses of EVP_CipherInit_ex and
+ * EVP_CipherUpdate it resolved with ctypes, and a context it initialised
+ * with the key (see ../_c/evpxts.h). IVs are made there for the plain IV
  * generators, or taken from a caller's array (essiv).
  */
 #define PY_SSIZE_T_CLEAN
@@ -11,31 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef int (*init_fn)(void *ctx, const void *cipher, void *engine,
-                       const unsigned char *key, const unsigned char *iv, int enc);
-typedef int (*update_fn)(void *ctx, unsigned char *out, int *outl,
-                         const unsigned char *in, int inl);
-
-enum { IV_ARRAY = 0, IV_PLAIN64 = 1, IV_PLAIN = 2, IV_PLAIN64BE = 3 };
-
-static void make_iv(unsigned char iv[16], int mode, uint64_t sector)
-{
-    memset(iv, 0, 16);
-    switch (mode) {
-    case IV_PLAIN64:
-        for (int i = 0; i < 8; i++)
-            iv[i] = (unsigned char)(sector >> (8 * i));
-        break;
-    case IV_PLAIN:
-        for (int i = 0; i < 4; i++)
-            iv[i] = (unsigned char)(sector >> (8 * i));
-        break;
-    case IV_PLAIN64BE:
-        for (int i = 0; i < 8; i++)
-            iv[15 - i] = (unsigned char)(sector >> (8 * i));
-        break;
-    }
-}
+#include "../_c/evpxts.h"
 
 /* crypt(init, update, ctx, buf, unit, first_sector, step, iv_mode, ivs) -> None
  * In place over whole `unit`-byte units of the writable buffer `buf`. */
@@ -69,26 +45,14 @@ static PyObject *xts_crypt(PyObject *self, PyObject *args)
             return NULL;
         }
     }
-    init_fn init = (init_fn)(uintptr_t)init_addr;
-    update_fn update = (update_fn)(uintptr_t)update_addr;
+    evp_init_fn init = (evp_init_fn)(uintptr_t)init_addr;
+    evp_update_fn update = (evp_update_fn)(uintptr_t)update_addr;
     void *ctx = (void *)(uintptr_t)ctx_addr;
-    unsigned char *p = buf.buf;
-    const unsigned char *ivp = ivs.buf;
-    int ok = 1;
+    int ok;
 
     Py_BEGIN_ALLOW_THREADS
-    unsigned char iv[16];
-    for (Py_ssize_t i = 0; i < count && ok; i++) {
-        const unsigned char *this_iv = iv;
-        if (mode == IV_ARRAY)
-            this_iv = ivp + 16 * i;
-        else
-            make_iv(iv, mode, first + (uint64_t)i * step);
-        int outl = 0;
-        ok = init(ctx, NULL, NULL, NULL, this_iv, -1) == 1
-             && update(ctx, p + i * unit, &outl, p + i * unit, (int)unit) == 1;
-    }
-    memset(iv, 0, sizeof(iv));
+    ok = evpxts_units(init, update, ctx, buf.buf, (size_t)count, (int)unit, first, step, mode,
+                      ivs.buf);
     Py_END_ALLOW_THREADS
 
     if (mode == IV_ARRAY)

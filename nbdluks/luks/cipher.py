@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from ..block import Decrypt
 from . import engines
 from .ecb import BLOCK_CIPHERS, Ecb
 from .errors import UnsupportedError
@@ -135,6 +136,7 @@ class SectorCipher:
 
     encrypt: Callable[[Buffer, int], None]
     decrypt: Callable[[Buffer, int], None]
+    direct: Callable[[int], Decrypt | None]  # see Mode.direct
     engine: str  # what does the work, for the log
 
     def __init__(self, spec: CipherSpec, key: bytes | bytearray, sector_size: int = 512,
@@ -152,3 +154,4 @@ class SectorCipher:
         # Bound once: a call goes straight to the chosen implementation.
         self.encrypt = self._mode.encrypt
         self.decrypt = self._mode.decrypt
+        self.direct = self._mode.direct

@@ -10,11 +10,12 @@ can never reach the payload as plaintext.
 from __future__ import annotations
 
 import errno
+import math
 import pickle
 from collections.abc import Callable
 from typing import Any
 
-from ..block import BlockDevice, Buffer, Capabilities, RangeLock
+from ..block import BlockDevice, Buffer, Capabilities, DirectRead, RangeLock
 from .cipher import SectorCipher
 from .errors import HeaderError
 from .unlock import lock_in_memory, wipe
@@ -197,6 +198,15 @@ class LuksDevice(BlockDevice):
     def _cache(self, offset: int, length: int) -> None:
         start, end = self._span(offset, length)
         self.payload.cache(self.data_offset + start, end - start)
+
+    def direct_read(self) -> DirectRead | None:
+        below = self.payload.direct_read()
+        decrypt = self.cipher.direct(self.iv_tweak)
+        if below is None or below.decrypt is not None or decrypt is None:
+            return None
+        return DirectRead(below.fd, below.base + self.data_offset, self.size,
+                          math.lcm(below.align, self.sector_size),
+                          min(below.max_length, self.inline_max), self, decrypt=decrypt)
 
     def may_wait(self, offset: int, length: int, write: bool) -> bool:
         if not write:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from ..block import Decrypt
 from . import evp
 from .ecb import Ecb
 from .evp import EvpXts
@@ -76,6 +77,12 @@ class CXts(_Evp):
         # The C helper makes the plain IVs itself; others (essiv) come in an array.
         self._iv_mode = evp.C_IVGENS.get(ivs.name, 0)
         self._step = ivs.step
+
+    def direct(self, first_iv: int) -> Decrypt | None:
+        if not self._iv_mode:  # essiv: IVs come from Python
+            return None
+        init, update, ctx = self._xts.c_context(encrypt=False)
+        return Decrypt(init, update, ctx, self._iv_mode, first_iv, self._step, self.sector_size)
 
     def encrypt(self, buf: Buffer, first_iv: int) -> None:
         self._crypt(buf, first_iv, True)

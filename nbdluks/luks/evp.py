@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 
-_xtsloop: ModuleType | None
-try:
-    from . import _xtsloop
-except ImportError:  # not built (no compiler): the ctypes loop serves
-    _xtsloop = None
+from .. import native
+
+# Not built (no compiler) or turned off: the ctypes loop serves.
+_xtsloop: ModuleType | None = native.load("nbdluks.luks._xtsloop")
 # Whether this installation has the C helper (`nbdluks --version` says).
 C_HELPER = _xtsloop is not None
 
@@ -170,6 +169,15 @@ class EvpXts:
     def in_c(self) -> bool:
         """Whether crypt_c is available (the C helper is built)."""
         return self._c_loop is not None
+
+    def c_context(self, encrypt: bool) -> tuple[int, int, int]:
+        """(EVP_CipherInit_ex, EVP_CipherUpdate, this thread's context), as
+        addresses for C code: valid until close()."""
+        if self._closed:
+            raise ValueError("this XTS context was closed")
+        ctx = self._context(encrypt).value
+        assert ctx
+        return self._lib.init_addr, self._lib.update_addr, ctx
 
     def crypt_c(self, buf: bytearray | memoryview, unit: int, first: int, step: int,
                 ivgen: str, ivs: np.ndarray[Any, Any] | None, encrypt: bool) -> None:

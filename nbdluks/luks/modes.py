@@ -13,6 +13,7 @@ from typing import TypeAlias
 
 import numpy as np
 
+from ..block import Decrypt
 from .ecb import U64, Array, Ecb, run
 from .ivgen import IvGen
 
@@ -42,6 +43,11 @@ class Mode:
         """(units, blocks, 2) uint64 over `buf`, and the count of units."""
         count = self.units(buf)
         return np.frombuffer(buf, dtype=U64).reshape(count, self.blocks, 2), count
+
+    def direct(self, first_iv: int) -> Decrypt | None:
+        """Decryption as C code calls it, on this thread, the device's first
+        unit having IV `first_iv`; None: this engine is not C's."""
+        return None
 
     def encrypt(self, buf: Buffer, first_iv: int) -> None:
         raise NotImplementedError

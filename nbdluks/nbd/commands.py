@@ -160,6 +160,16 @@ def errno_to_nbd(err: int | None) -> Errno:
     return Errno.EIO
 
 
+def read_flags(neg: Negotiated) -> int:
+    """The flags a READ may carry on this connection."""
+    tx = int(neg.flags)
+    flags = _ALLOWED_FLAGS[Cmd.READ]
+    for flag, needs in _FLAG_NEEDS:
+        if not tx & needs:
+            flags &= ~flag
+    return flags
+
+
 def error_reply(req: Request, neg: Negotiated, error: Errno, message: str = "") -> bytes:
     # Once structured replies are on, READ and BLOCK_STATUS errors are chunks.
     if neg.structured and req.cmd in (Cmd.READ, Cmd.BLOCK_STATUS):

@@ -73,10 +73,14 @@ class Dispatcher:
             req.length <= dev.inline_max
             and req.cmd in (Cmd.READ, Cmd.WRITE)
             and not req.flags & FLAG_FUA
-            and self.loop.time() >= self._inline_off_until
+            and self.inline_open()
             and not ((req.cmd == Cmd.WRITE or dev.reads_may_wait)
                      and dev.may_wait(req.offset, req.length, req.cmd == Cmd.WRITE))
         )
+
+    def inline_open(self) -> bool:
+        """Whether quick requests may run on the loop now (see INLINE_SLOW)."""
+        return self.loop.time() >= self._inline_off_until
 
     def run_inline(self, dev: BlockDevice, req: Request, neg: Negotiated) -> Result:
         t = time.perf_counter()
@@ -85,13 +89,17 @@ class Dispatcher:
         except Exception as e:
             return e
         finally:
-            if time.perf_counter() - t <= INLINE_SLOW:
+            self.ran_inline(time.perf_counter() - t)
+
+    def ran_inline(self, seconds: float) -> None:
+        """A request took `seconds` on the loop (for a run of them: each)."""
+        if seconds <= INLINE_SLOW:
+            self._inline_slow = 0
+        else:
+            self._inline_slow += 1
+            if self._inline_slow >= INLINE_SLOW_RUN:
+                self._inline_off_until = self.loop.time() + INLINE_BACKOFF
                 self._inline_slow = 0
-            else:
-                self._inline_slow += 1
-                if self._inline_slow >= INLINE_SLOW_RUN:
-                    self._inline_off_until = self.loop.time() + INLINE_BACKOFF
-                    self._inline_slow = 0
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run blocking work (a final flush) on the pool."""

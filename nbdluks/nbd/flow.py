@@ -100,6 +100,12 @@ class Flow:
             self.buffers.put(req.buffer)
         req.buffer = req.data = None
 
+    def replies_out(self, n: int) -> None:
+        """`n` bytes of replies made without a request of their own (the
+        fast path) go to the transport: charged until it has sent them."""
+        self.budget.charge(self, n)
+        self._unsent += n
+
     def drop_partial(self, held: int) -> None:
         """The stream ended inside a WRITE's data: off the budget with it."""
         if held:

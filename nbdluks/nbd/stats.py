@@ -31,6 +31,7 @@ COMMANDS = [c.name for c in Cmd] + ["unknown"]
 ERRNOS = [e for e in Errno if e is not Errno.OK]
 _ERR_INDEX = {int(e): i for i, e in enumerate(ERRNOS)}
 _NCMD, _NERR, _NBUCKET = len(COMMANDS), len(ERRNOS), len(BUCKETS) + 1
+_READ = int(Cmd.READ)
 
 # Upstream states
 UPSTREAM_NONE, UPSTREAM_UP, UPSTREAM_DOWN = 0, 1, 2
@@ -89,6 +90,19 @@ class Stats:
                 a[row + EXPORT_ERRORS] += 1
             elif data:
                 a[row + (EXPORT_READ if cmd == 0 else EXPORT_WRITTEN)] += data
+
+    def reads(self, n: int, ns: int, data: int, row: int = -1) -> None:
+        """`n` READs answered together after `ns` nanoseconds each, having
+        read `data` bytes in all (the fast path's runs)."""
+        a = self._acc
+        k = _READ
+        a[REQUESTS + k] += n
+        a[BYTES_READ] += data
+        a[LATENCY + k * _NBUCKET + bisect_left(_BOUNDS_NS, ns)] += n
+        a[LATENCY_SUM_NS + k] += n * ns
+        if row >= 0:
+            a[row + EXPORT_REQUESTS] += n
+            a[row + EXPORT_READ] += data
 
     def flush(self) -> None:
         """Publish what was counted since the last flush."""

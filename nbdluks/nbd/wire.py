@@ -260,6 +260,11 @@ class RequestDecoder:
         self.data_in = 0
 
     @property
+    def idle(self) -> bool:
+        """No request is partly in: the next byte starts a header."""
+        return self._pending is None and not self._buf
+
+    @property
     def mid_write(self) -> bool:
         """A WRITE's data is partly in."""
         return self._pending is not None
