@@ -6,7 +6,7 @@
 # image.
 FROM python:3.11-slim-bookworm AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# A compiler for the C helper (nbdluks/luks/_xtsloop.c); it stays in this
+# A compiler for the C helpers (nbdluks/luks/_xtsloop.c, nbdluks/nbd/_transmit.c); it stays in this
 # stage. (Python's headers come with the python image; a Debian python needs
 # python3-dev.)
 RUN apt-get update \
@@ -26,7 +26,7 @@ COPY nbdluks /src/nbdluks
 RUN /opt/nbdluks/bin/pip install 'setuptools>=77' \
     && /opt/nbdluks/bin/pip wheel --no-deps --no-build-isolation -w /dist /src \
     && /opt/nbdluks/bin/pip install --no-deps /dist/nbdluks-*.whl \
-    && /opt/nbdluks/bin/python -c "import nbdluks.luks._xtsloop" \
+    && /opt/nbdluks/bin/python -c "import nbdluks.luks._xtsloop, nbdluks.nbd._transmit" \
     && test -f /opt/nbdluks/share/man/man1/nbdluks-serve.1 \
     && /opt/nbdluks/bin/pip uninstall -y setuptools pip \
     && find /opt/nbdluks -name __pycache__ -prune -exec rm -rf {} +

@@ -44,7 +44,8 @@ def test_sdist_holds_the_sources(dist: Path) -> None:
     with tarfile.open(only(dist, "nbdluks-*.tar.gz")) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for path in ("setup.py", "pyproject.toml", "README.md", "nbdluks/luks/_xtsloop.c",
-                 "nbdluks/cli/manual.py", "nbdluks/unlock/clevis/tang.py"):
+                 "nbdluks/nbd/_transmit.c", "nbdluks/_c/evpxts.h", "nbdluks/cli/manual.py",
+                 "nbdluks/unlock/clevis/tang.py"):
         assert path in names
 
 
@@ -57,7 +58,8 @@ def test_wheel_carries_pages_and_completion(dist: Path) -> None:
     assert sorted(data) == sorted([
         "share/man/man1/nbdluks.1", *(f"share/man/man1/nbdluks-{c}.1" for c in commands),
         "share/bash-completion/completions/nbdluks"])
-    assert any(n.startswith("nbdluks/luks/_xtsloop") and n.endswith(".so") for n in names)
+    for helper in ("nbdluks/luks/_xtsloop", "nbdluks/nbd/_transmit"):
+        assert any(n.startswith(helper) and n.endswith(".so") for n in names)
 
 
 @pytest.fixture(scope="module")

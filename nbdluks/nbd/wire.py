@@ -1,8 +1,6 @@
 """Sans-IO codec for the NBD wire format: bytes in, typed messages out.
-
 Nothing here touches a socket; the server, the client and the tests feed
-bytes and take encoded frames back.
-"""
+bytes and take encoded frames back."""
 
 from __future__ import annotations
 
@@ -260,13 +258,11 @@ class RequestDecoder:
         self.data_in = 0
 
     @property
-    def idle(self) -> bool:
-        """No request is partly in: the next byte starts a header."""
+    def idle(self) -> bool:  # no request partly in: the next byte starts a header
         return self._pending is None and not self._buf
 
     @property
-    def mid_write(self) -> bool:
-        """A WRITE's data is partly in."""
+    def mid_write(self) -> bool:  # a WRITE's data is partly in
         return self._pending is not None
 
     @property
@@ -423,8 +419,7 @@ def reply_header_size(magic: bytes | bytearray | memoryview) -> int:
     raise RemoteProtocolError(f"bad reply magic {value:#x}")
 
 
-def decode_offset(data: bytes) -> int:
-    """The offset that starts an OFFSET_DATA chunk's payload."""
+def decode_offset(data: bytes) -> int:  # the offset an OFFSET_DATA chunk's payload starts with
     return int(_U64.unpack(data)[0])
 
 

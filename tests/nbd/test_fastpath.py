@@ -1,0 +1,197 @@
+"""The fast path (nbd/_transmit.c, through fastpath.py) against the Python
+path it stands in for: for any stream of requests it answers exactly the
+leading run of small valid READs, each reply byte for byte what the Python
+path sends, over a file and over LUKS volumes cryptsetup made; it stops at
+anything else, and at a read that fails, leaving that request unanswered."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nbdluks import native
+from nbdluks.block import BlockDevice, FileDevice
+from nbdluks.nbd import fastpath
+from nbdluks.nbd.commands import Export, execute, validate
+from nbdluks.nbd.constants import REQUEST_SIZE, Cmd, CmdFlag, Errno, TxFlag
+from nbdluks.nbd.handshake import Negotiated
+from nbdluks.nbd.wire import ProtocolError, Request, RequestDecoder, encode_request
+from nbdluks.unlock.keys import UnlockOptions
+from tests.luks.opening import open_luks
+from tests.luks.reference import fill, luks_format, read_plain
+
+pytestmark = pytest.mark.skipif(not fastpath.AVAILABLE,
+                                reason="the C helper is not built, or NBDLUKS_NATIVE=0")
+DF, FUA = int(CmdFlag.DF), int(CmdFlag.FUA)
+SIZE = 4 << 20
+
+
+def test_built_where_ci_runs() -> None:
+    if os.environ.get("CI") and native.ENABLED:
+        assert fastpath.AVAILABLE, "nbdluks/nbd/_transmit.c was not built"
+
+
+@pytest.fixture(scope="module", params=["file", "luks1", "luks2-4k"])
+def device(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[BlockDevice]:
+    tmp = tmp_path_factory.mktemp(request.param)
+    if request.param == "file":
+        (tmp / "f").write_bytes(os.urandom(SIZE))
+        dev: BlockDevice = FileDevice(str(tmp / "f"), read_only=True)
+    else:
+        made = luks_format(tmp, version=1 if request.param == "luks1" else 2,
+                           sector_size=4096 if request.param.endswith("4k") else None,
+                           size=SIZE + (2 << 20))
+        fill(made, os.urandom(SIZE))
+        dev, _, _ = open_luks(str(made.payload), None,
+                              UnlockOptions(key_file=str(tmp / "vol.pass")))
+        dev.plain = read_plain(made, dev.size)  # type: ignore[attr-defined]
+    yield dev
+    dev.close()
+
+
+def negotiated(dev: BlockDevice, structured: bool, df: bool = True) -> Negotiated:
+    info = Export("", dev).info()
+    flags = info.flags | (TxFlag.SEND_DF if structured and df else 0)
+    return Negotiated(info, flags, structured, no_zeroes=True)
+
+
+def python_replies(dev: BlockDevice, data: bytes, neg: Negotiated) -> list[tuple[Request, bytes]]:
+    """The requests `data` starts with, up to the first that is not a READ
+    (what follows a WRITE header is its data), and what the Python path
+    answers to each valid one."""
+    out = []
+    for at in range(0, len(data) - REQUEST_SIZE + 1, REQUEST_SIZE):
+        try:
+            reqs = RequestDecoder().feed(data[at : at + REQUEST_SIZE])
+        except ProtocolError:
+            break
+        if not reqs or reqs[0].cmd != Cmd.READ:
+            break
+        req, reply = reqs[0], b""
+        if validate(req, neg) == Errno.OK:
+            reply = b"".join(execute(dev, req, neg))
+        out.append((req, reply))
+    return out
+
+
+def taken(req: Request, dev: BlockDevice, neg: Negotiated) -> bool:
+    """What the fast path may answer: small valid READs of whole units,
+    structured ones without DF only below the size where holes are looked for."""
+    direct = dev.direct_read()
+    assert direct is not None
+    return (req.cmd == Cmd.READ and validate(req, neg) == Errno.OK
+            and req.offset % direct.align == 0 and req.length % direct.align == 0
+            and req.length <= direct.max_length
+            and not (neg.structured and direct.sparse_min and not req.flags & DF
+                     and req.length >= direct.sparse_min))
+
+
+def serve_all(reader: fastpath.Reader, data: bytes, limit: int) -> tuple[int, bytes]:
+    pos, out = 0, b""
+    while True:
+        end, replies, n, nbytes = reader.serve(data, pos, limit)
+        if replies is None:
+            assert (end, n, nbytes) == (pos, 0, 0)
+            return pos, out
+        assert n == (end - pos) // REQUEST_SIZE and len(replies) > 0
+        pos, out = end, out + replies
+
+
+def requests(size: int, align: int) -> st.SearchStrategy[bytes]:
+    """Streams of requests, mostly READs a client would send, some of every
+    kind the fast path must leave alone; sometimes a torn header at the end."""
+    aligned = st.builds(lambda n, k: (n * align, k * align),
+                        st.integers(0, size // align - 1), st.integers(1, 64 * 1024 // align))
+    anything = st.tuples(st.integers(0, size + 8192), st.integers(0, 80 * 1024))
+    one = st.tuples(
+        st.sampled_from([Cmd.READ] * 6 + [Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, 99]),
+        st.sampled_from([0, 0, 0, DF, FUA, DF | FUA, 0x8]),
+        st.integers(0, 2**64 - 1), st.one_of(aligned, aligned, anything))
+    return st.builds(
+        lambda reqs, tail: b"".join(encode_request(f, int(c), h, o, min(n, 2**32 - 1))
+                                    for c, f, h, (o, n) in reqs) + tail,
+        st.lists(one, max_size=24), st.sampled_from([b"", b"\x25\x60\x95", b"\0" * 27]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+@pytest.mark.parametrize("structured", [True, False])
+def test_answers_the_leading_run_as_python_does(device: BlockDevice, structured: bool,
+                                                data: st.DataObject) -> None:
+    neg = negotiated(device, structured, df=data.draw(st.booleans()))
+    direct = device.direct_read()
+    assert direct is not None
+    stream = data.draw(requests(device.size, direct.align))
+    reader = fastpath.reader(device, neg)
+    assert reader is not None
+    pos, out = serve_all(reader, stream, data.draw(st.sampled_from([1, 9000, fastpath.LIMIT])))
+    expected = python_replies(device, stream, neg)
+    run = 0
+    while run < len(expected) and taken(expected[run][0], device, neg):
+        run += 1
+    assert pos == run * REQUEST_SIZE
+    assert out == b"".join(reply for _, reply in expected[:run])
+
+
+def test_plaintext_is_what_an_independent_decryption_gives(device: BlockDevice) -> None:
+    plain = getattr(device, "plain", None)
+    if plain is None:
+        pytest.skip("a file: its bytes are served as they are")
+    reader = fastpath.reader(device, negotiated(device, False))
+    assert reader is not None
+    rng = random.Random(7)
+    offsets = [rng.randrange(device.size // 4096) * 4096 for _ in range(50)]
+    stream = b"".join(encode_request(0, Cmd.READ, i, o, 4096) for i, o in enumerate(offsets))
+    pos, out = serve_all(reader, stream, fastpath.LIMIT)
+    assert pos == len(stream)
+    for i, o in enumerate(offsets):
+        reply = out[i * 4112 : (i + 1) * 4112]
+        assert reply[8:16] == i.to_bytes(8, "big") and reply[16:] == plain[o : o + 4096]
+
+
+def test_replies_are_cut_at_the_limit_and_go_on(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(os.urandom(1 << 20))
+    with FileDevice(str(tmp_path / "f"), read_only=True) as dev:
+        reader = fastpath.reader(dev, negotiated(dev, False))
+        assert reader is not None
+        stream = b"".join(encode_request(0, Cmd.READ, i, i * 4096, 4096) for i in range(40))
+        end, replies, n, nbytes = reader.serve(stream, 0, 10 * 4112)
+        assert (end, n, nbytes) == (10 * REQUEST_SIZE, 10, 40960) and len(replies or b"") == 41120
+        end, replies, n, _ = reader.serve(stream, end, 1)  # one is always answered
+        assert (end, n) == (11 * REQUEST_SIZE, 1)
+
+
+def test_a_failed_read_is_left_to_python(tmp_path: Path) -> None:
+    """The file shrinks under the server: the reads before the end are
+    answered, the one past it is not consumed (Python reports its error)."""
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(1 << 20))
+    with FileDevice(str(path), read_only=True) as dev:
+        reader = fastpath.reader(dev, negotiated(dev, True))
+        assert reader is not None
+        os.truncate(path, 512 * 1024)
+        stream = b"".join(encode_request(0, Cmd.READ, i, o, 4096)
+                          for i, o in enumerate([0, 4096, 900 * 1024, 8192]))
+        end, replies, n, _ = reader.serve(stream, 0, fastpath.LIMIT)
+        assert (end, n) == (2 * REQUEST_SIZE, 2) and len(replies or b"") == 2 * (4096 + 28)
+        assert reader.serve(stream, end, fastpath.LIMIT)[1:] == (None, 0, 0)
+
+
+def test_a_closed_reader_answers_nothing(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(bytes(65536))
+    with FileDevice(str(tmp_path / "f"), read_only=True) as dev:
+        reader = fastpath.reader(dev, negotiated(dev, False))
+        assert reader is not None
+        stream = encode_request(0, Cmd.READ, 1, 0, 4096)
+        assert reader.serve(stream, 0, fastpath.LIMIT)[2] == 1
+        reader.close()
+        assert reader.serve(stream, 0, fastpath.LIMIT) == (0, None, 0, 0)
+        fresh = type(reader).__new__(type(reader))  # never initialised: no descriptor
+        assert fresh.serve(stream, 0, fastpath.LIMIT) == (0, None, 0, 0)
