@@ -83,18 +83,21 @@ class Decrypt:
 
 @dataclass(frozen=True, slots=True)
 class DirectRead:
-    """How the server may answer this device's small reads without calling
-    it (nbd/fastpath.py): pread `fd` at `base` + offset, then `decrypt`. For
-    reads of whole `align` multiples of up to `max_length` bytes; structured
-    reads without DF of `sparse_min` bytes or more (0: none) go through the
-    device, which may skip holes. `keep` owns the descriptor and the context;
-    both stay valid until it is closed, on the thread that asked."""
+    """How the server may answer this device's reads without calling it
+    (nbd/fastpath.py): pread `fd` at `base` + offset, then `decrypt`. For
+    reads of whole `align` multiples of up to `max_cached` bytes when the
+    kernel can tell that they are served from its page cache, else of up to
+    `max_length`; structured reads without DF of `sparse_min` bytes or more
+    (0: none) go through the device, which may skip holes. `keep` owns the
+    descriptor and the context; both stay valid until it is closed, on the
+    thread that asked."""
 
     fd: int
     base: int
     size: int
     align: int
     max_length: int
+    max_cached: int
     keep: object
     sparse_min: int = 0
     decrypt: Decrypt | None = None

@@ -31,6 +31,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
 
+# Reads the server may answer on its event loop when they come from the page
+# cache (DirectRead): a copy of this size costs less than a thread's hop.
+DIRECT_CACHED_MAX = 1024 * 1024
 # READs at least this long are sent with holes skipped (OFFSET_HOLE).
 SPARSE_READ_MIN = 64 * 1024
 # A hole probe slower than this stops probing for _PROBE_BACKOFF seconds.
@@ -105,7 +108,7 @@ class FileDevice(BlockDevice):
             done += n
 
     def direct_read(self) -> DirectRead:
-        return DirectRead(self.fd, 0, self.size, 1, self.inline_max, self,
+        return DirectRead(self.fd, 0, self.size, 1, self.inline_max, DIRECT_CACHED_MAX, self,
                           sparse_min=SPARSE_READ_MIN if self.caps.extents else 0)
 
     def _pwrite(self, buf: Buffer, offset: int, fua: bool, owned: bool) -> None:

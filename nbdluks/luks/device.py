@@ -204,9 +204,11 @@ class LuksDevice(BlockDevice):
         decrypt = self.cipher.direct(self.iv_tweak)
         if below is None or below.decrypt is not None or decrypt is None:
             return None
+        # Decryption is CPU work on the event loop: only small reads.
+        short = min(below.max_length, self.inline_max)
         return DirectRead(below.fd, below.base + self.data_offset, self.size,
-                          math.lcm(below.align, self.sector_size),
-                          min(below.max_length, self.inline_max), self, decrypt=decrypt)
+                          math.lcm(below.align, self.sector_size), short, short, self,
+                          decrypt=decrypt)
 
     def may_wait(self, offset: int, length: int, write: bool) -> bool:
         if not write:

@@ -43,7 +43,7 @@ def reader(dev: BlockDevice, neg: Negotiated) -> Reader | None:
     d = direct.decrypt
     r: Reader = _transmit.Reader(
         direct.fd, direct.base, direct.size, direct.align, direct.max_length,
-        direct.sparse_min, read_flags(neg), neg.structured, direct.keep,
+        direct.max_cached, direct.sparse_min, read_flags(neg), neg.structured, direct.keep,
         *((d.init, d.update, d.ctx, d.iv_mode, d.iv_first, d.iv_step, d.unit)
           if d is not None else (0, 0, 0, 0, 0, 0, 0)))
     return r

@@ -37,19 +37,34 @@ def test_built_where_ci_runs() -> None:
         assert fastpath.AVAILABLE, "nbdluks/nbd/_transmit.c was not built"
 
 
+def settled(path: Path, data: bytes | None = None) -> str:
+    """`path` (written with `data`) on disk and in the page cache: the fast
+    path reads only what the kernel serves without waiting (RWF_NOWAIT), and
+    pages under writeback would wait."""
+    if data is not None:
+        path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        while os.read(fd, 1 << 20):
+            pass
+    finally:
+        os.close(fd)
+    return str(path)
+
+
 @pytest.fixture(scope="module", params=["file", "luks1", "luks2-4k"])
 def device(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[BlockDevice]:
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "file":
-        (tmp / "f").write_bytes(os.urandom(SIZE))
-        dev: BlockDevice = FileDevice(str(tmp / "f"), read_only=True)
+        dev: BlockDevice = FileDevice(settled(tmp / "f", os.urandom(SIZE)), read_only=True)
     else:
         made = luks_format(tmp, version=1 if request.param == "luks1" else 2,
                            sector_size=4096 if request.param.endswith("4k") else None,
                            size=SIZE + (2 << 20))
         fill(made, os.urandom(SIZE))
-        dev, _, _ = open_luks(str(made.payload), None,
+        dev, _, _ = open_luks(settled(made.payload), None,
                               UnlockOptions(key_file=str(tmp / "vol.pass")))
         dev.plain = read_plain(made, dev.size)  # type: ignore[attr-defined]
     yield dev
@@ -82,13 +97,14 @@ def python_replies(dev: BlockDevice, data: bytes, neg: Negotiated) -> list[tuple
 
 
 def taken(req: Request, dev: BlockDevice, neg: Negotiated) -> bool:
-    """What the fast path may answer: small valid READs of whole units,
-    structured ones without DF only below the size where holes are looked for."""
+    """What the fast path may answer: valid READs of whole units (as long as
+    the page cache serves), structured ones without DF only below the size
+    where holes are looked for."""
     direct = dev.direct_read()
     assert direct is not None
     return (req.cmd == Cmd.READ and validate(req, neg) == Errno.OK
             and req.offset % direct.align == 0 and req.length % direct.align == 0
-            and req.length <= direct.max_length
+            and req.length <= direct.max_cached
             and not (neg.structured and direct.sparse_min and not req.flags & DF
                      and req.length >= direct.sparse_min))
 
@@ -109,7 +125,7 @@ def requests(size: int, align: int) -> st.SearchStrategy[bytes]:
     kind the fast path must leave alone; sometimes a torn header at the end."""
     aligned = st.builds(lambda n, k: (n * align, k * align),
                         st.integers(0, size // align - 1), st.integers(1, 64 * 1024 // align))
-    anything = st.tuples(st.integers(0, size + 8192), st.integers(0, 80 * 1024))
+    anything = st.tuples(st.integers(0, size + 8192), st.integers(0, 1200 * 1024))
     one = st.tuples(
         st.sampled_from([Cmd.READ] * 6 + [Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, 99]),
         st.sampled_from([0, 0, 0, DF, FUA, DF | FUA, 0x8]),
@@ -157,8 +173,7 @@ def test_plaintext_is_what_an_independent_decryption_gives(device: BlockDevice) 
 
 
 def test_replies_are_cut_at_the_limit_and_go_on(tmp_path: Path) -> None:
-    (tmp_path / "f").write_bytes(os.urandom(1 << 20))
-    with FileDevice(str(tmp_path / "f"), read_only=True) as dev:
+    with FileDevice(settled(tmp_path / "f", os.urandom(1 << 20)), read_only=True) as dev:
         reader = fastpath.reader(dev, negotiated(dev, False))
         assert reader is not None
         stream = b"".join(encode_request(0, Cmd.READ, i, i * 4096, 4096) for i in range(40))
@@ -172,8 +187,7 @@ def test_a_failed_read_is_left_to_python(tmp_path: Path) -> None:
     """The file shrinks under the server: the reads before the end are
     answered, the one past it is not consumed (Python reports its error)."""
     path = tmp_path / "f"
-    path.write_bytes(os.urandom(1 << 20))
-    with FileDevice(str(path), read_only=True) as dev:
+    with FileDevice(settled(path, os.urandom(1 << 20)), read_only=True) as dev:
         reader = fastpath.reader(dev, negotiated(dev, True))
         assert reader is not None
         os.truncate(path, 512 * 1024)
@@ -185,8 +199,7 @@ def test_a_failed_read_is_left_to_python(tmp_path: Path) -> None:
 
 
 def test_a_closed_reader_answers_nothing(tmp_path: Path) -> None:
-    (tmp_path / "f").write_bytes(bytes(65536))
-    with FileDevice(str(tmp_path / "f"), read_only=True) as dev:
+    with FileDevice(settled(tmp_path / "f", bytes(65536)), read_only=True) as dev:
         reader = fastpath.reader(dev, negotiated(dev, False))
         assert reader is not None
         stream = encode_request(0, Cmd.READ, 1, 0, 4096)
@@ -195,3 +208,19 @@ def test_a_closed_reader_answers_nothing(tmp_path: Path) -> None:
         assert reader.serve(stream, 0, fastpath.LIMIT) == (0, None, 0, 0)
         fresh = type(reader).__new__(type(reader))  # never initialised: no descriptor
         assert fresh.serve(stream, 0, fastpath.LIMIT) == (0, None, 0, 0)
+
+
+def test_a_read_that_would_wait_for_the_disk_is_left_to_python(tmp_path: Path) -> None:
+    """Out of the page cache, a read goes to the general path (a worker
+    thread), never blocking the event loop; once cached, the fast path takes it."""
+    path = settled(tmp_path / "f", os.urandom(4 << 20))
+    with FileDevice(path, read_only=True) as dev:
+        reader = fastpath.reader(dev, negotiated(dev, False))
+        assert reader is not None
+        stream = encode_request(0, Cmd.READ, 1, 1 << 20, 256 * 1024)
+        os.posix_fadvise(dev.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
+        assert reader.serve(stream, 0, fastpath.LIMIT) == (0, None, 0, 0)
+        dev.pread_into(memoryview(bytearray(256 * 1024)), 1 << 20)
+        end, replies, n, _ = reader.serve(stream, 0, fastpath.LIMIT)
+        assert (end, n) == (REQUEST_SIZE, 1)
+        assert replies is not None and replies[16:] == open(path, "rb").read()[1 << 20:][:1 << 18]
