@@ -17,8 +17,9 @@ luks: a LUKS1 aes-xts-plain64 volume through nbdluks, nbdkit's luks filter
 
 Workloads: sequential read (nbdcopy --no-extents to null:), sequential write
 (nbdcopy from a file; luks only), 4 KiB random read (fio's nbd engine,
-iodepth 16, 10 s) and, luks only, the latency of 4 KiB random reads one at a
-time (iodepth 1, 5 s: p50 and p99 in microseconds).
+iodepth 16, 10 s) over 1, 4 and 16 connections and, luks only, the latency
+of 4 KiB random reads one at a time (iodepth 1, 5 s: p50 and p99 in
+microseconds).
 """
 
 from __future__ import annotations
@@ -96,13 +97,21 @@ def seq_write(uri: str, src: str, size: int) -> float:
     return size / MiB / timed(["nbdcopy", "--no-extents", "--allocated", src, uri])
 
 
-def rand_read(uri: str, size: int) -> float:
+def rand_read(uri: str, size: int, connections: int = 1) -> float:
+    """4 KiB random reads, 16 in flight per connection: IOPS of them all."""
     out = subprocess.run(
         ["fio", "--name=r", "--ioengine=nbd", f"--uri={uri}", "--rw=randread", "--bs=4k",
          "--iodepth=16", f"--size={size}", "--runtime=10", "--time_based",
-         "--output-format=json"],
+         f"--numjobs={connections}", "--group_reporting", "--output-format=json"],
         check=True, capture_output=True, text=True).stdout
     return float(json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"])
+
+
+def rand_read_workloads(size: int) -> dict[str, Callable[[str], float]]:
+    """One connection, 4 (nbdcopy's default) and 16."""
+    return {"randread-4k": lambda u: rand_read(u, size),
+            "randread-4k-4c": lambda u: rand_read(u, size, 4),
+            "randread-4k-16c": lambda u: rand_read(u, size, 16)}
 
 
 def qd1_latency(uri: str, size: int) -> tuple[float, float]:
@@ -189,10 +198,9 @@ def bench_raw(tmp: Path, size: int, rounds: int, baseline: str | None) -> None:
         lambda: Server("qemu-nbd", ["qemu-nbd", "-t", "-f", "raw", "--shared=8", "-k", s,
                                     str(img)], s),
     ]
-    workloads = {"seq-read": lambda u: seq_read(u, size),
-                 "randread-4k": lambda u: rand_read(u, size)}
+    workloads = {"seq-read": lambda u: seq_read(u, size), **rand_read_workloads(size)}
     res = run_rounds(with_baseline(servers, baseline), workloads, rounds)
-    report(res, {"seq-read": "MiB/s", "randread-4k": "IOPS"})
+    report(res, {"seq-read": "MiB/s", **dict.fromkeys(rand_read_workloads(size), "IOPS")})
 
 
 def bench_luks(tmp: Path, size: int, rounds: int, baseline: str | None) -> None:
@@ -218,23 +226,25 @@ def bench_luks(tmp: Path, size: int, rounds: int, baseline: str | None) -> None:
     ]
     workloads = {"seq-write": lambda u: seq_write(u, str(src), size),
                  "seq-read": lambda u: seq_read(u, size),
-                 "randread-4k": lambda u: rand_read(u, size),
+                 **rand_read_workloads(size),
                  **latency_workloads(size)}
     res = run_rounds(with_baseline(servers, baseline), workloads, rounds)
-    report(res, {"seq-read": "MiB/s", "seq-write": "MiB/s", "randread-4k": "IOPS",
+    report(res, {"seq-read": "MiB/s", "seq-write": "MiB/s",
+                 **dict.fromkeys(rand_read_workloads(size), "IOPS"),
                  "qd1-p50": "us", "qd1-p99": "us"})
-    # LUKS2, 4096-byte sectors: nbdluks alone
+    # LUKS2, 4096-byte sectors: nbdluks alone (and its baseline)
     hdr, pay = tmp / "v2.hdr", tmp / "v2.payload"
-    for p, n in ((hdr, 16 * MiB), (pay, size)):
-        with open(p, "wb") as f:
-            f.truncate(n)
+    with open(hdr, "wb") as f:
+        f.truncate(16 * MiB)
+    random_file(pay, size)
     subprocess.run(["cryptsetup", "luksFormat", "-q", "--type", "luks2", "--sector-size",
                     "4096", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
                     "--header", str(hdr), "--key-file", str(pw), str(pay)], check=True)
-    with Server("nbdluks", nbdluks_cmd("--payload", str(pay), "--header", str(hdr),
-                                       "--key-file", str(pw), "-k", s), s) as srv:
-        vals = [seq_read(srv.uri, size) for _ in range(rounds)]
-    print(f"{'luks2-4k-read':14s} {'nbdluks':10s} {statistics.median(vals):10.1f} MiB/s")
+    luks2 = [lambda: Server("nbdluks", nbdluks_cmd("--payload", str(pay), "--header", str(hdr),
+                                                    "--key-file", str(pw), "-k", s), s)]
+    res = run_rounds(with_baseline(luks2, baseline),
+                     {"luks2-4k-read": lambda u: seq_read(u, size)}, rounds)
+    report(res, {"luks2-4k-read": "MiB/s"})
 
 
 def main() -> None:

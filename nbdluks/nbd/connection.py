@@ -214,7 +214,9 @@ class Connection(asyncio.Protocol):
         assert self.fast is not None
         pos, end = 0, len(data) - REQUEST_SIZE
         flow, budget = self.flow, self.shared.budget
-        while pos <= end and budget.allows(flow, fastpath.LIMIT):
+        # Replies written may pause the transport (the client does not read
+        # them): the gate is asked again before each run.
+        while pos <= end and not flow.gated and budget.allows(flow, fastpath.LIMIT):
             t = time.perf_counter_ns()
             pos, out, n, nbytes = self.fast.serve(data, pos, fastpath.LIMIT)
             if out is None:
