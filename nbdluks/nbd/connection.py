@@ -184,7 +184,10 @@ class Connection(asyncio.Protocol):
         if self.fast is not None and self._fast_open():
             pos = self._serve_fast(data)
             if pos == len(data):
-                self._pump()
+                # Nothing waits to start: only what the replies hold of the
+                # budget, or a client that stopped reading them, may pause us.
+                if self.flow.holds_replies:
+                    self._update_reading()
                 return
             data = memoryview(data)[pos:]
         decoder = self.decoder
@@ -204,30 +207,31 @@ class Connection(asyncio.Protocol):
 
     def _fast_open(self) -> bool:
         """Whether requests may be answered in C now: nothing decoded waits
-        for its turn, no request is half in, the gate is open."""
-        return (not self._backlog and self.decoder.idle and not self.closing
+        for its turn or to be sent, no request is half in, the gate is open."""
+        return (not self._backlog and not self._out and self.decoder.idle and not self.closing
                 and not self.flow.gated and self.shared.dispatcher.inline_open())
 
     def _serve_fast(self, data: bytes | memoryview) -> int:
         """Answer the run of small READs that `data` starts with, in C;
         where the rest starts."""
-        assert self.fast is not None
+        fast, flow, shared, t = self.fast, self.flow, self.shared, self.transport
+        assert fast is not None and t is not None
         pos, end = 0, len(data) - REQUEST_SIZE
-        flow, budget = self.flow, self.shared.budget
         # Replies written may pause the transport (the client does not read
         # them): the gate is asked again before each run.
-        while pos <= end and not flow.gated and budget.allows(flow, fastpath.LIMIT):
-            t = time.perf_counter_ns()
-            pos, out, n, nbytes = self.fast.serve(data, pos, fastpath.LIMIT)
+        while pos <= end and not flow.gated and shared.budget.allows(flow, fastpath.LIMIT):
+            start = time.perf_counter_ns()
+            pos, out, n, nbytes = fast.serve(data, pos, fastpath.LIMIT)
             if out is None:
                 break
-            ns = time.perf_counter_ns() - t
-            self.shared.dispatcher.ran_inline(ns / n * 1e-9)
+            ns = time.perf_counter_ns() - start
+            shared.dispatcher.ran_inline(ns / n * 1e-9)
             self.requests += n
             self.bytes_read += nbytes
-            self.shared.stats.reads(n, ns, nbytes, self.stats_row)
-            flow.replies_out(len(out))
-            self._send([out])
+            shared.stats.reads(n, ns, nbytes, self.stats_row)
+            t.write(out)
+            if t.get_write_buffer_size():
+                flow.replies_out(len(out))  # charged until the transport has sent them
         return pos
 
     def _wake(self) -> None:

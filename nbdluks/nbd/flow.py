@@ -100,9 +100,14 @@ class Flow:
             self.buffers.put(req.buffer)
         req.buffer = req.data = None
 
+    @property
+    def holds_replies(self) -> bool:
+        """Replies wait in the transport: charged, or not taken by the client."""
+        return self._unsent > 0 or self.write_paused
+
     def replies_out(self, n: int) -> None:
         """`n` bytes of replies made without a request of their own (the
-        fast path) go to the transport: charged until it has sent them."""
+        fast path) wait in the transport: charged until it has sent them."""
         self.budget.charge(self, n)
         self._unsent += n
 
