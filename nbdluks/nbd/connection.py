@@ -67,6 +67,10 @@ class Connection(asyncio.Protocol):
         self.decoder = RequestDecoder(alloc=shared.buffers.get)
         self.fast: fastpath.Reader | None = None  # runs of small READs in C
         self._backlog: collections.deque[Request] = collections.deque()
+        # Bytes the fast path left while the gate was shut (the client not
+        # taking its replies, the budget spent): taken up again, still
+        # undecoded, when it opens; reading stays paused meanwhile.
+        self._held: memoryview | None = None
         self._pumping = False
         # Replies wait here while a batch of requests is processed, then go
         # out in one writev: a syscall and a wake-up of the client per reply
@@ -88,7 +92,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return self.flow.inflight > 0 or bool(self._backlog)
+        return self.flow.inflight > 0 or bool(self._backlog) or self._held is not None
 
     def evict(self, reason: str) -> None:
         """Close this connection to make room for a new one."""
@@ -190,6 +194,10 @@ class Connection(asyncio.Protocol):
                     self._update_reading()
                 return
             data = memoryview(data)[pos:]
+            if not self._fast_room():
+                self._held = data
+                self._update_reading()
+                return
         decoder = self.decoder
         try:
             reqs = decoder.feed(data)
@@ -207,9 +215,13 @@ class Connection(asyncio.Protocol):
 
     def _fast_open(self) -> bool:
         """Whether requests may be answered in C now: nothing decoded waits
-        for its turn or to be sent, no request is half in, the gate is open."""
+        for its turn or to be sent, no request is half in."""
         return (not self._backlog and not self._out and self.decoder.idle and not self.closing
-                and not self.flow.gated and self.shared.dispatcher.inline_open())
+                and self.shared.dispatcher.inline_open())
+
+    def _fast_room(self) -> bool:
+        """The gate is open for a run of the fast path's replies."""
+        return not self.flow.gated and self.shared.budget.allows(self.flow, fastpath.LIMIT)
 
     def _serve_fast(self, data: bytes | memoryview) -> int:
         """Answer the run of small READs that `data` starts with, in C;
@@ -219,7 +231,7 @@ class Connection(asyncio.Protocol):
         pos, end = 0, len(data) - REQUEST_SIZE
         # Replies written may pause the transport (the client does not read
         # them): the gate is asked again before each run.
-        while pos <= end and not flow.gated and shared.budget.allows(flow, fastpath.LIMIT):
+        while pos <= end and self._fast_room():
             start = time.perf_counter_ns()
             pos, out, n, nbytes = fast.serve(data, pos, fastpath.LIMIT)
             if out is None:
@@ -240,6 +252,12 @@ class Connection(asyncio.Protocol):
     def _pump(self) -> None:
         """Start backlog requests while the gate is open; then decide on reading."""
         if self._pumping:  # complete() of an inline request, from inside the loop below
+            return
+        held = self._held
+        if held is not None and not self.closing and self._fast_room():
+            self._held = None
+            self._receive_requests(held)
+            self._update_reading()  # it paused for what was held
             return
         self._pumping = True
         try:
@@ -344,10 +362,12 @@ class Connection(asyncio.Protocol):
             self.flow.release_unsent()
 
     def _update_reading(self) -> None:
-        self.flow.update_reading(self.transport, hold=self.closing or bool(self._backlog),
+        self.flow.update_reading(self.transport,
+                                 hold=self.closing or bool(self._backlog) or self._held is not None,
                                  mid_write=self.decoder.mid_write)
 
     def _drop_backlog(self) -> None:
+        self._held = None
         for req in self._backlog:
             self.flow.give_back(req)
         self._backlog.clear()
