@@ -126,7 +126,7 @@ static int read_all(Reader *self, unsigned char *p, size_t n, uint64_t at)
             if (errno == EINTR)
                 continue;
             if (self->nowait && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) {
-                self->nowait = 1;
+                self->nowait = 0;
                 return -1; /* possibly longer than max_length: the general path */
             }
             return -1;

@@ -6,6 +6,7 @@ anything else, and at a read that fails, leaving that request unanswered."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from collections.abc import Iterator
@@ -223,4 +224,41 @@ def test_a_read_that_would_wait_for_the_disk_is_left_to_python(tmp_path: Path) -
         dev.pread_into(memoryview(bytearray(256 * 1024)), 1 << 20)
         end, replies, n, _ = reader.serve(stream, 0, fastpath.LIMIT)
         assert (end, n) == (REQUEST_SIZE, 1)
-        assert replies is not None and replies[16:] == open(path, "rb").read()[1 << 20:][:1 << 18]
+        assert replies is not None and replies[16:] == Path(path).read_bytes()[1 << 20:][:1 << 18]
+
+
+def nowait_unsupported(directory: str) -> bool:
+    """Whether the file system at `directory` refuses RWF_NOWAIT (tmpfs does)."""
+    path = Path(directory) / f"nbdluks-nowait-{os.getpid()}"
+    try:
+        path.write_bytes(bytes(4096))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e.errno == errno.EOPNOTSUPP
+    finally:
+        path.unlink(missing_ok=True)
+    return False
+
+
+@pytest.mark.skipif(not nowait_unsupported("/dev/shm"), reason="no file system refusing RWF_NOWAIT")
+def test_where_the_kernel_cannot_tell_only_short_reads_are_taken() -> None:
+    """On a file system without RWF_NOWAIT a read may wait for the disk:
+    only reads the device calls quick (inline_max) are taken."""
+    path = Path("/dev/shm") / f"nbdluks-fast-{os.getpid()}"
+    try:
+        with FileDevice(settled(path, os.urandom(1 << 20)), read_only=True) as dev:
+            reader = fastpath.reader(dev, negotiated(dev, False))
+            assert reader is not None
+            big = encode_request(0, Cmd.READ, 1, 0, 256 * 1024)
+            short = encode_request(0, Cmd.READ, 2, 8192, dev.inline_max)
+            assert reader.serve(big, 0, fastpath.LIMIT)[1:] == (None, 0, 0)  # learns it here
+            assert reader.serve(big, 0, fastpath.LIMIT)[1:] == (None, 0, 0)
+            end, replies, n, _ = reader.serve(short, 0, fastpath.LIMIT)
+            assert (end, n) == (REQUEST_SIZE, 1)
+            assert replies is not None and replies[16:] == path.read_bytes()[8192:][:dev.inline_max]
+    finally:
+        path.unlink(missing_ok=True)
