@@ -15,6 +15,10 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -35,6 +39,13 @@
 #define SIMPLE_HEADER 16
 #define DATA_CHUNK_HEADER 28 /* chunk header 20 + offset 8 */
 #define MAX_RUN 256          /* requests per call */
+#define SENDFILE_MIN (64 * 1024) /* shorter replies are copied: cheaper than a splice */
+
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+struct cachestat_range { uint64_t off, len; };
+struct cachestat { uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted; };
 
 typedef struct {
     PyObject_HEAD
@@ -57,6 +68,9 @@ typedef struct {
     uint64_t iv_step;  /* added per unit */
     uint32_t unit;     /* bytes per data unit (the sector size) */
     PyObject *keep;    /* what owns fd and ctx: kept alive while this is */
+    int sock;          /* the client's socket, for send(); -1: none */
+    int splice;        /* cachestat(2) works: long replies may go by sendfile */
+    long page;
 } Reader;
 
 static inline uint16_t be16(const unsigned char *p) { return (uint16_t)(p[0] << 8 | p[1]); }
@@ -140,10 +154,9 @@ static int read_all(Reader *self, unsigned char *p, size_t n, uint64_t at)
     return 0;
 }
 
-/* One reply (header and data) at o; 0: written, -1: the read failed. */
-static int answer(Reader *self, const Read *rq, unsigned char *o)
+/* A successful READ's reply header at o; its size. */
+static size_t write_header(const Reader *self, const Read *rq, unsigned char *o)
 {
-    unsigned char *data;
     if (self->structured) {
         put32(o, STRUCTURED_REPLY_MAGIC);
         o[4] = 0;
@@ -153,13 +166,18 @@ static int answer(Reader *self, const Read *rq, unsigned char *o)
         memcpy(o + 8, rq->handle, 8);
         put32(o + 16, rq->length + 8);
         put64(o + 20, rq->offset);
-        data = o + DATA_CHUNK_HEADER;
-    } else {
-        put32(o, SIMPLE_REPLY_MAGIC);
-        put32(o + 4, 0);
-        memcpy(o + 8, rq->handle, 8);
-        data = o + SIMPLE_HEADER;
+        return DATA_CHUNK_HEADER;
     }
+    put32(o, SIMPLE_REPLY_MAGIC);
+    put32(o + 4, 0);
+    memcpy(o + 8, rq->handle, 8);
+    return SIMPLE_HEADER;
+}
+
+/* One reply (header and data) at o; 0: written, -1: the read failed. */
+static int answer(Reader *self, const Read *rq, unsigned char *o)
+{
+    unsigned char *data = o + write_header(self, rq, o);
     if (read_all(self, data, rq->length, self->base + rq->offset) < 0)
         return -1;
     if (self->ctx) {
@@ -170,6 +188,26 @@ static int answer(Reader *self, const Read *rq, unsigned char *o)
             return -1;
     }
     return 0;
+}
+
+/* The READs this reader takes from p[pos:len], in order, while their
+ * replies stay within `limit` bytes (one is always taken): their count, the
+ * reply bytes in *total. */
+static int scan(const Reader *self, const unsigned char *p, Py_ssize_t len, Py_ssize_t pos,
+                Py_ssize_t limit, Read *run, size_t *total)
+{
+    size_t header = self->structured ? DATA_CHUNK_HEADER : SIMPLE_HEADER;
+    int count = 0;
+    *total = 0;
+    for (Py_ssize_t at = pos; self->fd >= 0 && count < MAX_RUN && len - at >= REQUEST_SIZE
+                              && takes(self, p + at, &run[count]); at += REQUEST_SIZE) {
+        size_t need = header + run[count].length;
+        if (count && *total + need > (size_t)limit)
+            break;
+        *total += need;
+        count++;
+    }
+    return count;
 }
 
 /* serve(data, pos, limit) -> (end, replies, count, nbytes)
@@ -189,20 +227,8 @@ static PyObject *Reader_serve(Reader *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "position outside the data");
         return NULL;
     }
-    const unsigned char *p = in.buf;
-    size_t header = self->structured ? DATA_CHUNK_HEADER : SIMPLE_HEADER;
     size_t total = 0;
-    int count = 0;
-    Py_ssize_t at = pos;
-    while (self->fd >= 0 && count < MAX_RUN && in.len - at >= REQUEST_SIZE
-           && takes(self, p + at, &run[count])) {
-        size_t need = header + run[count].length;
-        if (count && total + need > (size_t)limit)
-            break;
-        total += need;
-        count++;
-        at += REQUEST_SIZE;
-    }
+    int count = scan(self, in.buf, in.len, pos, limit, run, &total);
     if (count == 0) {
         PyBuffer_Release(&in);
         return Py_BuildValue("nOii", pos, Py_None, 0, 0);
@@ -213,6 +239,7 @@ static PyObject *Reader_serve(Reader *self, PyObject *args)
         return NULL;
     }
     unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    size_t header = self->structured ? DATA_CHUNK_HEADER : SIMPLE_HEADER;
     size_t done = 0;
     uint64_t nbytes = 0;
     int served = 0;
@@ -236,25 +263,205 @@ static PyObject *Reader_serve(Reader *self, PyObject *args)
     return res;
 }
 
+/* Whether [at, at+n) of fd is all in the page cache: 1, 0; -1: cannot tell. */
+static int cached(Reader *self, uint64_t at, uint64_t n)
+{
+    struct cachestat_range r = {at, n};
+    struct cachestat cs;
+    if (syscall(__NR_cachestat, self->fd, &r, &cs, 0) < 0)
+        return -1;
+    return cs.nr_cache >= (at + n - 1) / (uint64_t)self->page - at / (uint64_t)self->page + 1;
+}
+
+/* What send() does without the GIL. The bytes not written when the socket
+ * filled up (the rest of one reply, or of the copied replies) are left in
+ * *rest for the caller's transport, which must send them before anything
+ * else; the run stops there. */
+typedef struct {
+    unsigned char *rest;
+    size_t rest_len;
+    int served;
+    uint64_t nbytes;
+    int err; /* errno of a failed write: the stream is broken */
+} Sent;
+
+/* Write p[0:n] without blocking; what was not written goes to *st (copied). */
+static int put_or_keep(Reader *self, const unsigned char *p, size_t n, int more, Sent *st)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = send(self->sock, p + done, n - done,
+                         MSG_DONTWAIT | MSG_NOSIGNAL | (more ? MSG_MORE : 0));
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        if (w < 0) {
+            st->err = errno;
+            return -1;
+        }
+        done += (size_t)w;
+    }
+    if (done == n)
+        return 0;
+    st->rest = malloc(n - done);
+    if (st->rest == NULL) {
+        st->err = ENOMEM;
+        return -1;
+    }
+    memcpy(st->rest, p + done, n - done);
+    st->rest_len = n - done;
+    return 1; /* full: stop */
+}
+
+/* A long reply: its header, then its data from the page cache by sendfile.
+ * 0: sent, 1: the socket filled (the rest is in *st), -1: broken. */
+static int splice_reply(Reader *self, const Read *rq, Sent *st)
+{
+    unsigned char h[DATA_CHUNK_HEADER];
+    size_t hn = self->structured ? DATA_CHUNK_HEADER : SIMPLE_HEADER;
+    write_header(self, rq, h);
+    int r = put_or_keep(self, h, hn, 1, st);
+    off_t at = (off_t)(self->base + rq->offset);
+    size_t left = rq->length;
+    if (r == 0) {
+        while (left) {
+            ssize_t w = sendfile(self->sock, self->fd, &at, left);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                break;
+            if (w <= 0) { /* 0: the file shrank under a reply half sent */
+                st->err = w < 0 ? errno : EIO;
+                return -1;
+            }
+            left -= (size_t)w;
+        }
+        if (!left)
+            return 0;
+    } else if (r < 0) {
+        return -1;
+    }
+    /* The socket is full: the rest of this reply is read (cached, said
+     * cachestat) and left for the transport. */
+    unsigned char *rest = realloc(st->rest, st->rest_len + left);
+    if (rest == NULL || read_all(self, rest + st->rest_len, left, (uint64_t)at) < 0) {
+        st->rest = rest ? rest : st->rest;
+        st->err = EIO;
+        return -1;
+    }
+    st->rest = rest;
+    st->rest_len += left;
+    return 1;
+}
+
+/* The run for send(): short replies copied into `buf` (sent when full or
+ * before a long one), long ones spliced. */
+static void send_run(Reader *self, const Read *run, int count, unsigned char *buf, Sent *st)
+{
+    size_t header = self->structured ? DATA_CHUNK_HEADER : SIMPLE_HEADER;
+    size_t used = 0;
+    int i, r = 0;
+    for (i = 0; i < count && r == 0; i++) {
+        const Read *rq = &run[i];
+        int splice = self->splice && !self->ctx && rq->length >= SENDFILE_MIN;
+        if (splice) {
+            int c = cached(self, self->base + rq->offset, rq->length);
+            if (c < 0)
+                self->splice = splice = 0;
+            else if (c == 0)
+                break; /* the general path reads it on a thread */
+        }
+        if (splice) {
+            if (used && (r = put_or_keep(self, buf, used, 1, st)) != 0)
+                break;
+            used = 0;
+            r = splice_reply(self, rq, st);
+            if (r >= 0) {
+                st->served++;
+                st->nbytes += rq->length;
+            }
+            continue;
+        }
+        if (answer(self, rq, buf + used) < 0)
+            break;
+        used += header + rq->length;
+        st->served++;
+        st->nbytes += rq->length;
+    }
+    if (used && r == 0)
+        put_or_keep(self, buf, used, 0, st);
+}
+
+/* send(data, pos, limit) -> (end, rest, count, nbytes)
+ * serve(), but the replies are written to the client's socket here (long
+ * ones spliced from the page cache: one copy fewer), for a connection whose
+ * transport has nothing queued. `rest`: bytes the socket did not take, for
+ * the transport to send before anything else (None: all sent). OSError: the
+ * socket broke. */
+static PyObject *Reader_send(Reader *self, PyObject *args)
+{
+    Py_buffer in;
+    Py_ssize_t pos, limit;
+    Read run[MAX_RUN];
+    if (!PyArg_ParseTuple(args, "y*nn", &in, &pos, &limit))
+        return NULL;
+    if (pos < 0 || pos > in.len || self->sock < 0) {
+        PyBuffer_Release(&in);
+        PyErr_SetString(PyExc_ValueError, "position outside the data, or no socket");
+        return NULL;
+    }
+    size_t total = 0;
+    int count = scan(self, in.buf, in.len, pos, limit, run, &total);
+    Sent st = {0};
+    /* Room for every reply, though long ones are mostly spliced: pages of
+     * it never written are never touched. */
+    unsigned char *buf = count ? malloc(total) : NULL;
+    if (buf != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        send_run(self, run, count, buf, &st);
+        Py_END_ALLOW_THREADS
+    }
+    free(buf);
+    PyBuffer_Release(&in);
+    if (st.err) {
+        free(st.rest);
+        errno = st.err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *rest = Py_None;
+    Py_INCREF(rest);
+    if (st.rest_len) {
+        Py_DECREF(rest);
+        rest = PyBytes_FromStringAndSize((const char *)st.rest, (Py_ssize_t)st.rest_len);
+    }
+    free(st.rest);
+    if (rest == NULL)
+        return NULL;
+    return Py_BuildValue("nNiK", pos + (Py_ssize_t)st.served * REQUEST_SIZE, rest, st.served,
+                         (unsigned long long)st.nbytes);
+}
+
 static PyObject *Reader_close(Reader *self, PyObject *unused)
 {
     self->fd = -1;
+    self->sock = -1;
     self->ctx = NULL;
     Py_CLEAR(self->keep);
     Py_RETURN_NONE;
 }
 
 /* Reader(fd, base, size, align, max_length, max_cached, sparse_min, flags_ok,
- *        structured, keep, init, update, ctx, iv_mode, iv_first, iv_step, unit) */
+ *        structured, keep, init, update, ctx, iv_mode, iv_first, iv_step, unit, sock) */
 static int Reader_init(Reader *self, PyObject *args, PyObject *kwds)
 {
-    int fd, structured, iv_mode;
+    int fd, structured, iv_mode, sock;
     unsigned long long base, size, init, update, ctx, iv_first, iv_step;
     unsigned int align, max_length, max_cached, sparse_min, flags_ok, unit;
     PyObject *keep;
-    if (!PyArg_ParseTuple(args, "iKKIIIIIpOKKKiKKI", &fd, &base, &size, &align, &max_length,
+    if (!PyArg_ParseTuple(args, "iKKIIIIIpOKKKiKKIi", &fd, &base, &size, &align, &max_length,
                           &max_cached, &sparse_min, &flags_ok, &structured, &keep, &init,
-                          &update, &ctx, &iv_mode, &iv_first, &iv_step, &unit))
+                          &update, &ctx, &iv_mode, &iv_first, &iv_step, &unit, &sock))
         return -1;
     if (fd < 0 || align == 0 || max_length == 0 || base + size < base) {
         PyErr_SetString(PyExc_ValueError, "a descriptor, an alignment and a length are needed");
@@ -272,6 +479,9 @@ static int Reader_init(Reader *self, PyObject *args, PyObject *kwds)
     self->max_length = max_length;
     self->max_cached = max_cached > max_length ? max_cached : max_length;
     self->nowait = 1;
+    self->sock = sock;
+    self->splice = 1;
+    self->page = sysconf(_SC_PAGESIZE);
     self->sparse_min = sparse_min;
     self->flags_ok = flags_ok;
     self->structured = structured;
@@ -291,7 +501,7 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     Reader *self = (Reader *)type->tp_alloc(type, 0);
     if (self != NULL)
-        self->fd = -1; /* serves nothing until __init__ has run */
+        self->fd = self->sock = -1; /* serves nothing until __init__ has run */
     return (PyObject *)self;
 }
 
@@ -317,6 +527,8 @@ static void Reader_dealloc(Reader *self)
 static PyMethodDef Reader_methods[] = {
     {"serve", (PyCFunction)Reader_serve, METH_VARARGS,
      "serve(data, pos, limit) -> (end, replies, count, nbytes)"},
+    {"send", (PyCFunction)Reader_send, METH_VARARGS,
+     "send(data, pos, limit) -> (end, rest, count, nbytes)"},
     {"close", (PyCFunction)Reader_close, METH_NOARGS, "Serve nothing from now on."},
     {NULL, NULL, 0, NULL},
 };

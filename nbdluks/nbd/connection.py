@@ -66,6 +66,7 @@ class Connection(asyncio.Protocol):
         self.flow = Flow(shared.options.max_inflight, shared.budget, shared.buffers, self._wake)
         self.decoder = RequestDecoder(alloc=shared.buffers.get)
         self.fast: fastpath.Reader | None = None  # runs of small READs in C
+        self.direct = False
         self._backlog: collections.deque[Request] = collections.deque()
         # Bytes the fast path left while the gate was shut (the client not
         # taking its replies, the budget spent): taken up again, still
@@ -166,7 +167,9 @@ class Connection(asyncio.Protocol):
         self.export = self.shared.exports[result.export.name]
         self.stats_row = self.shared.stats.row(result.export.name)
         self.log = self.log.bind(export=result.export.name)
-        self.fast = fastpath.reader(self.export.device, result)
+        sock = self._socket_fd()
+        self.fast = fastpath.reader(self.export.device, result, sock)
+        self.direct = self.fast is not None and sock >= 0  # replies written by the fast path
         self.log.debug(
             "export negotiated",
             size=result.export.size,
@@ -174,7 +177,7 @@ class Connection(asyncio.Protocol):
             tls=self.negotiation.tls_active,
             flags=flag_names(result.flags),
             meta_contexts=sorted(result.meta_contexts.values()),
-            fast_path=self.fast is not None,
+            fast_path="direct" if self.direct else "buffered" if self.fast else "off",
         )
         if self.closing:
             self._maybe_close()
@@ -213,6 +216,11 @@ class Connection(asyncio.Protocol):
         self._backlog.extend(reqs)
         self._pump()
 
+    def _socket_fd(self) -> int:
+        """The socket the fast path may write replies to (-1: none, as over TLS)."""
+        sock = None if self.transport is None else self.transport.get_extra_info("socket")
+        return -1 if sock is None or self.negotiation.tls_active else sock.fileno()
+
     def _fast_open(self) -> bool:
         """Whether requests may be answered in C now: nothing decoded waits
         for its turn or to be sent, no request is half in."""
@@ -233,17 +241,25 @@ class Connection(asyncio.Protocol):
         # them): the gate is asked again before each run.
         while pos <= end and self._fast_room():
             start = time.perf_counter_ns()
-            pos, out, n, nbytes = fast.serve(data, pos, fastpath.LIMIT)
-            if out is None:
+            if t.get_write_buffer_size() == 0 and self.direct:
+                try:
+                    pos, out, n, nbytes = fast.send(data, pos, fastpath.LIMIT)
+                except OSError:  # the client went away mid-reply
+                    t.abort()
+                    return len(data)
+            else:
+                pos, out, n, nbytes = fast.serve(data, pos, fastpath.LIMIT)
+            if not n:
                 break
             ns = time.perf_counter_ns() - start
             shared.dispatcher.ran_inline(ns / n * 1e-9)
             self.requests += n
             self.bytes_read += nbytes
             shared.stats.reads(n, ns, nbytes, self.stats_row)
-            t.write(out)
-            if t.get_write_buffer_size():
-                flow.replies_out(len(out))  # charged until the transport has sent them
+            if out is not None:
+                t.write(out)
+                if t.get_write_buffer_size():
+                    flow.replies_out(len(out))  # charged until the transport has sent them
         return pos
 
     def _wake(self) -> None:

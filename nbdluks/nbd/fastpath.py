@@ -29,12 +29,21 @@ class Reader(Protocol):
         not answered starts, the replies, how many, data bytes)."""
         ...
 
+    def send(self, data: bytes | memoryview, pos: int, limit: int
+             ) -> tuple[int, bytes | None, int, int]:
+        """serve(), the replies written to the socket (long ones spliced from
+        the page cache) while the transport has nothing queued; the bytes it
+        did not take come back in place of the replies, to be sent first."""
+        ...
+
     def close(self) -> None: ...
 
 
-def reader(dev: BlockDevice, neg: Negotiated) -> Reader | None:
-    """A reader of `dev` for one connection, on the thread that serves it;
-    None: its requests all take the Python path."""
+def reader(dev: BlockDevice, neg: Negotiated, sock: int = -1) -> Reader | None:
+    """A reader of `dev` for one connection, on the thread that serves it,
+    which may write to the connection's socket `sock` itself (-1: never; a
+    TLS connection's bytes are the transport's to write); None: its
+    requests all take the Python path."""
     if _transmit is None:
         return None
     direct = dev.direct_read()
@@ -45,5 +54,5 @@ def reader(dev: BlockDevice, neg: Negotiated) -> Reader | None:
         direct.fd, direct.base, direct.size, direct.align, direct.max_length,
         direct.max_cached, direct.sparse_min, read_flags(neg), neg.structured, direct.keep,
         *((d.init, d.update, d.ctx, d.iv_mode, d.iv_first, d.iv_step, d.unit)
-          if d is not None else (0, 0, 0, 0, 0, 0, 0)))
+          if d is not None else (0, 0, 0, 0, 0, 0, 0)), sock)
     return r

@@ -6,9 +6,11 @@ anything else, and at a read that fails, leaving that request unanswered."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,6 +123,31 @@ def serve_all(reader: fastpath.Reader, data: bytes, limit: int) -> tuple[int, by
         pos, out = end, out + replies
 
 
+def sent_all(reader: fastpath.Reader, data: bytes, limit: int, peer: socket.socket
+             ) -> tuple[int, bytes]:
+    """send() until it stops, as the connection drives it: what the socket
+    took (read from its peer), then what it did not (sent by the transport
+    before anything else)."""
+    pos, out = 0, b""
+    while True:
+        end, rest, n, _ = reader.send(data, pos, limit)
+        out += drain(peer) + (rest or b"")
+        if n == 0:
+            assert end == pos and rest is None
+            return pos, out
+        pos = end
+
+
+def drain(peer: socket.socket) -> bytes:
+    got = b""
+    while True:
+        try:
+            chunk = peer.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return got
+        got += chunk
+
+
 def requests(size: int, align: int) -> st.SearchStrategy[bytes]:
     """Streams of requests, mostly READs a client would send, some of every
     kind the fast path must leave alone; sometimes a torn header at the end."""
@@ -140,21 +167,38 @@ def requests(size: int, align: int) -> st.SearchStrategy[bytes]:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 @pytest.mark.parametrize("structured", [True, False])
-def test_answers_the_leading_run_as_python_does(device: BlockDevice, structured: bool,
+@pytest.mark.parametrize("how", ["serve", "send"])
+def test_answers_the_leading_run_as_python_does(device: BlockDevice, structured: bool, how: str,
                                                 data: st.DataObject) -> None:
     neg = negotiated(device, structured, df=data.draw(st.booleans()))
     direct = device.direct_read()
     assert direct is not None
     stream = data.draw(requests(device.size, direct.align))
-    reader = fastpath.reader(device, neg)
-    assert reader is not None
-    pos, out = serve_all(reader, stream, data.draw(st.sampled_from([1, 9000, fastpath.LIMIT])))
+    limit = data.draw(st.sampled_from([1, 9000, fastpath.LIMIT]))
+    with socketpair(data.draw(st.sampled_from([4096, 65536, 1 << 20]))) as (ours, peer):
+        reader = fastpath.reader(device, neg, ours.fileno())
+        assert reader is not None
+        if how == "serve":
+            pos, out = serve_all(reader, stream, limit)
+        else:
+            pos, out = sent_all(reader, stream, limit, peer)
     expected = python_replies(device, stream, neg)
     run = 0
     while run < len(expected) and taken(expected[run][0], device, neg):
         run += 1
     assert pos == run * REQUEST_SIZE
     assert out == b"".join(reply for _, reply in expected[:run])
+
+
+@contextlib.contextmanager
+def socketpair(sndbuf: int) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connection's socket as uvloop holds it (non-blocking), with a send
+    buffer of about `sndbuf` bytes, and its peer."""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        yield ours, peer
 
 
 def test_plaintext_is_what_an_independent_decryption_gives(device: BlockDevice) -> None:
@@ -262,3 +306,29 @@ def test_where_the_kernel_cannot_tell_only_short_reads_are_taken() -> None:
             assert replies is not None and replies[16:] == path.read_bytes()[8192:][:dev.inline_max]
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_long_replies_are_spliced_and_what_the_socket_refuses_comes_back(tmp_path: Path) -> None:
+    """1 MiB reads sent on a socket with a small buffer: each call writes
+    what the socket takes and hands back the rest of that reply; the bytes
+    arrive whole and in order. Out of the page cache, a read is not taken."""
+    content = os.urandom(8 << 20)
+    with FileDevice(settled(tmp_path / "f", content), read_only=True) as dev, \
+            socketpair(65536) as (ours, peer):
+        reader = fastpath.reader(dev, negotiated(dev, False), ours.fileno())
+        assert reader is not None
+        offsets = [(i * 3 % 8) << 20 for i in range(8)]
+        stream = b"".join(encode_request(0, Cmd.READ, i, o, 1 << 20)
+                          for i, o in enumerate(offsets))
+        pos, out = sent_all(reader, stream, fastpath.LIMIT, peer)
+        assert pos == len(stream)
+        expected = b"".join(encode_simple(i) + content[o : o + (1 << 20)]
+                            for i, o in enumerate(offsets))
+        assert out == expected
+        os.posix_fadvise(dev.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert reader.send(stream, 0, fastpath.LIMIT) == (0, None, 0, 0)
+        assert drain(peer) == b""
+
+
+def encode_simple(handle: int) -> bytes:
+    return (0x67446698).to_bytes(4, "big") + bytes(4) + handle.to_bytes(8, "big")
