@@ -130,12 +130,13 @@ static int takes(const Reader *self, const unsigned char *r, Read *out)
  * with RWF_NOWAIT the kernel answers from its page cache or says EAGAIN,
  * and the request goes to the general path (a worker thread). Where it
  * cannot tell (EOPNOTSUPP), only reads of up to max_length are taken. */
-static int read_all(Reader *self, unsigned char *p, size_t n, uint64_t at)
+static int read_all(Reader *self, unsigned char *p, size_t n, uint64_t at, int may_wait)
 {
     while (n) {
         struct iovec iov = {p, n};
-        ssize_t got = self->nowait ? preadv2(self->fd, &iov, 1, (off_t)at, RWF_NOWAIT)
-                                   : pread(self->fd, p, n, (off_t)at);
+        ssize_t got = self->nowait && !may_wait
+                          ? preadv2(self->fd, &iov, 1, (off_t)at, RWF_NOWAIT)
+                          : pread(self->fd, p, n, (off_t)at);
         if (got < 0) {
             if (errno == EINTR)
                 continue;
@@ -178,7 +179,7 @@ static size_t write_header(const Reader *self, const Read *rq, unsigned char *o)
 static int answer(Reader *self, const Read *rq, unsigned char *o)
 {
     unsigned char *data = o + write_header(self, rq, o);
-    if (read_all(self, data, rq->length, self->base + rq->offset) < 0)
+    if (read_all(self, data, rq->length, self->base + rq->offset, 0) < 0)
         return -1;
     if (self->ctx) {
         uint64_t index = rq->offset / self->unit;
@@ -342,10 +343,10 @@ static int splice_reply(Reader *self, const Read *rq, Sent *st)
     } else if (r < 0) {
         return -1;
     }
-    /* The socket is full: the rest of this reply is read (cached, said
-     * cachestat) and left for the transport. */
+    /* The socket is full: the rest of this reply (cached, said cachestat;
+     * half sent, it must be read whatever happens) is left for the transport. */
     unsigned char *rest = realloc(st->rest, st->rest_len + left);
-    if (rest == NULL || read_all(self, rest + st->rest_len, left, (uint64_t)at) < 0) {
+    if (rest == NULL || read_all(self, rest + st->rest_len, left, (uint64_t)at, 1) < 0) {
         st->rest = rest ? rest : st->rest;
         st->err = EIO;
         return -1;
