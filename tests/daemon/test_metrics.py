@@ -281,6 +281,7 @@ def test_a_flood_of_idle_http_connections_never_starves_healthz(nbdluks, tmp_pat
     disk.write_bytes(bytes(MiB))
     port = free_port()
     srv = nbdluks("--raw", str(disk), "--processes", "1", "--metrics", str(port))
+    wait_listening(srv.proc, None, port, srv.log)  # the NBD socket may listen first
     flood = 70
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(flood)]
     try:
