@@ -88,7 +88,8 @@ class DirectRead:
     reads of whole `align` multiples of up to `max_cached` bytes when the
     kernel can tell that they are served from its page cache, else of up to
     `max_length`; structured reads without DF of `sparse_min` bytes or more
-    (0: none) go through the device, which may skip holes. `keep` owns the
+    (0: none) go through the device, which may skip holes, unless `fd` has
+    none in their range (SEEK_HOLE). `keep` owns the
     descriptor and the context; both stay valid until it is closed, on the
     thread that asked."""
 

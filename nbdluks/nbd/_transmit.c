@@ -118,8 +118,13 @@ static int takes(const Reader *self, const unsigned char *r, Read *out)
             || offset > self->size || length > self->size - offset
             || offset % self->align || length % self->align)
         return 0;
-    if (self->structured && self->sparse_min && !(flags & FLAG_DF) && length >= self->sparse_min)
-        return 0;
+    if (self->structured && self->sparse_min && !(flags & FLAG_DF) && length >= self->sparse_min) {
+        /* A reply that may skip holes: taken when there is none in range
+         * (zeroes as data would be right too, only longer). */
+        off_t hole = lseek(self->fd, (off_t)(self->base + offset), SEEK_HOLE);
+        if (hole < 0 || (uint64_t)hole < self->base + offset + length)
+            return 0;
+    }
     out->handle = r + 8;
     out->offset = offset;
     out->length = length;

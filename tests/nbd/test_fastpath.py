@@ -101,15 +101,16 @@ def python_replies(dev: BlockDevice, data: bytes, neg: Negotiated) -> list[tuple
 
 def taken(req: Request, dev: BlockDevice, neg: Negotiated) -> bool:
     """What the fast path may answer: valid READs of whole units (as long as
-    the page cache serves), structured ones without DF only below the size
-    where holes are looked for."""
+    the page cache serves); structured ones without DF from the size where
+    holes are looked for only where there is none."""
     direct = dev.direct_read()
     assert direct is not None
     return (req.cmd == Cmd.READ and validate(req, neg) == Errno.OK
             and req.offset % direct.align == 0 and req.length % direct.align == 0
             and req.length <= direct.max_cached
             and not (neg.structured and direct.sparse_min and not req.flags & DF
-                     and req.length >= direct.sparse_min))
+                     and req.length >= direct.sparse_min
+                     and any(e.hole for e in dev.extents(req.offset, req.length))))
 
 
 def serve_all(reader: fastpath.Reader, data: bytes, limit: int) -> tuple[int, bytes]:
@@ -332,3 +333,24 @@ def test_long_replies_are_spliced_and_what_the_socket_refuses_comes_back(tmp_pat
 
 def encode_simple(handle: int) -> bytes:
     return (0x67446698).to_bytes(4, "big") + bytes(4) + handle.to_bytes(8, "big")
+
+
+def test_holes_are_left_to_python_which_skips_them(tmp_path: Path) -> None:
+    """A sparse file: a long structured read (no DF) over data is answered
+    here; one over a hole goes through the device, whose reply skips it."""
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(1 << 20)
+        f.write(os.urandom(1 << 20))
+    with FileDevice(settled(path), read_only=True) as dev:
+        neg = negotiated(dev, True, df=False)
+        reader = fastpath.reader(dev, neg)
+        assert reader is not None
+        data_read = encode_request(0, Cmd.READ, 1, 1 << 20, 256 * 1024)
+        hole_read = encode_request(0, Cmd.READ, 2, (2 << 20) - 4096, 256 * 1024)
+        end, replies, n, _ = reader.serve(data_read + hole_read, 0, 1 << 20)
+        assert (end, n) == (REQUEST_SIZE, 1)
+        assert replies == python_replies(dev, data_read, neg)[0][1]
+        assert reader.serve(hole_read, 0, 1 << 20)[1:] == (None, 0, 0)
+        assert any(e.hole for e in dev.extents((2 << 20) - 4096, 256 * 1024))
