@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -94,15 +94,19 @@ class ReencryptOptions:
 class Progress:
     done: int
     size: int
-    finished: bool
+    finished: bool  # (or none in progress)
+    uuid: str = ""
 
 
 def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: ReencryptOptions,
-              *, settle_only: bool = False) -> Progress:
+              *, settle_only: bool = False, may_start: bool = True,
+              held: str | None = None) -> Progress:
     """Start (or resume) the reencryption and run it to its end, or to the
     step at which a stop signal arrived. `settle_only`: start it, recover an
     interrupted step, and stop there (a server goes on with it). With no key
-    given, the volume's clevis tokens give the passphrases (Tang)."""
+    given, the volume's clevis tokens give the passphrases (Tang). `held`:
+    the uuid of a volume whose reencryption lock this server holds already
+    (it serves the volume, its reencryption stopped)."""
     require(not keys.volume_key_file, "reencryption needs a passphrase, a key file or a "
             "token: the new key slots take it (cryptsetup gives them the old slots' "
             "passphrases too)")
@@ -112,12 +116,15 @@ def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: Reencrypt
         vol = store.read(target.argon2_max_kib)
         require(vol.version == 2, "only LUKS2 volumes are reencrypted here (a LUKS1 volume: "
                 "cryptsetup reencrypt offline, or cryptsetup convert first)")
-        lock = reencryption_lock(vol.uuid, exclusive=True)
+        if vol.uuid != held:
+            lock = reencryption_lock(vol.uuid, exclusive=True)
         vol = store.read(target.argon2_max_kib)  # what the lock now guards
         dev = _data(store, target, payload)
         secret = given_secret(keys) if keys.given() else None
         if vol.reencryption is None:
             require(not opts.resume_only, f"{target.header} is not being reencrypted")
+            if not may_start:
+                return Progress(0, 0, True, vol.uuid)
             vol.check_servable()
             carry = gather(vol, store.copy().read_area, secret, keys)
             try:
@@ -130,7 +137,8 @@ def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: Reencrypt
             require(not opts.init_only, f"{target.header} is being reencrypted already")
         ciphers = _ciphers(store, secret, keys)
         run = _Run(store, target, dev, ciphers, opts)
-        return run.settle() if settle_only else run.run()
+        got = run.settle() if settle_only else run.run()
+        return replace(got, uuid=store.vol.uuid if store.vol else "")
     finally:
         if secret is not None:
             wipe(secret)
@@ -308,8 +316,10 @@ class _Run:
                 said = time.monotonic()
                 log.info("reencryption progress", done=zone.end, size=self.size,
                          rate_mib_s=round(moved / (said - began) / 2**20, 1))
-            if self.rate:  # the average since the start stays under the rate
-                time.sleep(max(0.0, moved / self.rate - (time.monotonic() - began)))
+            if self.rate:  # the average since the start stays under the rate (a stop
+                until = began + moved / self.rate  # ends the wait: a reload waits for it)
+                while time.monotonic() < until and not signals.stop_requested():
+                    time.sleep(min(0.05, until - time.monotonic()))
         log.info("reencryption finished", size=self.size)
         return Progress(self.size, self.size, True)
 

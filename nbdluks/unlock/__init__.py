@@ -15,7 +15,10 @@ from .tokens import UNLOCKING_TYPES, NoTokenError, TokenError, TokenOptions, unl
 from .tokens import candidates as token_candidates
 from .tokens import recover as recover_passphrase
 from .volume import (
+    MemoryGate,
+    Opener,
     OpenVolume,
+    RotateSettings,
     VolumeConfig,
     VolumeOptions,
     open_volume,
@@ -30,9 +33,12 @@ __all__ = [
     "EncryptError",
     "HeaderCopy",
     "KeyFileShortError",
+    "MemoryGate",
     "NewlineKeyError",
     "NoTokenError",
     "OpenVolume",
+    "Opener",
+    "RotateSettings",
     "SecretError",
     "SourceError",
     "TokenError",
