@@ -200,8 +200,8 @@ def volume_config(args: argparse.Namespace) -> VolumeConfig:
     )
     common = {"name": args.export_name, "description": args.description, "options": options}
     if args.raw:
-        if args.payload or args.header:
-            raise UsageError("--raw cannot be combined with --payload/--header")
+        if args.payload or args.header or getattr(args, "reencrypt", False):
+            raise UsageError("--raw cannot be combined with --payload/--header/--reencrypt")
         return VolumeConfig(raw=args.raw, **common)
     if not args.payload:
         raise UsageError("nothing to serve: give --payload SRC (LUKS) or --raw SRC")

@@ -96,11 +96,14 @@ class Rotator:
             return
         self.started.add(volume.name)
 
-    def stop(self, name: str, *, served_on: bool) -> None:
+    def stop(self, name: str, served: OpenVolume | None, *, served_on: bool) -> None:
         """Its reencryption stopped between two steps; returns once it has.
-        `served_on`: a new version of it will be served (it keeps its boundary)."""
+        `served_on`: a new version replaces `served`, the one served now
+        (whose reencryption lock the server holds, and boundary if it rotates)."""
         if not served_on:
             self.earlier.pop(name, None)
+        elif served is not None and served.header is not None:
+            self.earlier[name] = (served.header.uuid, served.boundary)
         if name not in self.started:
             return
         self.started.discard(name)

@@ -263,7 +263,7 @@ class Supervisor:
             return
         if self.rotator is not None:  # between two steps, before anything changes
             for name in [*plan.removed, *plan.changed]:
-                self.rotator.stop(name, served_on=name in plan.changed)
+                self.rotator.stop(name, self.volumes.get(name), served_on=name in plan.changed)
         for name in plan.removed:
             self.volumes.pop(name).close()
         self.order = plan.order

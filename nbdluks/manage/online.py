@@ -96,16 +96,18 @@ def open_rotating(config: VolumeConfig, gate: MemoryGate | None, earlier: Any,
     """An export whose key is rotated while served: the reencryption
     started (`first`: the export's first opening by this server; later ones
     only go on with one in progress) or an interrupted step recovered, then
-    opened. `earlier`: (uuid, boundary) of its version served before, whose
-    reencryption was stopped: the same volume shares that boundary, so
-    that the requests it still drains and the new steps exclude each other."""
+    opened. `earlier`: (uuid, boundary or None) of the version served now,
+    whose reencryption lock the server holds and whose reencryption was
+    stopped: the same volume shares that boundary, so that the requests it
+    still drains and the new steps exclude each other."""
     assert config.payload is not None
     with secret_once(config.keys) as keys:
         progress = reencrypt(target_of(config), config.payload, keys, _options(config),
                              settle_only=True, may_start=first,
                              held=None if earlier is None else earlier[0])
         shared: dict[str, Any] = {}
-        if not progress.finished and earlier is not None and earlier[0] == progress.uuid:
+        if not progress.finished and earlier is not None and earlier[0] == progress.uuid \
+                and earlier[1] is not None:
             earlier[1].publish(progress.done)
             shared["boundary"] = earlier[1]
         volume = open_volume(replace(config, keys=keys, options=replace(
