@@ -45,6 +45,7 @@ from ..luks import (
 )
 from ..luks import hotzone as hz
 from ..unlock import (
+    SourceError,
     UnlockOptions,
     given_secret,
     open_source,
@@ -53,7 +54,7 @@ from ..unlock import (
     unlock_with_tokens,
 )
 from .carry import Carry, gather, same_kdf
-from .kdf import KdfOptions, digest_iterations
+from .kdf import KdfOptions, digest_iterations, slot_spec
 from .store import HeaderStore, ManageError, reread
 from .target import Target, require, write
 
@@ -74,6 +75,7 @@ class ReencryptOptions:
     sector_size: int | None = None
     init_only: bool = False
     resume_only: bool = False
+    kdf: KdfOptions | None = None  # the new key slots' KDF; None: what the old ones cost
 
     def check(self) -> None:
         if self.resilience not in RESILIENCES:
@@ -116,8 +118,11 @@ def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: Reencrypt
         vol = store.read(target.argon2_max_kib)
         require(vol.version == 2, "only LUKS2 volumes are reencrypted here (a LUKS1 volume: "
                 "cryptsetup reencrypt offline, or cryptsetup convert first)")
-        if vol.uuid != held:
+        try:
             lock = reencryption_lock(vol.uuid, exclusive=True)
+        except SourceError:
+            if vol.uuid != held:  # (held shared by this server: no cryptsetup runs)
+                raise
         vol = store.read(target.argon2_max_kib)  # what the lock now guards
         dev = _data(store, target, payload)
         secret = given_secret(keys) if keys.given() else None
@@ -188,7 +193,9 @@ def _start(store: HeaderStore, target: Target, vol: Volume, carry: Carry,
         for slot, passphrase in carry.passphrases.items():
             sid = header.free_slot()
             tokens = rotation.carry_tokens(header, slot, sid)
-            plan = plan_add_key(header, new_key, passphrase, same_kdf(vol, slot), sid,
+            kdf = same_kdf(vol, slot) if opts.kdf is None else \
+                slot_spec(opts.kdf, 2, spec.cipher, size)
+            plan = plan_add_key(header, new_key, passphrase, kdf, sid,
                                 digest=new,
                                 priority=vol.json["keyslots"][str(slot)].get("priority"))
             write(store, target, plan, "key slot for the new volume key added")
