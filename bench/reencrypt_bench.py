@@ -1,6 +1,7 @@
 """Rotating a volume key: how fast, and what clients keep meanwhile.
 
     python -m bench.reencrypt_bench [--size MiB] [--rounds N]
+    python -m bench.reencrypt_bench --neighbour [--size MiB] [--rate MiB/s] [--rounds N]
 
 Offline: `cryptsetup reencrypt --force-offline-reencrypt` and `nbdluks
 reencrypt` on copies of one LUKS2 volume (aes-xts-plain64, 4096-byte
@@ -8,7 +9,10 @@ sectors, made by cryptsetup), resilience checksum and none, each with its
 default hotzone; MiB/s and nbdluks/cryptsetup. Online: 4 KiB random reads
 (fio, QD16) and a sequential read (nbdcopy) of the volume served by
 nbdluks, idle and during `serve --reencrypt` at its default rate; the
-ratio is what clients keep.
+ratio is what clients keep. Neighbour: a `serve --config` server of two
+volumes; 4 KiB random reads (fio, QD16) of the one not marked, while the
+other is idle and while it is reencrypted at --rate (alternating rounds,
+medians): what one volume's rotation costs the others.
 """
 
 from __future__ import annotations
@@ -85,14 +89,49 @@ def online(tmp: Path, vol: Path, pw: Path, size: int) -> None:
           "rate)")
 
 
+def neighbour(tmp: Path, size: int, rate: float, rounds: int) -> None:
+    (tmp / "q").mkdir()
+    (tmp / "b").mkdir()
+    quiet, pw = make_volume(tmp / "q", 256 * MiB)
+    busy, _ = make_volume(tmp / "b", size)
+    copy, cfg, s = tmp / "busy.luks", tmp / "exports.toml", str(tmp / "n.sock")
+    iops: dict[str, list[float]] = {"idle": [], "reencrypting": []}
+    for _ in range(rounds):
+        for label in iops:
+            shutil.copyfile(busy, copy)
+            mark = f"reencrypt = true\nreencrypt-rate = {rate:g}\n" if label != "idle" else ""
+            cfg.write_text(f'[exports.quiet]\npayload = "{quiet}"\nkey-file = "{pw}"\n'
+                           f'[exports.busy]\npayload = "{copy}"\nkey-file = "{pw}"\n{mark}')
+            with Server(label, nbdluks_cmd("--config", str(cfg), "-k", s), s):
+                time.sleep(1.0)  # both exports unlocked, the reencryption under way
+                iops[label].append(rand_read(f"nbd+unix:///quiet?socket={s}", 256 * MiB))
+            dump = subprocess.run(["cryptsetup", "luksDump", str(copy)], check=True,
+                                  capture_output=True, text=True).stdout
+            if label != "idle" and "online-reencrypt" not in dump:
+                print("(the reencryption finished before the measurement did: use a larger "
+                      "--size)")
+    idle, busy_iops = (statistics.median(iops[k]) for k in ("idle", "reencrypting"))
+    print(f"neighbour idle          randread-4k QD16 {idle:9.0f} IOPS  "
+          f"(runs {', '.join(f'{v:.0f}' for v in iops['idle'])})")
+    print(f"neighbour reencrypting  randread-4k QD16 {busy_iops:9.0f} IOPS  "
+          f"(runs {', '.join(f'{v:.0f}' for v in iops['reencrypting'])})  "
+          f"kept {busy_iops / idle:.2f} (the other export at {rate:g} MiB/s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=1024, help="MiB of data (default 1024)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--neighbour", action="store_true",
+                    help="only the cost of one export's reencryption to another's reads")
+    ap.add_argument("--rate", type=float, default=64.0, help="--neighbour: MiB/s (default 64)")
     args = ap.parse_args()
     size = args.size * MiB
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
         tmp = Path(d)
+        if args.neighbour:
+            neighbour(tmp, size, args.rate, args.rounds)
+            return
         vol, pw = make_volume(tmp, size)
         offline(tmp, vol, pw, args.rounds, size)
         online(tmp, vol, pw, size)

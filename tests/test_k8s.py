@@ -138,5 +138,7 @@ def test_example_configuration_is_valid() -> None:
 
     cfg = load(str(ROOT / "deploy" / "exports.example.toml"), serve_parser(),
                explicit_options(["serve"]))
-    assert [e.name for e in cfg.exports] == ["db", "vm7", "scratch", "iso"]
+    assert [e.name for e in cfg.exports] == ["db", "vm7", "scratch", "archive", "iso"]
     assert cfg.server.metrics == "127.0.0.1:9101"
+    rotate = cfg.exports[3].rotate
+    assert rotate is not None and rotate.hotzone_size == 4 << 20 and rotate.rate == 32 << 20

@@ -265,6 +265,7 @@ def _lifecycle_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     volume_args(ren)
     _key_args(ren)
     reencrypt_args(ren)
+    pbkdf_args(ren)
     _log_args(ren)
     for name, what in (("header-backup", "save the header and key slots (luksHeaderBackup)"),
                        ("header-restore", "put a header backup back (luksHeaderRestore)")):

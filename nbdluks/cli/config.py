@@ -24,9 +24,9 @@ EXPORT_KEYS = frozenset({
     "keyfile-size", "volume-key-file", "key-slot", "token-only", "token-id", "token-type",
     "tang-timeout", "read-only", "description", "allow-discards", "upstream-timeout",
     "upstream-reconnect", "argon2-max-memory", "kdf-limit",
+    "reencrypt", "reencrypt-rate", "resilience", "hotzone-size",
 })
-_NOT_IN_FILES = frozenset({"help", "config", "export-name", "reencrypt", "reencrypt-rate",
-                           "resilience", "hotzone-size"})
+_NOT_IN_FILES = frozenset({"help", "config", "export-name"})
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,21 @@ def _value(action: argparse.Action, value: Any) -> Any:
         value = float(value)
     elif not isinstance(value, str):
         raise ValueError("must be a string")
+    else:
+        value = _converted(action, value)
     if action.choices is not None and value not in action.choices:
         raise ValueError(f"must be one of {', '.join(map(str, action.choices))}")
     return value
+
+
+def _converted(action: argparse.Action, value: str) -> Any:
+    """A string as the option's own type makes it (e.g. a size: "4M")."""
+    if action.type is None or action.type is str:
+        return value
+    try:
+        return action.type(value)  # type: ignore[operator]
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e)) from None
 
 
 def _apply(ns: argparse.Namespace, table: dict[str, Any], allowed: frozenset[str],

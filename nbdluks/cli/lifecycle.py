@@ -148,6 +148,15 @@ def reencrypt_args(p: argparse.ArgumentParser) -> None:
                    help="only go on with one already started (by nbdluks or cryptsetup)")
 
 
+def _new_slots_kdf(args: argparse.Namespace) -> KdfOptions | None:
+    """The new key slots' KDF when one is asked for (default: the old slots' costs)."""
+    asked = (args.pbkdf, args.pbkdf_force_iterations, args.pbkdf_memory, args.pbkdf_parallel)
+    if all(v is None for v in asked) and (args.iter_time, args.hash) == (_KDF.iter_time,
+                                                                          _KDF.hash):
+        return None
+    return kdf_options(args, 2)
+
+
 def size_arg(text: str) -> int:
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     unit = t[-1:] if t[-1:] in _UNITS else ""
@@ -167,7 +176,7 @@ def reencrypt_command(args: argparse.Namespace) -> int:
         resilience=args.resilience, hash=args.resilience_hash, hotzone_size=args.hotzone_size,
         cipher=args.cipher, key_size=None if args.key_size is None else _key_bytes(
             args.key_size), sector_size=args.sector_size, init_only=args.init_only,
-        resume_only=args.resume_only)
+        resume_only=args.resume_only, kdf=_new_slots_kdf(args))
     try:
         opts.check()
     except ManageError as e:

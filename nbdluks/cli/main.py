@@ -16,6 +16,7 @@ from ..daemon import (
     DaemonOptions,
     Opening,
     Reread,
+    Rotator,
     ServeOptions,
     SetupError,
     fatal,
@@ -26,7 +27,7 @@ from ..daemon import (
     usable_cpus,
 )
 from ..errors import NbdluksError
-from ..manage import ReencryptOptions, Reencryptor, Target, reencrypt
+from ..manage import ReencryptOptions, Reencryptor, Target, open_rotating, reencrypt, rotate_beside
 from ..nbd import UriError, parse_uri
 from ..unlock import VolumeConfig, open_volume, secret_once
 from .arguments import MAX_DEFAULT_PROCESSES, build_parser, explicit_options, serve_parser
@@ -107,9 +108,9 @@ def serve_reencrypting(args: argparse.Namespace, config: VolumeConfig,
 
 
 def run_daemon(opening: Opening, opts: DaemonOptions, reread: Reread | None = None,
-               pending: Sequence[VolumeConfig] = ()) -> int:
+               pending: Sequence[VolumeConfig] = (), rotator: Rotator | None = None) -> int:
     try:
-        return run(opening, opts, reread, pending)
+        return run(opening, opts, reread, pending, rotator)
     except SetupError as e:
         raise setup_error(e) from None
 
@@ -130,7 +131,9 @@ def serve_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return new.exports
 
     # Listening starts at once; the exports unlock while the workers serve.
-    return run_daemon(lambda: ([], 0), opts, reread, cfg.exports)
+    # Their reencryptions are forked by a helper forked now, before any thread.
+    rotator = Rotator(rotate_beside, open_rotating)
+    return run_daemon(lambda: ([], 0), opts, reread, cfg.exports, rotator)
 
 
 def probe_command(args: argparse.Namespace) -> int:

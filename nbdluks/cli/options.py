@@ -30,6 +30,7 @@ from ..unlock import (
     KeyFileShortError,
     NewlineKeyError,
     NoTokenError,
+    RotateSettings,
     TokenOptions,
     UnlockOptions,
     VolumeConfig,
@@ -199,13 +200,25 @@ def volume_config(args: argparse.Namespace) -> VolumeConfig:
     )
     common = {"name": args.export_name, "description": args.description, "options": options}
     if args.raw:
-        if args.payload or args.header:
-            raise UsageError("--raw cannot be combined with --payload/--header")
+        if args.payload or args.header or getattr(args, "reencrypt", False):
+            raise UsageError("--raw cannot be combined with --payload/--header/--reencrypt")
         return VolumeConfig(raw=args.raw, **common)
     if not args.payload:
         raise UsageError("nothing to serve: give --payload SRC (LUKS) or --raw SRC")
     return VolumeConfig(payload=args.payload, headers=tuple(args.header or ()),
-                        keys=unlock_options(args), **common)
+                        keys=unlock_options(args), rotate=rotate_settings(args), **common)
+
+
+def rotate_settings(args: argparse.Namespace) -> RotateSettings | None:
+    """--reencrypt and its settings (an export's `reencrypt = true`)."""
+    if not getattr(args, "reencrypt", False):
+        return None
+    if args.read_only:
+        raise UsageError("--reencrypt needs a --payload served read-write")
+    if args.reencrypt_rate < 0:
+        raise UsageError("--reencrypt-rate cannot be negative")
+    return RotateSettings(args.reencrypt_rate * 2**20 if args.reencrypt_rate else None,
+                          args.resilience, args.hotzone_size)
 
 
 def listen_options(args: argparse.Namespace) -> list[Listen]:

@@ -9,10 +9,12 @@ from .lifecycle import DaemonOptions, Opening, SetupError, run
 from .log import fatal
 from .log import setup as setup_logging
 from .reload import Reread
+from .rotator import Rotator
 from .serving import ServeOptions
 
 __all__ = [
-    "DaemonOptions", "Opening", "PrivilegeError", "Reread", "ServeOptions", "SetupError", "fatal",
+    "DaemonOptions", "Opening", "PrivilegeError", "Reread", "Rotator", "ServeOptions",
+    "SetupError", "fatal",
     "harden_process", "raise_open_files_limit", "resolve_user", "run", "setup_logging",
     "usable_cpus",
 ]

@@ -115,6 +115,13 @@ def receive_volume(sock: socket.socket) -> tuple[dict[str, Any], Received | Exce
     """The meta and the volume `send_volume` sent, with the device this
     process serves (sealed), or why it could not be rebuilt here; blocking,
     for a thread."""
+    return receive(sock, serve=True)  # type: ignore[return-value]
+
+
+def receive(sock: socket.socket, *, serve: bool = False
+            ) -> tuple[dict[str, Any], Received | OpenVolume | Exception]:
+    """As receive_volume; without `serve`, the volume alone, its template
+    keeping its keys (for the process that rotates them)."""
     sock.setblocking(True)
     sock.settimeout(_TIMEOUT)
     head = bytearray(_HEAD.size)
@@ -147,6 +154,8 @@ def receive_volume(sock: socket.socket) -> tuple[dict[str, Any], Received | Exce
         volume = _Unpickler(data, fds, buffers).load()
         if not isinstance(volume, OpenVolume):
             raise TypeError(f"not a volume: {type(volume).__name__}")
+        if not serve:
+            return json.loads(meta), volume
         device = volume.device()
     except Exception as e:  # this worker cannot serve it (an upstream refused?)
         _close(fds)

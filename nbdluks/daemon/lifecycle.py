@@ -22,6 +22,7 @@ from ..unlock import OpenVolume, VolumeConfig
 from . import readiness, serving
 from .hardening import drop_privileges
 from .reload import Reread
+from .rotator import Rotator
 from .serving import ServeOptions
 
 log = structlog.get_logger("nbdluks")
@@ -53,13 +54,13 @@ Opening = Callable[[], tuple[list[OpenVolume], int]]
 
 
 def run(opening: Opening, opts: DaemonOptions, reread: Reread | None = None,
-        pending: Sequence[VolumeConfig] = ()) -> int:
+        pending: Sequence[VolumeConfig] = (), rotator: Rotator | None = None) -> int:
     """Listen, open the volumes (clients that connect meanwhile wait in the
     listen queue), drop root, serve until stopped; the volumes are closed on
     the way out. `reread`: how SIGHUP gets the volumes anew (a
     configuration file). `pending`: volumes unlocked while the workers
     already serve (they drop root at once, the parent once it has opened
-    them)."""
+    them). `rotator`: the reencryptions of those that rotate (closed here)."""
     socks: list[socket.socket] = []
     http: list[socket.socket] = []
     volumes: list[OpenVolume] = []
@@ -80,8 +81,10 @@ def run(opening: Opening, opts: DaemonOptions, reread: Reread | None = None,
         announce([*(v.name for v in volumes), *(c.name for c in pending)], opts, socks, http)
         return serving.serve(volumes, socks, opts.serve, http, reread, failed, pending,
                              opened=drop if pending else None,
-                             child=drop if pending else None)
+                             child=drop if pending else None, rotator=rotator)
     finally:
+        if rotator is not None:
+            rotator.close()
         for volume in volumes:
             volume.close()
         if opts.pid_file:

@@ -30,6 +30,7 @@ from .handover import Receiver
 from .hardening import locked_kib
 from .metrics import Monitor, Observed, Responder
 from .reload import Reread
+from .rotator import Rotator
 from .supervisor import Supervisor
 
 log = structlog.get_logger("nbdluks")
@@ -117,12 +118,12 @@ def serve(volumes: Sequence[OpenVolume], socks: list[socket.socket], opts: Serve
           http: list[socket.socket] | None = None, reread: Reread | None = None,
           failed: int = 0, pending: Sequence[VolumeConfig] = (),
           opened: Callable[[], object] | None = None,
-          child: Callable[[], object] | None = None) -> int:
+          child: Callable[[], object] | None = None, rotator: Rotator | None = None) -> int:
     """Serve until stopped. `reread`: how SIGHUP gets the volumes anew (a
     configuration file); it needs worker processes, so it always has some.
     `failed`: exports configured but not opened (for metrics). `pending`:
     exports unlocked while the workers serve (`opened()` once they are;
-    `child()` in each worker)."""
+    `child()` in each worker); `rotator`: their reencryptions."""
     if opts.processes > 1 and not all(v.multi_process for v in volumes):
         # One upstream connection per process: a FLUSH on one would not
         # cover another's writes unless the upstream promises multi-conn.
@@ -144,4 +145,4 @@ def serve(volumes: Sequence[OpenVolume], socks: list[socket.socket], opts: Serve
     for volume in volumes:
         volume.before_fork()
     return Supervisor(list(volumes), socks, opts, obs, run_worker, reread, pending, opened,
-                      child).run()
+                      child, rotator).run()

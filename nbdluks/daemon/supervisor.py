@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .. import signals
-from ..unlock import OpenVolume, VolumeConfig, open_volumes
+from ..unlock import OpenVolume, VolumeConfig, open_volume, open_volumes
 from . import readiness
 from .cpus import usable_cpus
 from .handover import send_change, send_volume
@@ -39,6 +39,7 @@ from .metrics import Observed
 from .reload import Reread, diff
 
 if TYPE_CHECKING:  # serving.py imports this module
+    from .rotator import Rotator
     from .serving import ServeOptions
 
 log = structlog.get_logger("nbdluks")
@@ -73,7 +74,9 @@ class Supervisor:
                  opts: ServeOptions, obs: Observed, worker: Worker,
                  reread: Reread | None = None, pending: Sequence[VolumeConfig] = (),
                  opened: Callable[[], object] | None = None,
-                 child: Callable[[], object] | None = None) -> None:
+                 child: Callable[[], object] | None = None,
+                 rotator: Rotator | None = None) -> None:
+        self.rotator = rotator  # exports whose key is rotated while served
         self.volumes = {v.name: v for v in volumes}  # served (the templates, with keys)
         self.order = [*self.volumes, *(c.name for c in pending)]
         self.failed: set[str] = set()
@@ -172,8 +175,10 @@ class Supervisor:
             with contextlib.suppress(OSError):  # full: a wake-up is on its way
                 self._wake_w.send(b"w")
 
+        opener = open_volume if self.rotator is None else self.rotator.opener
         threading.Thread(target=open_volumes, args=(list(configs), usable_cpus()),
-                         kwargs={"done": done}, name="unlock", daemon=True).start()
+                         kwargs={"done": done, "opener": opener}, name="unlock",
+                         daemon=True).start()
         if not configs:
             self._round_done()
 
@@ -210,6 +215,8 @@ class Supervisor:
             meta = {"name": name, "row": self.obs.table.rows.get(name), **self._counts()}
             volume = got
             self._broadcast(lambda handoff: send_volume(handoff, volume, meta))
+            if self.rotator is not None:
+                self.rotator.start(volume)
         else:
             self.failed.add(name)
             self.round.failed.append(name)
@@ -254,6 +261,9 @@ class Supervisor:
             return
         if plan is None:
             return
+        if self.rotator is not None:  # between two steps, before anything changes
+            for name in [*plan.removed, *plan.changed]:
+                self.rotator.stop(name, self.volumes.get(name), served_on=name in plan.changed)
         for name in plan.removed:
             self.volumes.pop(name).close()
         self.order = plan.order
@@ -346,6 +356,8 @@ class Supervisor:
             return self._loop()
         finally:
             self.stopping = True
+            if self.rotator is not None:
+                self.rotator.close()
             for volume in self.volumes.values():
                 volume.close()
             self.settle_results()  # closes those opened meanwhile

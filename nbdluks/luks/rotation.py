@@ -3,7 +3,8 @@ on-disk terms (LUKS2 online-reencrypt-v2, mode reencrypt, forward).
 
 Start: an unbound digest for the new key (no segment uses it) and, for each
 key slot carried over, a slot holding the new key under the same
-passphrase, each in its own header write (edit.add_key); then ONE header
+passphrase and named by the same tokens, each in its own header write
+(edit.add_key); then ONE header
 write that turns the reencryption on: the backup segments, the `reencrypt`
 key slot with its resilience area, the verification digest over both keys
 and the parameters, and the requirement flag (cryptsetup's reencrypt_init).
@@ -67,6 +68,18 @@ def new_digest(header: Luks2Header, key: bytes | bytearray, hash_name: str,
         "iterations": iterations, "salt": b64(salt),
         "digest": b64(key_digest(key, hash_name, iterations, salt, 32))}
     return did
+
+
+def carry_tokens(header: Luks2Header, old: int, new: int) -> list[int]:
+    """Every token that names key slot `old` names `new` too (cryptsetup's
+    reencrypt: assign_tokens); at the end the old slot's removal leaves
+    them naming the new one only. The tokens' ids."""
+    moved = []
+    for tid, token in header.md["tokens"].items():
+        if str(old) in token["keyslots"] and str(new) not in token["keyslots"]:
+            token["keyslots"].append(str(new))
+            moved.append(int(tid))
+    return moved
 
 
 def data_digest(md: dict[str, Any]) -> str:

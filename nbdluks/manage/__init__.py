@@ -8,7 +8,7 @@ from .binding import PINS, Bound, bind, unbind
 from .format import Formatted, format_volume
 from .kdf import KDF_TYPES, KdfOptions
 from .keys import NewKey, add_key, change_key, kill_slot, remove_key
-from .online import Reencryptor
+from .online import Reencryptor, open_rotating, rotate_beside
 from .reencrypt import (
            ONLINE_HOTZONE,
            ONLINE_RATE,
@@ -42,8 +42,10 @@ __all__ = [
            "header_backup",
            "header_restore",
            "kill_slot",
+           "open_rotating",
            "reencrypt",
            "remove_key",
+           "rotate_beside",
            "run_beside",
            "unbind",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -25,22 +25,18 @@ from .. import signals
 from ..block import BlockDevice
 from ..luks import (
     RESILIENCES,
-    Argon2,
     Boundary,
     CipherSpec,
     Luks2Header,
     LuksError,
-    Pbkdf2,
     Reencryption,
     SectorCipher,
-    SlotSpec,
     Step,
     Volume,
     Write,
     hash_size,
     logical_size,
     new_volume_key,
-    open_slot,
     plan_add_key,
     reencryption_keys,
     rotation,
@@ -48,8 +44,17 @@ from ..luks import (
     wipe,
 )
 from ..luks import hotzone as hz
-from ..unlock import UnlockOptions, given_secret, open_source, reencryption_lock, release_lock
-from .kdf import KdfOptions, digest_iterations
+from ..unlock import (
+    SourceError,
+    UnlockOptions,
+    given_secret,
+    open_source,
+    reencryption_lock,
+    release_lock,
+    unlock_with_tokens,
+)
+from .carry import Carry, gather, same_kdf
+from .kdf import KdfOptions, digest_iterations, slot_spec
 from .store import HeaderStore, ManageError, reread
 from .target import Target, require, write
 
@@ -70,6 +75,7 @@ class ReencryptOptions:
     sector_size: int | None = None
     init_only: bool = False
     resume_only: bool = False
+    kdf: KdfOptions | None = None  # the new key slots' KDF; None: what the old ones cost
 
     def check(self) -> None:
         if self.resilience not in RESILIENCES:
@@ -90,40 +96,57 @@ class ReencryptOptions:
 class Progress:
     done: int
     size: int
-    finished: bool
+    finished: bool  # (or none in progress)
+    uuid: str = ""
 
 
 def reencrypt(target: Target, payload: str, keys: UnlockOptions, opts: ReencryptOptions,
-              *, settle_only: bool = False) -> Progress:
+              *, settle_only: bool = False, may_start: bool = True,
+              held: str | None = None) -> Progress:
     """Start (or resume) the reencryption and run it to its end, or to the
     step at which a stop signal arrived. `settle_only`: start it, recover an
-    interrupted step, and stop there (a server goes on with it)."""
-    require(bool(keys.passphrase_file or keys.key_file) and not keys.volume_key_file,
-            "reencryption needs a passphrase or key file: the new key slots take it "
-            "(cryptsetup gives them the old slots' passphrases too)")
+    interrupted step, and stop there (a server goes on with it). With no key
+    given, the volume's clevis tokens give the passphrases (Tang). `held`:
+    the uuid of a volume whose reencryption lock this server holds already
+    (it serves the volume, its reencryption stopped)."""
+    require(not keys.volume_key_file, "reencryption needs a passphrase, a key file or a "
+            "token: the new key slots take it (cryptsetup gives them the old slots' "
+            "passphrases too)")
     store = HeaderStore.open(target.header, target.upstream)
-    lock = dev = None
-    secret = bytearray()
+    lock = dev = secret = None
     try:
         vol = store.read(target.argon2_max_kib)
         require(vol.version == 2, "only LUKS2 volumes are reencrypted here (a LUKS1 volume: "
                 "cryptsetup reencrypt offline, or cryptsetup convert first)")
-        lock = reencryption_lock(vol.uuid, exclusive=True)
+        try:
+            lock = reencryption_lock(vol.uuid, exclusive=True)
+        except SourceError:
+            if vol.uuid != held:  # (held shared by this server: no cryptsetup runs)
+                raise
         vol = store.read(target.argon2_max_kib)  # what the lock now guards
         dev = _data(store, target, payload)
-        secret = given_secret(keys)
+        secret = given_secret(keys) if keys.given() else None
         if vol.reencryption is None:
             require(not opts.resume_only, f"{target.header} is not being reencrypted")
-            _start(store, target, vol, secret, keys.key_slot, opts)
+            if not may_start:
+                return Progress(0, 0, True, vol.uuid)
+            vol.check_servable()
+            carry = gather(vol, store.copy().read_area, secret, keys)
+            try:
+                _start(store, target, vol, carry, keys.key_slot, opts)
+            finally:
+                carry.wipe()
             if opts.init_only:
                 return Progress(0, 0, False)
         else:
             require(not opts.init_only, f"{target.header} is being reencrypted already")
-        ciphers = _ciphers(store, secret, keys.key_slot)
+        ciphers = _ciphers(store, secret, keys)
         run = _Run(store, target, dev, ciphers, opts)
-        return run.settle() if settle_only else run.run()
+        got = run.settle() if settle_only else run.run()
+        return replace(got, uuid=store.vol.uuid if store.vol else "")
     finally:
-        wipe(secret)
+        if secret is not None:
+            wipe(secret)
         if dev is not None and dev is not store.dev:
             dev.close()
         if lock is not None:
@@ -138,16 +161,15 @@ def _data(store: HeaderStore, target: Target, payload: str) -> BlockDevice:
     return open_source(payload, read_only=False, upstream=target.upstream)
 
 
-def _start(store: HeaderStore, target: Target, vol: Volume, secret: bytearray,
+def _start(store: HeaderStore, target: Target, vol: Volume, carry: Carry,
            key_slot: int | None, opts: ReencryptOptions) -> None:
-    """New key slots for the new key (one write each), then the write that
-    turns the reencryption on."""
-    vol.check_servable()
+    """New key slots for the new key (one write each, with the old slot's
+    tokens), then the write that turns the reencryption on."""
     read_area = store.copy().read_area
-    unlocked = unlock_with_passphrase(vol, secret, read_area, key_slot)
-    carried = [key_slot] if key_slot is not None else _opened_by(vol, secret, read_area)
+    first, secret = next(iter(carry.passphrases.items()))
+    unlocked = unlock_with_passphrase(vol, secret, read_area, first)
     bound = vol.json["digests"][rotation.data_digest(vol.json)]["keyslots"]
-    others = sorted(set(map(int, bound)) - set(carried))
+    others = sorted(set(map(int, bound)) - set(carry.passphrases))
     require(not others or key_slot is not None, "key slots "
             f"{', '.join(map(str, others))} do not open with this key and would be lost when "
             "the reencryption ends: name the one key slot to keep (as cryptsetup asks)")
@@ -168,47 +190,33 @@ def _start(store: HeaderStore, target: Target, vol: Volume, secret: bytearray,
         header = Luks2Header.from_volume(store.vol, store.raw)
         iterations = digest_iterations(KdfOptions(), size)
         new = rotation.new_digest(header, new_key, "sha256", iterations)
-        for slot in carried:
-            plan = plan_add_key(header, new_key, secret, _same_kdf(vol, slot), digest=new,
+        for slot, passphrase in carry.passphrases.items():
+            sid = header.free_slot()
+            tokens = rotation.carry_tokens(header, slot, sid)
+            kdf = same_kdf(vol, slot) if opts.kdf is None else \
+                slot_spec(opts.kdf, 2, spec.cipher, size)
+            plan = plan_add_key(header, new_key, passphrase, kdf, sid,
+                                digest=new,
                                 priority=vol.json["keyslots"][str(slot)].get("priority"))
             write(store, target, plan, "key slot for the new volume key added")
+            log.info("key slot carried to the new volume key", keyslot=slot, new_keyslot=sid,
+                     tokens=tokens)
             assert store.vol is not None
             header = Luks2Header.from_volume(store.vol, store.raw)
         steps = rotation.begin(header, spec, new, unlocked.key, new_key, iterations)
         _commit(store, target, steps, "reencryption started")
         log.info("reencryption started", source=target.header, resilience=spec.resilience,
-                 cipher=spec.cipher, sector_size=spec.sector_size, keyslots=carried)
+                 cipher=spec.cipher, sector_size=spec.sector_size,
+                 keyslots=list(carry.passphrases))
     finally:
         wipe(new_key)
         unlocked.wipe()
 
 
-def _opened_by(vol: Volume, secret: bytearray, read_area: Any) -> list[int]:
-    opened = []
-    for slot in vol.keyslots:
-        key = open_slot(vol, slot, secret, read_area(slot))
-        if key is not None:
-            opened.append(slot.id)
-            wipe(key)
-    return opened
-
-
-def _same_kdf(vol: Volume, slot_id: int) -> SlotSpec:
-    """The new slot costs what the old one did (cryptsetup: no benchmark)."""
-    slot = vol.keyslot(slot_id)
-    require(slot is not None, f"key slot {slot_id} cannot be used here")
-    assert slot is not None
-    salt = os.urandom(32)
-    kdf = slot.kdf
-    new_kdf = Pbkdf2(kdf.hash, kdf.iterations, salt) if isinstance(kdf, Pbkdf2) else \
-        Argon2(kdf.type, kdf.time, kdf.memory, kdf.cpus, salt)
-    return SlotSpec(new_kdf, slot.area_cipher, slot.area_key_size, slot.af_hash, slot.stripes)
-
-
-def _ciphers(store: HeaderStore, secret: bytearray, key_slot: int | None
+def _ciphers(store: HeaderStore, secret: bytearray | None, keys: UnlockOptions
              ) -> tuple[SectorCipher, SectorCipher]:
     """The old and the new key's sector ciphers, both keys checked against
-    the header's verification digest."""
+    the header's verification digest (from the secret, or a token)."""
     vol = store.vol
     assert vol is not None and vol.reencryption is not None
     state: Reencryption = vol.reencryption
@@ -217,20 +225,25 @@ def _ciphers(store: HeaderStore, secret: bytearray, key_slot: int | None
     except LuksError as e:
         raise ManageError(str(e)) from None
     read_area = store.copy().read_area
-    first = unlock_with_passphrase(vol, secret, read_area, key_slot)
-    keys = reencryption_keys(vol, secret, read_area, first)
-    first.wipe()
+    if secret is None:
+        first = unlock_with_tokens(vol, read_area, keys.tokens, keys.key_slot, keys.kdf_limit)
+    else:
+        first = unlock_with_passphrase(vol, secret, read_area, keys.key_slot)
+        try:
+            first.keys = reencryption_keys(vol, secret, read_area, first)
+        except BaseException:
+            first.wipe()
+            raise
     try:
         made = []
         for flag, digest in (("backup-previous", state.old_digest),
                              ("backup-final", state.new_digest)):
             seg = hz.backup(state.md, flag)
-            made.append(SectorCipher(CipherSpec.parse(seg["encryption"]), keys[digest or ""],
-                                     seg["sector_size"]))
+            made.append(SectorCipher(CipherSpec.parse(seg["encryption"]),
+                                     first.keys[digest or ""], seg["sector_size"]))
         return made[0], made[1]
     finally:
-        for key in keys.values():
-            wipe(key)
+        first.wipe()
 
 
 def _commit(store: HeaderStore, target: Target, steps: list[Step], what: str) -> None:
@@ -310,8 +323,10 @@ class _Run:
                 said = time.monotonic()
                 log.info("reencryption progress", done=zone.end, size=self.size,
                          rate_mib_s=round(moved / (said - began) / 2**20, 1))
-            if self.rate:  # the average since the start stays under the rate
-                time.sleep(max(0.0, moved / self.rate - (time.monotonic() - began)))
+            if self.rate:  # the average since the start stays under the rate (a stop
+                until = began + moved / self.rate  # ends the wait: a reload waits for it)
+                while time.monotonic() < until and not signals.stop_requested():
+                    time.sleep(min(0.05, until - time.monotonic()))
         log.info("reencryption finished", size=self.size)
         return Progress(self.size, self.size, True)
 

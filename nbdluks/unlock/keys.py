@@ -70,8 +70,8 @@ def unlock(copies: Sequence[HeaderCopy], keys: UnlockOptions) -> tuple[HeaderCop
     read once), or with no key given through its tokens; the error of the
     first copy when none does."""
     if not keys.given():
-        return _first_copy(copies, lambda c: _one_key(_servable(c), unlock_with_tokens(
-            _servable(c), c.read_area, keys.tokens, keys.key_slot, keys.kdf_limit)))
+        return _first_copy(copies, lambda c: unlock_with_tokens(
+            _servable(c), c.read_area, keys.tokens, keys.key_slot, keys.kdf_limit))
     secret = given_secret(keys)
     try:
         return _first_copy(copies, lambda c: _unlock_copy(c, secret, keys))
@@ -129,15 +129,6 @@ def _first_copy(copies: Sequence[HeaderCopy], attempt: Callable[[HeaderCopy], Un
             first = first or e
     assert first is not None
     raise first
-
-
-def _one_key(vol: Volume, unlocked: Unlocked) -> Unlocked:
-    """A token gives one key; a volume in reencryption needs two."""
-    if vol.reencryption is not None:
-        unlocked.wipe()
-        raise WrongKeyError("the volume is being reencrypted: its two keys come from a "
-                            "passphrase or key file, not through a token")
-    return unlocked
 
 
 def _servable(copy: HeaderCopy) -> Volume:

@@ -19,6 +19,7 @@ from ..luks import (
     UnsupportedError,
     Volume,
     WrongKeyError,
+    reencryption_keys,
     unlock_with_passphrase,
     wipe,
 )
@@ -80,6 +81,16 @@ def unlock_with_tokens(vol: Volume, read_area: Callable[[Keyslot], bytes], opts:
     raise TokenError("no token unlocked the volume: " + "; ".join(failures))
 
 
+def recover(token: Token, opts: TokenOptions) -> bytearray:
+    """The passphrase a token's pins recover (the caller wipes it)."""
+    if token.type not in UNLOCKING_TYPES:
+        raise UnsupportedError(f"tokens of type {clip(token.type)} cannot unlock here")
+    try:
+        return decrypt(token.json.get("jwe"), opts.timeout)
+    except PinError as e:
+        raise TokenError(f"token {token.id} ({label(token.type)}): {e}") from None
+
+
 def _unlock_with(vol: Volume, token: Token, read_area: Callable[[Keyslot], bytes],
                  opts: TokenOptions, only_slot: int | None, kdf_limit: float | None,
                  ) -> Unlocked:
@@ -97,8 +108,22 @@ def _unlock_with(vol: Volume, token: Token, read_area: Callable[[Keyslot], bytes
                 continue
             log.info("unlocked through a token", token=token.id, type=token.type,
                      keyslot=unlocked.keyslot)
-            return unlocked
+            return _both_keys(vol, unlocked, passphrase, read_area, kdf_limit)
     finally:
         wipe(passphrase)
     raise WrongKeyError("the passphrase its pins recovered opens none of key slots "
                         + ", ".join(map(str, slots)))
+
+
+def _both_keys(vol: Volume, unlocked: Unlocked, passphrase: bytearray,
+               read_area: Callable[[Keyslot], bytes], kdf_limit: float | None) -> Unlocked:
+    """A volume in reencryption needs both keys: the token names the old
+    key's slot and the new one's (a rotation gives the new slot the old
+    one's tokens and passphrase, as cryptsetup's reencrypt does)."""
+    if vol.reencryption is not None:
+        try:
+            unlocked.keys = reencryption_keys(vol, passphrase, read_area, unlocked, kdf_limit)
+        except BaseException:
+            unlocked.wipe()
+            raise
+    return unlocked

@@ -43,6 +43,16 @@ class VolumeOptions:
 
 
 @dataclass(frozen=True)
+class RotateSettings:
+    """An export whose volume key is rotated while it is served (its
+    reencryption moved on beside the server)."""
+
+    rate: float | None = None  # bytes per second at most; None: no limit
+    resilience: str = "checksum"
+    hotzone_size: int = 4 << 20  # bytes per step, at most
+
+
+@dataclass(frozen=True)
 class VolumeConfig:
     """What a volume is made of and how it is exported: either `raw` (served
     as it is) or `payload` with its header copies (none: the payload's own)."""
@@ -54,6 +64,7 @@ class VolumeConfig:
     raw: str | None = None
     keys: UnlockOptions = field(default_factory=UnlockOptions)
     options: VolumeOptions = field(default_factory=VolumeOptions)
+    rotate: RotateSettings | None = None
 
     @property
     def source(self) -> str:
@@ -84,6 +95,7 @@ class OpenVolume:
         self._fields = self._describe(template)
         self.lock_fd: int | None = None  # cryptsetup's reencryption lock, held shared
         boundary = getattr(template, "boundary", None)  # a key rotated while served
+        self.boundary: Any = boundary  # shared with its reencryption (and a next version)
         self.rotation: Callable[[], tuple[int, int]] | None = None if boundary is None else (
             lambda size=template.size: (boundary.get()[1], size))
         self.lock_pid = os.getpid()
@@ -188,10 +200,12 @@ def half_the_memory_kib() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2048
 
 
-def open_volume(config: VolumeConfig, gate: MemoryGate | None = None) -> OpenVolume:
+def open_volume(config: VolumeConfig, gate: MemoryGate | None = None, **shared: Any
+                ) -> OpenVolume:
     """Open the sources, unlock through the first header copy that opens,
     and stack the LUKS layer over the payload. `gate`: shared by unlocks
-    that run at once, for the memory their KDFs take."""
+    that run at once, for the memory their KDFs take; `shared`: what the
+    device shares with an earlier one (a rotating volume's boundary)."""
     opts = config.options
     if config.raw is not None:
         dev = open_source(config.raw, read_only=opts.read_only, upstream=opts.upstream)
@@ -209,7 +223,7 @@ def open_volume(config: VolumeConfig, gate: MemoryGate | None = None) -> OpenVol
             dev = open_device(payload, copy.vol, unlocked.key, unlocked.keys,
                               rotating=opts.reencrypting,
                               read_only=opts.read_only, allow_discards=opts.allow_discards,
-                              attached=_same_source(copy.source, config.payload))
+                              attached=_same_source(copy.source, config.payload), **shared)
         except BaseException:
             payload.close()
             raise
@@ -319,8 +333,12 @@ def _same_source(a: str, b: str) -> bool:
         return False
 
 
+Opener = Callable[[VolumeConfig, MemoryGate], OpenVolume]
+
+
 def open_volumes(configs: Sequence[VolumeConfig], workers: int, argon2_cap_kib: int | None = None,
                  done: Callable[[str, OpenVolume | Exception], object] | None = None,
+                 opener: Opener = open_volume,
                  ) -> tuple[list[OpenVolume], dict[str, Exception]]:
     """Open many volumes, up to `workers` at once (the KDFs run in C with the
     GIL released) and with at most `argon2_cap_kib` of Argon2 memory (default:
@@ -334,7 +352,7 @@ def open_volumes(configs: Sequence[VolumeConfig], workers: int, argon2_cap_kib: 
 
     def one(config: VolumeConfig) -> None:
         try:
-            volume = open_volume(config, gate)
+            volume = opener(config, gate)
         except Exception as e:  # a bug in one must not hang the others
             failed[config.name] = e
             log.error("export not served", export=config.name,

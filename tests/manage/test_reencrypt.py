@@ -5,6 +5,7 @@ step), as the on-disk protocol promises."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -204,3 +205,22 @@ def test_header_and_payload_on_nbd_servers(tmp_path: Path, upstreams: list[Upstr
         f.seek(offset)
         assert key != made.key
         assert crypt(f.read(len(data)), made.cipher, key, ss, encrypt=False) == data
+
+
+@pytest.mark.parametrize("kdf", [("pbkdf2", "--pbkdf-force-iterations", "1234"),
+                                 ("argon2id", "--pbkdf-force-iterations", "5",
+                                  "--pbkdf-memory", "64", "--pbkdf-parallel", "1")])
+def test_the_new_key_slots_take_the_pbkdf_asked_for(tmp_path: Path, kdf: tuple[str, ...]
+                                                     ) -> None:
+    made, data = made_with_data(tmp_path)
+    reencrypt(made, "--pbkdf", *kdf)
+    md = json.loads(run(["cryptsetup", "luksDump", "--dump-json-metadata",
+                         str(made.payload)]).stdout)
+    (slot,) = md["keyslots"].values()
+    assert slot["kdf"]["type"] == kdf[0]
+    if kdf[0] == "pbkdf2":
+        assert slot["kdf"]["iterations"] == 1234
+    else:
+        assert (slot["kdf"]["time"], slot["kdf"]["memory"], slot["kdf"]["cpus"]) == (5, 64, 1)
+    key, plain = final_plaintext(made, len(data))
+    assert key != made.key and plain == data
