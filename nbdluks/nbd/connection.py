@@ -192,7 +192,7 @@ class Connection(asyncio.Protocol):
     def _receive_requests(self, data: bytes | memoryview) -> None:
         self.last_active = self.received_at = time.monotonic()
         if self.fast is not None and self._fast_open():
-            pos = self._serve_fast(data)
+            pos, shut = self._serve_fast(data)
             if pos == len(data):
                 # Nothing waits to start: only what the replies hold of the
                 # budget, or a client that stopped reading them, may pause us.
@@ -200,8 +200,9 @@ class Connection(asyncio.Protocol):
                     self._update_reading()
                 return
             data = memoryview(data)[pos:]
-            if not self._fast_room():
+            if shut:  # replies made the gate shut: the rest waits for it undecoded
                 self._held = data
+                self._wait_room()
                 self._update_reading()
                 return
         decoder = self.decoder
@@ -222,10 +223,9 @@ class Connection(asyncio.Protocol):
     def _socket_fd(self) -> int:
         """The socket the fast path may write replies to (-1: none, as over
         TLS). A unix socket's send buffer is raised to hold a long reply
-        whole (the kernel caps it at twice net.core.wmem_max, 416 KiB by
-        default): a 256 KiB read then leaves in one sendfile instead of
-        being split between it and the transport (raw reads by nbdcopy,
-        1.4-1.7x). TCP's buffers tune themselves and are left alone."""
+        whole (capped by the kernel at twice wmem_max, 416 KiB by default):
+        a 256 KiB read leaves in one sendfile, not split between it and the
+        transport (raw nbdcopy reads 1.4-1.7x). TCP tunes its own."""
         sock = None if self.transport is None else self.transport.get_extra_info("socket")
         if sock is None or self.negotiation.tls_active:
             return -1
@@ -240,26 +240,36 @@ class Connection(asyncio.Protocol):
         return (not self._backlog and not self._out and self.decoder.idle and not self.closing
                 and self.shared.dispatcher.inline_open())
 
+    def _wait_room(self) -> None:
+        """Be woken when the budget has room (resume_writing wakes us for
+        the other reason the gate shuts)."""
+        if not self.flow.gated:
+            self.shared.budget.wait(self._wake)
+
     def _fast_room(self) -> bool:
         """The gate is open for a run of the fast path's replies."""
         return not self.flow.gated and self.shared.budget.allows(self.flow, fastpath.LIMIT)
 
-    def _serve_fast(self, data: bytes | memoryview) -> int:
+    def _serve_fast(self, data: bytes | memoryview) -> tuple[int, bool]:
         """Answer the run of small READs that `data` starts with, in C;
-        where the rest starts."""
+        where the rest starts, and whether the gate shut after some were
+        answered (else the request there is not one the fast path takes, or
+        the gate was shut from the start: the general path decides, as ever)."""
         fast, flow, shared, t = self.fast, self.flow, self.shared, self.transport
         assert fast is not None and t is not None
         pos, end = 0, len(data) - REQUEST_SIZE
         # Replies written may pause the transport (the client does not read
         # them): the gate is asked again before each run.
-        while pos <= end and self._fast_room():
+        while pos <= end:
+            if not self._fast_room():
+                return pos, pos > 0
             start = time.perf_counter_ns()
             if t.get_write_buffer_size() == 0 and self.direct:
                 try:
                     pos, out, n, nbytes = fast.send(data, pos, fastpath.LIMIT)
                 except OSError:  # the client went away mid-reply
                     t.abort()
-                    return len(data)
+                    return len(data), False
             else:
                 pos, out, n, nbytes = fast.serve(data, pos, fastpath.LIMIT)
             if not n:
@@ -273,7 +283,7 @@ class Connection(asyncio.Protocol):
                 t.write(out)
                 if t.get_write_buffer_size():
                     flow.replies_out(len(out))  # charged until the transport has sent them
-        return pos
+        return pos, False
 
     def _wake(self) -> None:
         self.shared.loop.call_soon(self._pump)
@@ -283,11 +293,13 @@ class Connection(asyncio.Protocol):
         if self._pumping:  # complete() of an inline request, from inside the loop below
             return
         held = self._held
-        if held is not None and not self.closing and self._fast_room():
-            self._held = None
-            self._receive_requests(held)
-            self._update_reading()  # it paused for what was held
-            return
+        if held is not None and not self.closing:
+            if self._fast_room():
+                self._held = None
+                self._receive_requests(held)
+                self._update_reading()  # it paused for what was held
+                return
+            self._wait_room()
         self._pumping = True
         try:
             while self._backlog and self.flow.may_start(self._backlog[0]):
