@@ -112,6 +112,10 @@ def _listen_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a client may leave the server waiting on it: a WRITE whose "
                    "data stops coming, or replies it does not read; its connection is closed "
                    f"after it (default {_SERVER.stall_timeout:.0f})")
+    g.add_argument("--busy-poll", type=int, default=_SERVER.busy_poll_us, metavar="US",
+                   help="microseconds a connection's next request is awaited on the CPU "
+                   "after its replies left, while its client answers that quickly (lower "
+                   f"latency for more CPU; default {_SERVER.busy_poll_us}, 0 = never)")
     g.add_argument("--threads", type=int, default=_SERVER.threads,
                    help=f"I/O threads per process (default {_SERVER.threads})")
     g.add_argument("--processes", type=int, default=None, metavar="N",

@@ -93,6 +93,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         max_memory=args.max_memory * MiB,
         threads=args.threads, tls=TlsMode(args.tls), credentials=tls_credentials(args),
         handshake_timeout=args.handshake_limit, stall_timeout=args.stall_limit,
+        busy_poll_us=args.busy_poll,
     )
 
 
@@ -119,6 +120,7 @@ _INT_RANGES: dict[str, tuple[int, int | None, str]] = {
     "max_connections": (1, 1 << 20, "--max-connections"),
     "max_memory": (16, 1 << 30, "--max-memory"),
     "threads": (1, 1024, "--threads"),
+    "busy_poll": (0, 1000, "--busy-poll"),
     "keyfile_offset": (0, None, "--keyfile-offset"),
     "keyfile_size": (1, MAX_KEYFILE, "--keyfile-size"),
     "key_slot": (0, 31, "--key-slot"),

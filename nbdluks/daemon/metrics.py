@@ -68,6 +68,12 @@ class Monitor:
         out.family("connections_evicted_total", "counter",
                    "idle or negotiating connections closed to make room",
                    [({}, t[stats.EVICTED])])
+        out.family("busy_poll_seconds_total", "counter",
+                   "time spent awaiting requests on the CPU (busy polling)",
+                   [({}, t[stats.POLLED_NS] / 1e9)])
+        out.family("busy_polls_total", "counter", "busy polls, by whether a request came",
+                   [({"found": "yes"}, t[stats.POLL_HITS]),
+                    ({"found": "no"}, t[stats.POLL_MISSES])])
         if self.upstream is not None:
             up = t.upstream
             out.family("upstream_up", "gauge", "1 while the NBD source is connected",

@@ -16,10 +16,12 @@
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <sys/epoll.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef RWF_NOWAIT
@@ -40,6 +42,7 @@
 #define DATA_CHUNK_HEADER 28 /* chunk header 20 + offset 8 */
 #define MAX_RUN 256          /* requests per call */
 #define SENDFILE_MIN (64 * 1024) /* shorter replies are copied: cheaper than a splice */
+#define POLL_CHUNK (64 * 1024)   /* most bytes one poll() takes */
 
 #ifndef __NR_cachestat
 #define __NR_cachestat 451
@@ -530,6 +533,63 @@ static void Reader_dealloc(Reader *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* poll(sock, epfd, budget_ns) -> bytes | b"" | None
+ * The client's next bytes, awaited on the CPU for up to budget_ns with the
+ * GIL released (nbd/poll.py says why). b"": stopped early, because another
+ * socket in the epoll set `epfd` (-1: none) has bytes for the event loop,
+ * or this one is at its end or broke (the event loop sees that too). None:
+ * nothing came. */
+static PyObject *transmit_poll(PyObject *mod, PyObject *args)
+{
+    int sock, epfd;
+    unsigned long long budget;
+    unsigned char buf[POLL_CHUNK];
+    if (!PyArg_ParseTuple(args, "iiK", &sock, &epfd, &budget))
+        return NULL;
+    ssize_t n = -1;
+    int early = 0; /* stopped for the event loop */
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t end = now_ns() + budget;
+    for (;;) {
+        n = recv(sock, buf, sizeof buf, MSG_DONTWAIT);
+        if (n >= 0)
+            break;
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            early = 1; /* the event loop reads the end (or the error) */
+            break;
+        }
+        if (epfd >= 0) {
+            struct epoll_event ev[8];
+            int k = epoll_wait(epfd, ev, 8, 0);
+            for (int i = 0; i < k; i++)
+                early |= ev[i].data.fd != sock;
+            if (early)
+                break;
+        }
+        if (now_ns() >= end)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    if (n > 0)
+        return PyBytes_FromStringAndSize((const char *)buf, n);
+    if (n == 0 || early)
+        return PyBytes_FromStringAndSize(NULL, 0);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"poll", (PyCFunction)transmit_poll, METH_VARARGS,
+     "poll(sock, epfd, budget_ns) -> bytes | b'' | None"},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyMethodDef Reader_methods[] = {
     {"serve", (PyCFunction)Reader_serve, METH_VARARGS,
      "serve(data, pos, limit) -> (end, replies, count, nbytes)"},
@@ -554,7 +614,7 @@ static PyTypeObject ReaderType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_transmit", "Runs of small READs answered in C.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_transmit", "Runs of small READs answered in C.", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__transmit(void)

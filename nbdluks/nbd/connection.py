@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from .flow import Flow
 from .handshake import Negotiated
 from .negotiation import Negotiation
 from .options import ServerOptions
+from .poll import Poller
 from .registry import Registry
 from .stats import Stats, StatsTable
 from .throttle import Throttle
@@ -34,7 +33,6 @@ from .wire import ProtocolError, Request, RequestDecoder
 
 log = structlog.get_logger("nbdluks.server")
 
-_UNIX_SNDBUF = 1024 * 1024
 # Replies queued beyond this many bytes are written at once, so that the
 # transport's flow control (pause_writing) still sees them in time.
 _REPLY_BATCH = 1024 * 1024
@@ -52,6 +50,7 @@ class Shared:
     dispatcher: Dispatcher
     registry: Registry[Connection]
     throttle: Throttle = field(default_factory=Throttle)
+    poller: Poller = field(default_factory=lambda: Poller(0))
     stats: Stats = field(default_factory=lambda: StatsTable().slot(0))
 
 
@@ -70,6 +69,7 @@ class Connection(asyncio.Protocol):
         self.decoder = RequestDecoder(alloc=shared.buffers.get)
         self.fast: fastpath.Reader | None = None  # runs of small READs in C
         self.direct = False
+        self.poll = shared.poller.watch(-1)  # the next request awaited on the CPU
         self._backlog: collections.deque[Request] = collections.deque()
         # Bytes the fast path left while the gate was shut (the client not
         # taking its replies, the budget spent): taken up again, still
@@ -138,6 +138,7 @@ class Connection(asyncio.Protocol):
         if self.fast is not None:
             self.fast.close()
             self.fast = None
+        self.poll.close()  # its socket closed just before this call: nothing reused it yet
         self.shared.registry.release(self)
         self.shared.stats.closed()
         self.shared.stats.flush()  # so that what a client did shows once it is gone
@@ -161,8 +162,11 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.neg is None:
             self.negotiation.receive(data)
-        else:
-            self._receive_requests(data)
+            return
+        self.poll.arrived(self.requests)
+        self._receive_requests(data)
+        while more := self._polled():
+            self._receive_requests(more)
 
     def negotiated(self, result: Negotiated, leftover: bytes) -> None:
         """Negotiation is over: transmission starts with `leftover`."""
@@ -170,9 +174,10 @@ class Connection(asyncio.Protocol):
         self.export = self.shared.exports[result.export.name]
         self.stats_row = self.shared.stats.row(result.export.name)
         self.log = self.log.bind(export=result.export.name)
-        sock = self._socket_fd()
+        sock = -1 if self.negotiation.tls_active else fastpath.socket_of(self.transport)
         self.fast = fastpath.reader(self.export.device, result, sock)
         self.direct = self.fast is not None and sock >= 0  # replies written by the fast path
+        self.poll = self.shared.poller.watch(sock if self.direct else -1)
         self.log.debug(
             "export negotiated",
             size=result.export.size,
@@ -220,25 +225,20 @@ class Connection(asyncio.Protocol):
         self._backlog.extend(reqs)
         self._pump()
 
-    def _socket_fd(self) -> int:
-        """The socket the fast path may write replies to (-1: none, as over
-        TLS). A unix socket's send buffer is raised to hold a long reply
-        whole (capped by the kernel at twice wmem_max, 416 KiB by default):
-        a 256 KiB read leaves in one sendfile, not split between it and the
-        transport (raw nbdcopy reads 1.4-1.7x). TCP tunes its own."""
-        sock = None if self.transport is None else self.transport.get_extra_info("socket")
-        if sock is None or self.negotiation.tls_active:
-            return -1
-        if sock.family == socket.AF_UNIX:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_SNDBUF)
-        return int(sock.fileno())
-
     def _fast_open(self) -> bool:
         """Whether requests may be answered in C now: nothing decoded waits
         for its turn or to be sent, no request is half in."""
         return (not self._backlog and not self._out and self.decoder.idle and not self.closing
                 and self.shared.dispatcher.inline_open())
+
+    def _polled(self) -> bytes | None:
+        """The client's next bytes, awaited on the CPU where that pays: the
+        last ones were all answered, nothing runs on the process's threads."""
+        t = self.transport
+        if (not self.poll.wants(self.requests) or not self._fast_open() or t is None
+                or self.flow.holds_replies or not t.is_reading() or self.shared.dispatcher.running):
+            return None
+        return self.poll.wait(self.shared.stats)
 
     def _wait_room(self) -> None:
         """Be woken when the budget has room (resume_writing wakes us for
@@ -433,9 +433,9 @@ class Connection(asyncio.Protocol):
         self.flow.release_unsent()
 
     def _maybe_close(self) -> None:
-        if self._pumping:
-            return  # the pump decides once its loop is over
-        if self.closing and self.flow.inflight == 0 and self.transport is not None:
+        # While the pump runs, it decides once its loop is over.
+        if (self.closing and not self._pumping and self.flow.inflight == 0
+                and self.transport is not None):
             self.end_batch()
             self.transport.close()
 

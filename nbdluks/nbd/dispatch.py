@@ -54,6 +54,7 @@ class Dispatcher:
         # True while a batch of completions is being handed out: owners
         # queue their replies until end_batch().
         self.batching = False
+        self.running = 0  # requests on the threads, or their completions not handed out
         self._done: collections.deque[tuple[Owner, Request, Result]] = collections.deque()
         self._wakeup_lock = threading.Lock()
         self._wakeup_pending = False
@@ -66,6 +67,7 @@ class Dispatcher:
         if self.may_inline(dev, req):
             owner.complete(req, self.run_inline(dev, req, neg))
         else:
+            self.running += 1
             self.executor.submit(self._work, owner, dev, req, neg)
 
     def may_inline(self, dev: BlockDevice, req: Request) -> bool:
@@ -130,6 +132,7 @@ class Dispatcher:
         try:
             while self._done:
                 owner, req, result = self._done.popleft()
+                self.running -= 1
                 owner.complete(req, result)
                 owners.add(owner)
         finally:

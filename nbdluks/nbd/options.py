@@ -33,6 +33,9 @@ class ServerOptions:
     # whose data stops coming, or replies it does not read. Past it, that
     # connection is closed (and what it holds of the memory budget freed).
     stall_timeout: float = 30.0
+    # Microseconds a connection's next request is awaited on the CPU once
+    # its replies have left (nbd/poll.py); 0: the event loop sleeps at once.
+    busy_poll_us: int = 50
 
     def __post_init__(self) -> None:
         if self.tls is not TlsMode.OFF and self.credentials is None:

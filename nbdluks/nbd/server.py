@@ -21,6 +21,7 @@ from .connection import Connection, Shared
 from .dispatch import Dispatcher
 from .exports import Exports
 from .options import ServerOptions
+from .poll import Poller
 from .registry import Registry
 from .stats import Stats, StatsTable
 from .tls import TlsConfigError
@@ -45,8 +46,8 @@ class NbdServer:
         self.registry: Registry[Connection] = Registry(-(-options.max_connections // processes))
         self.shared = Shared(loop, self.exports, options, BufferPool(memory // 2),
                              MemoryBudget(memory, self.registry.limit), self.dispatcher,
-                             self.registry,
-                             stats=stats or StatsTable().slot(0))
+                             self.registry, stats=stats or StatsTable().slot(0),
+                             poller=Poller(options.busy_poll_us))
         self.listeners: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
         # Exports no longer served (removed, or replaced by a newer one of

@@ -49,7 +49,10 @@ REFUSED = CONNECTIONS_TOTAL + 1
 EVICTED = REFUSED + 1
 UPSTREAM = EVICTED + 1  # the payload's upstream state (a gauge)
 RECONNECTS = UPSTREAM + 1
-_CELLS = RECONNECTS + 1
+POLLED_NS = RECONNECTS + 1  # busy polling (nbd/poll.py): time spent, polls that found bytes, not
+POLL_HITS = POLLED_NS + 1
+POLL_MISSES = POLL_HITS + 1
+_CELLS = POLL_MISSES + 1
 _GAUGES = (CONNECTIONS, UPSTREAM)
 # Per export, after a slot's cells: requests, errors, bytes read, bytes written.
 EXPORT_REQUESTS, EXPORT_ERRORS, EXPORT_READ, EXPORT_WRITTEN = range(4)
@@ -103,6 +106,12 @@ class Stats:
         if row >= 0:
             a[row + EXPORT_REQUESTS] += n
             a[row + EXPORT_READ] += data
+
+    def polled(self, ns: int, hit: bool) -> None:
+        """A busy poll took `ns` nanoseconds and found bytes, or not."""
+        a = self._acc
+        a[POLLED_NS] += ns
+        a[POLL_HITS if hit else POLL_MISSES] += 1
 
     def flush(self) -> None:
         """Publish what was counted since the last flush."""
