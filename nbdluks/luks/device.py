@@ -23,6 +23,8 @@ from .volume import SECTOR, Segment, Volume
 
 # Largest run of sectors encrypted at once when writing zeroes.
 _ZERO_CHUNK = 4 * 1024 * 1024
+# Longest read the fast path decrypts (nbd/fastpath.py LIMIT: one call's worth).
+DIRECT_DECRYPT_MAX = 256 * 1024
 
 
 class LuksDevice(BlockDevice):
@@ -204,11 +206,15 @@ class LuksDevice(BlockDevice):
         decrypt = self.cipher.direct(self.iv_tweak)
         if below is None or below.decrypt is not None or decrypt is None:
             return None
-        # Decryption is CPU work on the event loop: only small reads.
+        # Decryption is CPU work on the event loop (the GIL released): reads
+        # from the page cache up to a run's worth (nbdcopy's 256 KiB: LUKS2
+        # 4 KiB-sector reads 1.6 -> 2.5 GB/s, and a QD1 reader beside it
+        # waited less than beside the thread pool's GIL handovers); where
+        # the kernel cannot tell, only short ones.
         short = min(below.max_length, self.inline_max)
         return DirectRead(below.fd, below.base + self.data_offset, self.size,
-                          math.lcm(below.align, self.sector_size), short, short, self,
-                          decrypt=decrypt)
+                          math.lcm(below.align, self.sector_size), short,
+                          min(below.max_cached, DIRECT_DECRYPT_MAX), self, decrypt=decrypt)
 
     def may_wait(self, offset: int, length: int, write: bool) -> bool:
         if not write:

@@ -19,6 +19,7 @@ GOOD = """
 port = 10999
 processes = 2
 stall-limit = 7.5
+busy-poll = 0
 
 [exports.a]
 payload = "/nonexistent/a.img"
@@ -41,7 +42,7 @@ def config(tmp_path: Path, text: str) -> str:
 def test_a_good_file(tmp_path: Path) -> None:
     cfg = load(config(tmp_path, GOOD), serve_parser(), explicit_options(["serve"]))
     assert cfg.server.port == 10999 and cfg.server.processes == 2
-    assert cfg.server.stall_limit == 7.5
+    assert cfg.server.stall_limit == 7.5 and cfg.server.busy_poll == 0
     a, b = cfg.exports
     assert (a.name, a.payload, a.headers, a.description) == (
         "a", "/nonexistent/a.img", ("/nonexistent/a.hdr", "/nonexistent/a.bak"), "disk a")

@@ -50,6 +50,8 @@ def test_errors_are_one_line(args: tuple[str, ...], code: int, message: str) -> 
     (("--max-inflight", "0"), "--max-inflight 0"),
     (("--max-inflight", "-1"), "--max-inflight -1"),
     (("--threads", "0"), "--threads 0"),
+    (("--busy-poll", "-1"), "--busy-poll -1: must be 0..1000"),
+    (("--busy-poll", "5000"), "--busy-poll 5000: must be 0..1000"),
     (("--max-connections", "0"), "--max-connections 0"),
     (("--upstream-timeout", "0"), "--upstream-timeout must be more than 0"),
     (("--upstream-reconnect", "-1"), "--upstream-reconnect cannot be negative"),
