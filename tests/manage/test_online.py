@@ -4,6 +4,7 @@ acknowledged write survives, the key changes, cryptsetup agrees at the end."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import re
@@ -15,9 +16,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import Upstream, free_port, run
-from tests.luks.reference import crypt, dump_offset
+import pytest
+
+from nbdluks.manage import ReencryptOptions, Target, run_beside
+from nbdluks.unlock import UnlockOptions, VolumeConfig, VolumeOptions, open_volume
+from tests.conftest import Upstream, free_port, pattern, run
+from tests.luks.reference import crypt, dump_offset, fill, luks_format
 from tests.luks.test_reencryption import volume_key
+from tests.manage.conftest import MiB
 from tests.manage.test_reencrypt import final_plaintext, made_with_data
 from tests.rawnbd import raw_connect, recv_exact, request, simple_reply
 
@@ -189,3 +195,57 @@ def test_header_and_payload_on_nbd_servers(tmp_path: Path, upstreams: list[Upstr
     with open(made.payload, "rb") as f:
         f.seek(offset)
         assert crypt(f.read(len(data)), made.cipher, key, ss, encrypt=False) == bytes(expected)
+
+
+class StarvedClock:
+    """The time a process starved of CPU sees (two busy cores' worth of
+    other work): every read of the clock finds it moved on by a random
+    slice, as if the process had been descheduled since the last read; a
+    sleep moves it by what was asked. Virtual, so the interleaving is the
+    seed's, not the machine's."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        self.now += self.rng.uniform(0.0, 0.02)
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, 0.0))  # time.sleep's own check: a negative length raises
+        self.now += seconds
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_rate_limit_survives_a_starved_cpu(tmp_path: Path, seed: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21: the wait between two steps read the clock twice, and a
+    process descheduled between the reads asked to sleep a negative time;
+    the ValueError ended the reencryption while the server served on (no
+    step for minutes). With the clock of a starved process, every step is
+    done, the rate is kept, and the volume is rotated."""
+    made = luks_format(tmp_path, name="r", size=20 * MiB)  # 4 MiB of data
+    plain = pattern(4 * MiB, seed=seed)
+    fill(made, plain)
+    key_file = str(tmp_path / "r.pass")
+    run([sys.executable, "-m", "nbdluks", "reencrypt", "--init-only", "--payload",
+         str(made.payload), "--key-file", key_file])
+    opened = open_volume(VolumeConfig(name="r", payload=str(made.payload),
+                                      keys=UnlockOptions(key_file=key_file),
+                                      options=VolumeOptions(reencrypting=True)))
+    clock = StarvedClock(seed)
+    # (the module: the package's `reencrypt` is the function of that name)
+    monkeypatch.setattr(importlib.import_module("nbdluks.manage.reencrypt"), "time", clock)
+    rate = 1.0 * MiB  # a 64 KiB step every 62.5 ms: waits between most steps
+    try:
+        began = clock.now
+        status = run_beside(Target(str(made.payload), opened.config.options.upstream),
+                            str(made.payload), opened.template,
+                            ReencryptOptions(hotzone_size=64 * 1024), rate)
+    finally:
+        opened.close()
+    assert status == 0
+    assert clock.now - began >= len(plain) / rate
+    key, got = final_plaintext(made, len(plain))
+    assert key != made.key and got == plain
