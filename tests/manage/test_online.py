@@ -5,6 +5,7 @@ acknowledged write survives, the key changes, cryptsetup agrees at the end."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import random
 import re
@@ -150,6 +151,30 @@ def test_clients_read_the_same_bytes_throughout_and_a_stop_exits_0(tmp_path: Pat
     assert key != made.key and plain == data
 
 
+def forked_by_a_threadless_helper(log: Path, server: int) -> None:
+    """The reencrypting process was forked by the rotator's helper, which
+    never starts a thread: not by the server, whose unlock ran threads (an
+    NBD source's connection; Tang's requests), one of which may have held a
+    lock at the fork that nothing in the child would ever release. (Reaped
+    by the helper once done: then gone, where the server's child would stay
+    a zombie until the server stops.)"""
+    deadline = time.monotonic() + 60
+    while '"reencryption running beside the server"' not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    (line,) = [json.loads(t) for t in log.read_text().splitlines()
+               if '"reencryption running beside the server"' in t]
+    try:
+        status = Path(f"/proc/{line['pid']}/status").read_text()
+        parent = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+        threads = re.search(r"^Threads:\s+(\d+)", Path(f"/proc/{parent}/status").read_text(),
+                            re.M)
+    except (FileNotFoundError, ProcessLookupError):
+        return  # ended and reaped (by the helper: the server reaps its children at its stop)
+    assert parent != server and threads and threads.group(1) == "1"
+    assert "forked from a threaded process" not in log.read_text()
+
+
 def test_header_and_payload_on_nbd_servers(tmp_path: Path, upstreams: list[Upstream]) -> None:
     """serve --reencrypt with the detached header behind nbdkit and the
     payload behind qemu-nbd: reads byte-exact throughout, a client's write
@@ -170,6 +195,7 @@ def test_header_and_payload_on_nbd_servers(tmp_path: Path, upstreams: list[Upstr
     while not sock.exists():
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.02)
+    forked_by_a_threadless_helper(log, proc.pid)
     uri = f"nbd+unix:///?socket={sock}"
     edit = os.urandom(3 * BLOCK * 100)
     s = raw_connect(str(sock))
@@ -181,10 +207,11 @@ def test_header_and_payload_on_nbd_servers(tmp_path: Path, upstreams: list[Upstr
     expected = bytearray(data)
     expected[5 * BLOCK * 100 : 5 * BLOCK * 100 + len(edit)] = edit
     deadline = time.monotonic() + 120
-    while "reencryption finished" not in log.read_text():
+    while "reencryption finished" not in (text := log.read_text()):
+        assert '"reencryption failed' not in text, text[text.index('"reencryption failed'):]
         run(["nbdcopy", uri, str(tmp_path / "copy")])
         assert (tmp_path / "copy").read_bytes() == expected
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, text[-3000:]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     for u in (hdr, pay):
