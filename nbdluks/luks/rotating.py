@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,8 @@ from .multikey import MultiKeyDevice
 from .reencrypt import logical_size
 from .volume import Volume
 
-_SPINS = 100_000  # reads of a generation being changed (two stores take nanoseconds)
+_SPINS = 1000  # reads of a generation being changed (two stores take nanoseconds) ...
+_STALE = 2.0  # ... then, between naps, seconds until its publisher counts as dead
 
 
 @dataclass
@@ -40,13 +42,22 @@ class Boundary:
 
     def get(self) -> tuple[int, int, int, int]:
         """(generation, boundary, zone start, zone end), consistent. A
-        generation that stays odd (the process died between two stores) is
-        a step over everything: every request then answers EIO."""
-        for _ in range(_SPINS):
-            gen, done, start, end = self.cells.get()
-            if not gen % 2 and self.cells.get()[0] == gen:
-                return gen, done, start, end
-        return gen, done, 0, 1 << 64
+        generation that stays odd for _STALE seconds (the process died
+        between two stores) is a step over everything: every request then
+        answers EIO. One that a live process left odd while descheduled
+        (a CPU starved by other work) is waited for, napping so that it
+        runs: spinning alone gave up after ~40 ms, and reads answered EIO."""
+        deadline = None
+        while True:
+            for _ in range(_SPINS):
+                gen, done, start, end = self.cells.get()
+                if not gen % 2 and self.cells.get()[0] == gen:
+                    return gen, done, start, end
+            now = time.monotonic()
+            deadline = deadline or now + _STALE
+            if now >= deadline:
+                return gen, done, 0, 1 << 64
+            time.sleep(0.001)
 
     def generation(self) -> int:
         return int(self.cells.get()[0])
@@ -160,9 +171,10 @@ class RotatingDevice(MultiKeyDevice):
     def may_wait(self, offset: int, length: int, write: bool) -> bool:
         """A request in the zone a step rewrites waits for the step (one
         that starts just after this look waits too: seldom, and no longer
-        than a step); a partial-sector write for its read-modify-write."""
-        _, _, start, end = self.boundary.get()
-        return (start < end and offset < end and start < offset + length) or (
+        than a step); a partial-sector write for its read-modify-write. One
+        look, no wait (a boundary being moved: yes), as it is asked on the loop."""
+        gen, _, start, end = self.boundary.cells.get()
+        return bool(gen % 2) or (start < end and offset < end and start < offset + length) or (
             write and (self.new.may_wait(offset, length, write)
                        or self.old.may_wait(offset, length, write)))
 

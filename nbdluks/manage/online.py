@@ -1,5 +1,5 @@
 """The reencryption of a served volume, in a process of its own beside the
-server's (`serve --reencrypt`, or an export's `reencrypt = true`): the
+server's (a single volume's or a configuration's exports that rotate): the
 server's rotator (daemon/rotator.py) calls `open_rotating` to open such an
 export and `rotate_beside` in the process it forks for it, which shares the
 device's boundary and zone lock with every worker; it is stopped between
