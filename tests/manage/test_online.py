@@ -195,25 +195,27 @@ def test_header_and_payload_on_nbd_servers(tmp_path: Path, upstreams: list[Upstr
     while not sock.exists():
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.02)
-    forked_by_a_threadless_helper(log, proc.pid)
-    uri = f"nbd+unix:///?socket={sock}"
-    edit = os.urandom(3 * BLOCK * 100)
-    s = raw_connect(str(sock))
-    request(s, WRITE, 1, 5 * BLOCK * 100, len(edit), payload=edit)
-    assert simple_reply(s)[0] == 0
-    request(s, FLUSH, 2, 0, 0)
-    assert simple_reply(s)[0] == 0
-    s.close()
-    expected = bytearray(data)
-    expected[5 * BLOCK * 100 : 5 * BLOCK * 100 + len(edit)] = edit
-    deadline = time.monotonic() + 120
-    while "reencryption finished" not in (text := log.read_text()):
-        assert '"reencryption failed' not in text, text[text.index('"reencryption failed'):]
-        run(["nbdcopy", uri, str(tmp_path / "copy")])
-        assert (tmp_path / "copy").read_bytes() == expected
-        assert time.monotonic() < deadline, text[-3000:]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
+    try:
+        forked_by_a_threadless_helper(log, proc.pid)
+        uri = f"nbd+unix:///?socket={sock}"
+        edit = os.urandom(3 * BLOCK * 100)
+        s = raw_connect(str(sock))
+        request(s, WRITE, 1, 5 * BLOCK * 100, len(edit), payload=edit)
+        assert simple_reply(s)[0] == 0
+        request(s, FLUSH, 2, 0, 0)
+        assert simple_reply(s)[0] == 0
+        s.close()
+        expected = bytearray(data)
+        expected[5 * BLOCK * 100 : 5 * BLOCK * 100 + len(edit)] = edit
+        deadline = time.monotonic() + 120
+        while "reencryption finished" not in (text := log.read_text()):
+            assert '"reencryption failed' not in text, text[text.index('"reencryption failed'):]
+            run(["nbdcopy", uri, str(tmp_path / "copy")])
+            assert (tmp_path / "copy").read_bytes() == expected
+            assert time.monotonic() < deadline, text[-3000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
     for u in (hdr, pay):
         u.stop()
     key = volume_key(made.header, made.payload.with_suffix(".pass"))
