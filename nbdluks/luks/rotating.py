@@ -62,6 +62,10 @@ class Boundary:
     def generation(self) -> int:
         return int(self.cells.get()[0])
 
+    def moved(self) -> int:
+        """The boundary as last stored (one cell: no wait; for the metrics)."""
+        return int(self.cells.get()[1])
+
     def publish(self, done: int, start: int = 0, end: int = 0) -> None:
         gen = self.generation()
         self.cells.set(gen + 1)
