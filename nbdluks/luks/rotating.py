@@ -5,7 +5,8 @@ boundary moves as the reencryption (another process) finishes its steps.
 The boundary and the zone a step is rewriting live in memory shared with
 that process, and every request holds its byte range of a lock shared
 with it: a step holds its zone exclusively, so a request that touches the
-zone waits for the step and then goes where the moved boundary says. A
+zone (or the zone a step waits for) waits for the step and then goes where
+the moved boundary says. A
 zone whose step never finished (its process died) is refused with EIO
 until the server is restarted and the step recovered.
 """
