@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 
 import structlog
 
@@ -27,9 +26,9 @@ from ..daemon import (
     usable_cpus,
 )
 from ..errors import NbdluksError
-from ..manage import ReencryptOptions, Reencryptor, Target, open_rotating, reencrypt, rotate_beside
+from ..manage import open_rotating, rotate_beside
 from ..nbd import UriError, parse_uri
-from ..unlock import VolumeConfig, open_volume, secret_once
+from ..unlock import VolumeConfig, open_volume
 from .arguments import MAX_DEFAULT_PROCESSES, build_parser, explicit_options, serve_parser
 from .config import load as load_config
 from .inspect import inspect
@@ -71,7 +70,7 @@ def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     opts = daemon_options(args)  # a wrong value is refused before the unlock
     config = volume_config(args)
     if args.reencrypt:
-        return serve_reencrypting(args, config, opts)
+        return serve_reencrypting(config, opts)
     # One volume opens before anything listens: a wrong key is one line and
     # exit 1, with no socket left behind.
     volume = open_volume(config)
@@ -80,31 +79,24 @@ def serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return run_daemon(lambda: ([volume], 0), opts)
 
 
-def serve_reencrypting(args: argparse.Namespace, config: VolumeConfig,
-                       opts: DaemonOptions) -> int:
+def serve_reencrypting(config: VolumeConfig, opts: DaemonOptions) -> int:
     """Serve while the volume key is rotated: the reencryption started (or
     an interrupted step recovered) before anything listens, then moved on by
-    a process beside the server's."""
-    payload = config.payload
-    if payload is None or config.options.read_only:
+    a process beside the server's. That process is forked by the rotator's
+    helper, itself forked here before anything starts a thread (the unlock,
+    an NBD source's connection): a fork of a threaded process may inherit a
+    lock that no thread of the child will ever release."""
+    if config.payload is None or config.options.read_only:
         raise UsageError("--reencrypt needs a --payload served read-write")
-    where = Target((config.headers or (payload,))[0], config.options.upstream,
-                   config.keys.argon2_max_kib)
-    ropts = ReencryptOptions(resilience=args.resilience, hotzone_size=args.hotzone_size)
-    with secret_once(config.keys) as keys:
-        reencrypt(where, payload, keys, ropts, settle_only=True)
-        config = replace(config, keys=keys,
-                         options=replace(config.options, reencrypting=True))
-        volume = open_volume(config)
-    log.info("volume unlocked", **volume.log_fields())
-    if volume.header is None or volume.header.reencryption is None:
-        return run_daemon(lambda: ([volume], 0), opts)  # finished already
-    rate = args.reencrypt_rate * 2**20 if args.reencrypt_rate else None
-    beside = Reencryptor.start(volume, where, payload, ropts, rate)
+    rotator = Rotator(rotate_beside, open_rotating)
     try:
-        return run_daemon(lambda: ([volume], 0), opts)
-    finally:
-        beside.stop()
+        volume = rotator.opener(config, None)
+        log.info("volume unlocked", **volume.log_fields())
+        rotator.start(volume)  # (none when it had finished already)
+    except BaseException:
+        rotator.close()
+        raise
+    return run_daemon(lambda: ([volume], 0), opts, rotator=rotator)
 
 
 def run_daemon(opening: Opening, opts: DaemonOptions, reread: Reread | None = None,

@@ -24,6 +24,7 @@ import pickle
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -122,6 +123,32 @@ def receive(sock: socket.socket, *, serve: bool = False
             ) -> tuple[dict[str, Any], Received | OpenVolume | Exception]:
     """As receive_volume; without `serve`, the volume alone, its template
     keeping its keys (for the process that rotates them)."""
+    return load(read(sock), serve=serve)
+
+
+@dataclass
+class Message:
+    """A volume handed over, read but not rebuilt yet (rebuilding may start
+    a thread: an NBD source connects)."""
+
+    meta: dict[str, Any]
+    data: bytearray
+    fds: list[int]
+    buffers: list[bytearray]
+
+    def discard(self) -> None:
+        """Its descriptors closed and its bytes (keys) wiped, in this process."""
+        _close(self.fds)
+        self.wipe()
+
+    def wipe(self) -> None:
+        for buf in self.buffers:
+            wipe(buf)
+        wipe(self.data)
+
+
+def read(sock: socket.socket) -> Message:
+    """The next volume handed over on `sock`, not rebuilt (see `load`)."""
     sock.setblocking(True)
     sock.settimeout(_TIMEOUT)
     head = bytearray(_HEAD.size)
@@ -131,7 +158,6 @@ def receive(sock: socket.socket, *, serve: bool = False
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds += array.array("i", passed[: len(passed) - len(passed) % 4])
     buffers: list[bytearray] = []
-    meta, data = bytearray(), bytearray()
     try:
         if n == 0:
             raise ConnectionError("the hand-over ended early")
@@ -150,21 +176,25 @@ def receive(sock: socket.socket, *, serve: bool = False
         for buf in buffers:
             wipe(buf)
         raise
+    return Message(json.loads(meta), data, fds, buffers)
+
+
+def load(message: Message, *, serve: bool = False
+         ) -> tuple[dict[str, Any], Received | OpenVolume | Exception]:
+    """The volume rebuilt in this process (as `receive`); its bytes wiped."""
     try:
-        volume = _Unpickler(data, fds, buffers).load()
+        volume = _Unpickler(message.data, message.fds, message.buffers).load()
         if not isinstance(volume, OpenVolume):
             raise TypeError(f"not a volume: {type(volume).__name__}")
         if not serve:
-            return json.loads(meta), volume
+            return message.meta, volume
         device = volume.device()
     except Exception as e:  # this worker cannot serve it (an upstream refused?)
-        _close(fds)
-        return json.loads(meta), e
+        _close(message.fds)
+        return message.meta, e
     finally:
-        for buf in buffers:
-            wipe(buf)  # the devices copied their keys
-        wipe(data)
-    return json.loads(meta), (volume, device)
+        message.wipe()  # the devices copied their keys
+    return message.meta, (volume, device)
 
 
 def wipe(buf: bytearray) -> None:

@@ -33,7 +33,7 @@ import structlog
 
 from .. import signals
 from ..unlock import MemoryGate, OpenVolume, VolumeConfig, open_volume
-from .handover import VOLUME, receive, send_volume
+from .handover import VOLUME, load, read, send_volume
 
 log = structlog.get_logger("nbdluks")
 
@@ -160,11 +160,8 @@ class _Helper:
         return 0
 
     def _start(self, conn: socket.socket) -> None:
-        meta, got = receive(conn)
-        name = str(meta["name"])
-        if not isinstance(got, OpenVolume):
-            log.error("reencryption not started", export=name, error=str(got))
-            return
+        message = read(conn)
+        name = str(message.meta["name"])
         self._stop(name)  # (one at a time per export)
         helper = os.getpid()
         pid = os.fork()
@@ -174,6 +171,12 @@ class _Helper:
                 self.sock.close()
                 _die_with(helper)
                 structlog.contextvars.bind_contextvars(export=name)
+                # Rebuilt here, not in the helper: rebuilding may start a thread
+                # (an NBD source connects), and the helper forks the next ones.
+                _, got = load(message)
+                if not isinstance(got, OpenVolume):
+                    log.error("reencryption not started", error=str(got))
+                    os._exit(1)
                 code = self.run(got)
             except BaseException as e:
                 log.error("reencryption failed; the export is served on (a zone being "
@@ -181,7 +184,7 @@ class _Helper:
                           error=str(e), kind=type(e).__name__)
             finally:
                 os._exit(code)
-        got.close()  # this process's copy of the keys
+        message.discard()  # this process's copy of the keys
         self.children[name] = pid
 
     def _stop(self, name: str) -> None:

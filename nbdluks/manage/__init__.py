@@ -8,7 +8,7 @@ from .binding import PINS, Bound, bind, unbind
 from .format import Formatted, format_volume
 from .kdf import KDF_TYPES, KdfOptions
 from .keys import NewKey, add_key, change_key, kill_slot, remove_key
-from .online import Reencryptor, open_rotating, rotate_beside
+from .online import open_rotating, rotate_beside
 from .reencrypt import (
            ONLINE_HOTZONE,
            ONLINE_RATE,
@@ -33,7 +33,6 @@ __all__ = [
            "NewKey",
            "Progress",
            "ReencryptOptions",
-           "Reencryptor",
            "Target",
            "add_key",
            "bind",

@@ -323,10 +323,8 @@ class _Run:
                 said = time.monotonic()
                 log.info("reencryption progress", done=zone.end, size=self.size,
                          rate_mib_s=round(moved / (said - began) / 2**20, 1))
-            if self.rate:  # the average since the start stays under the rate (a stop
-                until = began + moved / self.rate  # ends the wait: a reload waits for it)
-                while time.monotonic() < until and not signals.stop_requested():
-                    time.sleep(min(0.05, until - time.monotonic()))
+            if self.rate:  # the average since the start stays under the rate
+                _wait_until(began + moved / self.rate)
         log.info("reencryption finished", size=self.size)
         return Progress(self.size, self.size, True)
 
@@ -411,6 +409,19 @@ class _Run:
         _commit(self.store, self.target,
                 rotation.finish(header, self.old_digest, self.new_digest),
                 "reencryption finished")
+
+
+def _wait_until(until: float) -> None:
+    """Sleep until the monotonic clock reaches `until`, in slices, so that a
+    stop ends the wait (a reload waits for it). The time left is read once
+    per slice: read twice, a process descheduled between the two reads (CPU
+    starved) asked for a negative sleep, and the ValueError ended the
+    reencryption while the server served on (issue 21)."""
+    while not signals.stop_requested():
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(0.05, left))
 
 
 def run_beside(target: Target, payload: str, dev: BlockDevice, opts: ReencryptOptions,

@@ -97,7 +97,7 @@ class OpenVolume:
         boundary = getattr(template, "boundary", None)  # a key rotated while served
         self.boundary: Any = boundary  # shared with its reencryption (and a next version)
         self.rotation: Callable[[], tuple[int, int]] | None = None if boundary is None else (
-            lambda size=template.size: (boundary.get()[1], size))
+            lambda size=template.size: (boundary.moved(), size))
         self.lock_pid = os.getpid()
 
     @property

@@ -65,6 +65,8 @@ def test_marked_exports_rotate_while_the_others_are_read(
     served = nbdluks("--config", str(cfg))
     deadline = time.monotonic() + 120
     while not (finished(served, "a") and finished(served, "b")):
+        text = served.log_text()  # a reencryption that died says why, not a tail of reads
+        assert '"reencryption failed' not in text, text[text.index('"reencryption failed'):]
         for name in ("c", "a", "b"):  # the unmarked one, and the rotating ones meanwhile
             copy_is(served, name, vols[name][1], tmp_path)
         assert time.monotonic() < deadline, served.log_text()[-3000:]
