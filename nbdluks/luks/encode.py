@@ -79,7 +79,7 @@ def json_text(md: dict[str, Any]) -> bytes:
 
 
 def luks2_writes(binary: Luks2Binary, seqid: int, md: dict[str, Any]) -> list[Step]:
-    """Both copies of a LUKS2 header, in cryptsetup's order."""
+    """Both copies of a LUKS2 header: the primary, then the secondary."""
     area_size = binary.hdr_size - BIN_SIZE
     text = json_text(md)
     if len(text) > area_size - 1:
@@ -100,8 +100,13 @@ def luks2_writes(binary: Luks2Binary, seqid: int, md: dict[str, Any]) -> list[St
         summed = bytearray(head)
         summed[CSUM_OFFSET : CSUM_OFFSET + h.digest_size] = h.digest()
         assert h.digest_size <= CSUM_SIZE
-        steps += [Write(offset, bytes(head)), Write(offset + BIN_SIZE, area),
-                  Write(offset, bytes(summed)), Sync()]
+        # Each copy in one write, then synced before the next: a write cut
+        # short by a crash leaves that copy's checksum wrong and the other
+        # copy whole (as cryptsetup's head, area, checksummed head), and two
+        # changes racing on a store without a lock (an NBD export) cannot
+        # mix one's binary header with the other's JSON in both copies,
+        # which left neither readable (seen once under load in CI).
+        steps += [Write(offset, bytes(summed) + area), Sync()]
     return steps
 
 
